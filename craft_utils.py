@@ -1,0 +1,338 @@
+"""Plumbing shared by the CRAFT scripts: the folder contract, crash-safe files, prompts and seeds, generation.
+
+Each script is one stage and reads top to bottom; what two or more of them need lives here.
+"""
+
+import csv
+import glob
+import hashlib
+import json
+import os
+import random
+import tempfile
+import time
+
+GENERATION_CONFIG = "generation_config.json"
+METADATA = "metadata.jsonl"
+PROGRESS_DIR = ".progress"  # hidden, so load_dataset("imagefolder") never sees the per-process logs
+
+
+def fail(message):
+    """Stop with one clear line (no traceback): what is wrong, where, and what to do."""
+    raise SystemExit(f"error: {message}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Crash-safe files: a reader never sees half a file, an append-only log never keeps half a row.
+
+
+def _atomic_write(path, write):
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_json_atomic(path, obj):
+    _atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode()))
+
+
+def write_jsonl_atomic(path, rows):
+    payload = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode()
+    _atomic_write(path, lambda f: f.write(payload))
+
+
+def save_image_atomic(image, path):
+    image_format = {".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(os.path.splitext(path)[1].lower(), "PNG")
+    _atomic_write(path, lambda f: image.save(f, format=image_format))
+
+
+def read_jsonl(path, allow_torn_tail=False):
+    """Rows of a jsonl file. A torn last line (a writer killed mid-append) is dropped when allowed."""
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if allow_torn_tail and number == len(lines):
+                break
+            fail(f"{path}, line {number}: not valid JSON; fix or remove that line")
+    return rows
+
+
+class AppendLog:
+    """One process's append-only jsonl log. Rows are fsync'ed, so a row on disk is a finished piece of work."""
+
+    def __init__(self, path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if os.path.exists(path):  # drop a torn last line left by a kill
+            with open(path, "rb+") as f:
+                data = f.read()
+                if data and not data.endswith(b"\n"):
+                    f.truncate(data.rfind(b"\n") + 1)
+        self.file = open(path, "a", encoding="utf-8")
+
+    def append(self, rows):
+        self.file.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+    def close(self):
+        self.file.close()
+
+
+def read_logged_rows(output_dir, final_name, log_prefix):
+    """Rows of a finished file plus every process's progress log (a resumed run may use another process count)."""
+    rows = []
+    if os.path.exists(os.path.join(output_dir, final_name)):
+        rows += read_jsonl(os.path.join(output_dir, final_name))
+    for log in sorted(glob.glob(os.path.join(output_dir, PROGRESS_DIR, f"{log_prefix}-*.jsonl"))):
+        rows += read_jsonl(log, allow_torn_tail=True)
+    return rows
+
+
+def merge_logged_rows(output_dir, final_name, log_prefix, key, sort_key):
+    """Fold the progress logs into the final file (deduplicated, sorted), then remove the logs. Main process only."""
+    unique = {key(row): row for row in read_logged_rows(output_dir, final_name, log_prefix)}
+    rows = sorted(unique.values(), key=sort_key)
+    write_jsonl_atomic(os.path.join(output_dir, final_name), rows)
+    for log in glob.glob(os.path.join(output_dir, PROGRESS_DIR, f"{log_prefix}-*.jsonl")):
+        os.remove(log)
+    if not os.listdir(os.path.join(output_dir, PROGRESS_DIR)):
+        os.rmdir(os.path.join(output_dir, PROGRESS_DIR))
+    return rows
+
+
+def process_state():
+    """accelerate's process info. PartialState ignores `accelerate launch --cpu` (ACCELERATE_USE_CPU) unless told."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prompts and seeds
+
+
+def add_prompt_args(parser):
+    group = parser.add_argument_group("prompts")
+    group.add_argument("--prompts_file", help="a .txt (one prompt per line), .jsonl or .csv file of prompts")
+    group.add_argument("--dataset_name", help="a Hugging Face dataset (Hub id or local folder) holding prompts")
+    group.add_argument("--dataset_split", default="train", help="split of --dataset_name")
+    group.add_argument("--prompt_column", default="prompt", help="column of the prompts in .jsonl/.csv/datasets")
+    group.add_argument("--max_prompts", type=int, help="use at most this many prompts (after de-duplication)")
+    group.add_argument(
+        "--shuffle_prompts", action="store_true",
+        help="shuffle the prompts with --seed before --max_prompts takes its subset",
+    )
+
+
+def _column(rows, column, source):
+    if rows and column not in rows[0]:
+        fail(f"{source} has no column '{column}' (columns: {', '.join(rows[0])}); set --prompt_column")
+    return [row[column] for row in rows]
+
+
+def load_prompts(args):
+    """Prompts from --prompts_file or --dataset_name: stripped, empty ones dropped, duplicates removed, in order."""
+    if bool(args.prompts_file) == bool(args.dataset_name):
+        fail("give exactly one of --prompts_file and --dataset_name")
+    if args.prompts_file:
+        source = args.prompts_file
+        if not os.path.isfile(source):
+            fail(f"prompts file {source} does not exist")
+        extension = os.path.splitext(source)[1].lower()
+        if extension == ".jsonl":
+            prompts = _column(read_jsonl(source), args.prompt_column, source)
+        elif extension == ".csv":
+            with open(source, newline="", encoding="utf-8") as f:
+                prompts = _column(list(csv.DictReader(f)), args.prompt_column, source)
+        else:
+            with open(source, encoding="utf-8") as f:
+                prompts = f.read().splitlines()
+    else:
+        from datasets import load_dataset
+
+        source = f"dataset {args.dataset_name} (split {args.dataset_split})"
+        try:
+            dataset = load_dataset(args.dataset_name, split=args.dataset_split)
+        except Exception as error:  # datasets raises many types; the user needs the message, not the trace
+            fail(f"could not load {source}: {str(error).splitlines()[0]}")
+        if args.prompt_column not in dataset.column_names:
+            fail(f"{source} has no column '{args.prompt_column}' (columns: {', '.join(dataset.column_names)}); "
+                 "set --prompt_column")
+        prompts = dataset[args.prompt_column]
+    prompts = list(dict.fromkeys(str(p).strip() for p in prompts if p is not None and str(p).strip()))
+    if not prompts:
+        fail(f"{source} holds no prompts")
+    if args.shuffle_prompts:
+        random.Random(args.seed).shuffle(prompts)
+    return prompts[: args.max_prompts] if args.max_prompts else prompts
+
+
+def sha256_of(obj):
+    return hashlib.sha256(json.dumps(obj, ensure_ascii=False).encode()).hexdigest()
+
+
+def derive_seed(seed, group_id, variant_id, image_index):
+    """An image's seed depends only on what the image is, never on batching or on the process that makes it."""
+    digest = hashlib.sha256(f"{seed}/{group_id}/{variant_id}/{image_index}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Text-to-image generation, resumable and sharded across processes
+
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "dpmsolver++": "DPMSolverMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "pndm": "PNDMScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
+
+TORCH_DTYPES = {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def add_generation_args(parser):
+    group = parser.add_argument_group("model and sampling")
+    group.add_argument("--pretrained_model_name_or_path", required=True,
+                       help="SD1.5- or SDXL-style diffusers pipeline: Hub id or local folder")
+    group.add_argument("--revision", help="model revision (branch, tag or commit) on the Hub")
+    group.add_argument("--variant", help="weights variant to load, e.g. fp16")
+    group.add_argument("--pretrained_vae_model_name_or_path",
+                       help="a VAE to use instead of the pipeline's (e.g. madebyollin/sdxl-vae-fp16-fix)")
+    group.add_argument("--lora_path", help="LoRA weights to load into the pipeline (a folder or a .safetensors file)")
+    group.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sampler (default: the pipeline's own)")
+    group.add_argument("--num_inference_steps", type=int, default=30)
+    group.add_argument("--guidance_scale", type=float, default=7.5)
+    group.add_argument("--height", type=int, help="image height (default: the model's native size)")
+    group.add_argument("--width", type=int, help="image width (default: the model's native size)")
+    group.add_argument("--num_images_per_prompt", type=int, default=2, help="images (seeds) per prompt text")
+    group.add_argument("--batch_size", type=int, default=4, help="images per pipeline call, across prompts")
+    group.add_argument("--mixed_precision", choices=sorted(TORCH_DTYPES), default="no",
+                       help="weights dtype for generation (fp16/bf16 on GPUs)")
+    group.add_argument("--seed", type=int, default=0, help="base seed; each image's seed derives from it")
+
+
+def generation_settings(args):
+    """Every flag that changes the images; a folder is only resumed with the same ones."""
+    names = ["pretrained_model_name_or_path", "revision", "variant", "pretrained_vae_model_name_or_path",
+             "lora_path", "scheduler", "num_inference_steps", "guidance_scale", "height", "width",
+             "num_images_per_prompt", "batch_size", "mixed_precision", "seed"]
+    return {name: getattr(args, name) for name in names}
+
+
+def load_pipeline(args, device):
+    import torch
+    from diffusers import AutoencoderKL, DiffusionPipeline
+    import diffusers
+
+    dtype = getattr(torch, TORCH_DTYPES[args.mixed_precision])
+    common = {"revision": args.revision, "variant": args.variant, "dtype": dtype}
+    try:
+        extra = {}
+        if args.pretrained_vae_model_name_or_path:
+            extra["vae"] = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, dtype=dtype)
+        pipe = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, **common, **extra)
+    except (OSError, ValueError, EnvironmentError) as error:
+        fail(f"could not load a diffusers pipeline from '{args.pretrained_model_name_or_path}' "
+             f"({str(error).splitlines()[0]}); give a local pipeline folder with model_index.json or a Hub id")
+    if not hasattr(pipe, "unet") or not hasattr(pipe, "vae"):
+        fail(f"{args.pretrained_model_name_or_path} is a {type(pipe).__name__}, not an SD1.5/SDXL-style pipeline")
+    if args.lora_path:
+        if not os.path.exists(args.lora_path):
+            fail(f"--lora_path {args.lora_path} does not exist")
+        folder, weight_name = (args.lora_path, None) if os.path.isdir(args.lora_path) else os.path.split(args.lora_path)
+        pipe.load_lora_weights(folder, weight_name=weight_name)
+    if args.scheduler:
+        scheduler_class = getattr(diffusers, SCHEDULERS[args.scheduler])
+        pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def native_size(pipe):
+    return pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+
+def image_file_name(group_id, variant_id, image_index):
+    return f"{group_id:06d}_v{variant_id:02d}_i{image_index:02d}.png"
+
+
+def plan_images(groups, num_images_per_prompt, seed):
+    """One metadata row per image to make. groups: [(original_prompt, [prompt texts, variant 0 first])]."""
+    rows = []
+    for group_id, (original_prompt, texts) in enumerate(groups):
+        for variant_id, text in enumerate(texts):
+            for image_index in range(num_images_per_prompt):
+                rows.append({
+                    "file_name": image_file_name(group_id, variant_id, image_index), "text": text,
+                    "original_prompt": original_prompt, "group_id": group_id, "variant_id": variant_id,
+                    "image_index": image_index, "seed": derive_seed(seed, group_id, variant_id, image_index),
+                })
+    return rows
+
+
+def image_sort_key(row):
+    return row["group_id"], row["variant_id"], row["image_index"]
+
+
+def generate_images(pipe, planned, output_dir, args, state):
+    """Make every planned image not yet on disk; returns how many this process made.
+
+    Batches are fixed over the whole plan and dealt round-robin to processes, so every image comes out of the same
+    batch (hence the same numerics) whatever the process count, and a resumed run redoes only unfinished batches.
+    Images are written atomically and logged after they are on disk; the main process then folds the logs into
+    metadata.jsonl, sorted.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    if state.is_main_process:  # temp files of images a kill interrupted
+        for leftover in glob.glob(os.path.join(output_dir, ".tmp-*")):
+            os.remove(leftover)
+    state.wait_for_everyone()
+    done = {row["file_name"] for row in read_logged_rows(output_dir, METADATA, "images")
+            if os.path.exists(os.path.join(output_dir, row["file_name"]))}
+    batches = [planned[i: i + args.batch_size] for i in range(0, len(planned), args.batch_size)]
+    mine = [batch for batch in batches[state.process_index:: state.num_processes]
+            if any(row["file_name"] not in done for row in batch)]
+    todo = sum(row["file_name"] not in done for batch in mine for row in batch)
+    log = AppendLog(os.path.join(output_dir, PROGRESS_DIR, f"images-{state.process_index:05d}.jsonl"))
+    size = native_size(pipe)
+    started = time.time()
+    with tqdm(total=todo, unit="img", desc="generating", disable=not state.is_local_main_process) as progress:
+        for batch in mine:
+            images = pipe(
+                prompt=[row["text"] for row in batch],
+                generator=[torch.Generator("cpu").manual_seed(row["seed"]) for row in batch],
+                num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                height=args.height or size, width=args.width or size, output_type="pil",
+            ).images
+            new_rows = [row for row in batch if row["file_name"] not in done]
+            for row, image in zip(batch, images):
+                if row["file_name"] not in done:
+                    save_image_atomic(image, os.path.join(output_dir, row["file_name"]))
+            log.append(new_rows)
+            progress.update(len(new_rows))
+    log.close()
+    state.wait_for_everyone()
+    if state.is_main_process:
+        merge_logged_rows(output_dir, METADATA, "images", key=lambda r: r["file_name"], sort_key=image_sort_key)
+    state.wait_for_everyone()
+    return todo, time.time() - started

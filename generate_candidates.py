@@ -1,0 +1,225 @@
+#!/usr/bin/env python
+"""CRAFT stage 1-3: the base model generates its own candidate images.
+
+For every prompt, the prompt itself (variant 0) and K enriched rewrites of it (variants 1..K) are each rendered
+with --num_images_per_prompt seeds. The output folder is a `datasets` imagefolder: images + metadata.jsonl with
+file_name, text (the prompt rendered), original_prompt, group_id, variant_id, image_index, seed; plus
+expansions.jsonl (the rewrites, reused on rerun) and generation_config.json (every setting).
+
+Rerunning the same command resumes: finished images are skipped, a killed run leaves no half image or row.
+Under `accelerate launch` the prompt groups are split across processes; the folder is identical to a
+single-process run.
+"""
+
+import argparse
+import json
+import os
+import random
+import shutil
+import sys
+import time
+
+import craft_utils as cu
+
+EXPANSIONS = "expansions.jsonl"
+
+# Detail/style rewrites that keep the prompt's meaning (the "template" expansion needs no model).
+TEMPLATES = (
+    "{prompt}, highly detailed, intricate details, sharp focus",
+    "{prompt}, cinematic lighting, dramatic atmosphere, vibrant colors",
+    "a professional photograph of {prompt}, soft natural light, 85mm lens, bokeh",
+    "{prompt}, digital art, concept art, trending on artstation",
+    "{prompt}, oil painting on canvas, rich textures, masterpiece",
+    "{prompt}, golden hour, warm light, ultra realistic, 8k",
+    "{prompt}, studio lighting, clean background, best quality",
+    "{prompt}, wide angle, atmospheric perspective, highly detailed",
+)
+
+DEFAULT_INSTRUCTION = (
+    "Rewrite the following text-to-image prompt into a more detailed prompt. Keep every subject, attribute and "
+    "relation of the original, add details of style, lighting, composition and quality. Answer with the new "
+    "prompt only, on one line."
+)
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cu.add_generation_args(parser)
+    cu.add_prompt_args(parser)
+    group = parser.add_argument_group("prompt expansion")
+    group.add_argument("--num_variants", type=int, default=3, help="rewrites per prompt (K); 0 = original only")
+    group.add_argument("--expansion", choices=["template", "llm", "file"], default="template",
+                       help="template: detail/style suffixes, no model; llm: an instruction-tuned causal LM "
+                            "(--expansion_model); file: a jsonl of {prompt, variants} (--expansion_file)")
+    group.add_argument("--expansion_model", help="causal LM with a chat template: Hub id or local folder")
+    group.add_argument("--expansion_file", help='jsonl rows {"prompt": ..., "variants": [...]}')
+    group.add_argument("--expansion_instruction", default=DEFAULT_INSTRUCTION, help="system message for the LLM")
+    group.add_argument("--expansion_max_new_tokens", type=int, default=77)
+    group.add_argument("--expansion_temperature", type=float, default=0.8)
+    parser.add_argument("--output_dir", default="candidates", help="where the candidates imagefolder is written")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete an existing candidates folder made with other settings and start over")
+    args = parser.parse_args(input_args)
+
+    if args.num_variants < 0 or args.num_images_per_prompt < 1 or args.batch_size < 1:
+        parser.error("--num_variants must be >= 0, --num_images_per_prompt and --batch_size >= 1")
+    if args.num_variants and args.expansion == "llm" and not args.expansion_model:
+        parser.error("--expansion llm needs --expansion_model (a Hub id or local folder)")
+    if args.num_variants and args.expansion == "file" and not args.expansion_file:
+        parser.error("--expansion file needs --expansion_file")
+    if args.expansion == "template" and args.num_variants > len(TEMPLATES):
+        parser.error(f"--expansion template has {len(TEMPLATES)} templates; ask for --num_variants <= {len(TEMPLATES)}")
+    return args
+
+
+def expansion_settings(args):
+    settings = {"num_variants": args.num_variants, "expansion": args.expansion if args.num_variants else None}
+    if args.num_variants and args.expansion == "llm":
+        settings.update(expansion_model=args.expansion_model, expansion_instruction=args.expansion_instruction,
+                        expansion_max_new_tokens=args.expansion_max_new_tokens,
+                        expansion_temperature=args.expansion_temperature)
+    if args.num_variants and args.expansion == "file":
+        settings["expansion_file_sha256"] = cu.sha256_of(load_expansion_file(args.expansion_file))
+    return settings
+
+
+def load_expansion_file(path):
+    if not os.path.isfile(path):
+        cu.fail(f"--expansion_file {path} does not exist")
+    table = {}
+    for number, row in enumerate(cu.read_jsonl(path), start=1):
+        if not isinstance(row.get("prompt"), str) or not isinstance(row.get("variants"), list):
+            cu.fail(f"{path}, row {number}: needs a 'prompt' string and a 'variants' list")
+        table[row["prompt"].strip()] = [str(v).strip() for v in row["variants"]]
+    return table
+
+
+def check_output_dir(args, settings):
+    """Refuse to mix settings in one folder, or to write into a folder that is not ours."""
+    config_path = os.path.join(args.output_dir, cu.GENERATION_CONFIG)
+    if os.path.exists(config_path):
+        with open(config_path, encoding="utf-8") as f:
+            previous = json.load(f)["settings"]
+        changed = [k for k in sorted(set(previous) | set(settings)) if previous.get(k) != settings.get(k)]
+        if changed and not args.overwrite:
+            first = changed[0]
+            cu.fail(f"{args.output_dir} holds candidates made with other settings ({first}: {previous.get(first)!r} "
+                    f"there, {settings.get(first)!r} now; {len(changed)} setting(s) differ); rerun with the same "
+                    "settings to resume, choose another --output_dir, or pass --overwrite to start over")
+        return bool(changed)
+    if os.path.isdir(args.output_dir) and os.listdir(args.output_dir):
+        cu.fail(f"{args.output_dir} is not empty and holds no {cu.GENERATION_CONFIG}; choose an empty --output_dir")
+    return False
+
+
+def template_variants(prompt, group_id, args):
+    rng = random.Random(cu.derive_seed(args.seed, group_id, 0, 0))
+    return [TEMPLATES[i].format(prompt=prompt) for i in rng.sample(range(len(TEMPLATES)), args.num_variants)]
+
+
+def load_expander(args, device):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.expansion_model)
+        model = AutoModelForCausalLM.from_pretrained(
+            args.expansion_model, dtype=getattr(torch, cu.TORCH_DTYPES[args.mixed_precision]))
+    except (OSError, ValueError) as error:
+        cu.fail(f"could not load --expansion_model {args.expansion_model} ({str(error).splitlines()[0]})")
+    if not tokenizer.chat_template:
+        cu.fail(f"--expansion_model {args.expansion_model} has no chat template; use an instruction-tuned model")
+    return tokenizer, model.to(device).eval()
+
+
+def llm_variants(prompt, group_id, args, tokenizer, model):
+    import torch
+
+    messages = [{"role": "system", "content": args.expansion_instruction}, {"role": "user", "content": prompt}]
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                           return_dict=True).to(model.device)
+    torch.manual_seed(cu.derive_seed(args.seed, group_id, 0, 0))
+    with torch.no_grad():
+        output = model.generate(**inputs, do_sample=True, temperature=args.expansion_temperature,
+                                max_new_tokens=args.expansion_max_new_tokens, num_return_sequences=args.num_variants,
+                                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    texts = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    # An empty answer would train on nothing: fall back to the original prompt (counted in the log line).
+    return [(text.strip().splitlines() or [""])[0].strip().strip('"').strip() or prompt for text in texts]
+
+
+def expand_prompts(prompts, args, state):
+    """[(prompt, [prompt, rewrite 1..K])] for every group; rewrites are logged as made and reused on rerun."""
+    if not args.num_variants:
+        return [(prompt, [prompt]) for prompt in prompts]
+    known = {row["group_id"]: row["variants"] for row in cu.read_logged_rows(args.output_dir, EXPANSIONS, "expansions")}
+    table = load_expansion_file(args.expansion_file) if args.expansion == "file" else None
+    todo = [g for g in range(len(prompts))[state.process_index:: state.num_processes] if g not in known]
+    if todo and args.expansion == "llm":
+        tokenizer, model = load_expander(args, state.device)
+    log = cu.AppendLog(os.path.join(args.output_dir, cu.PROGRESS_DIR, f"expansions-{state.process_index:05d}.jsonl"))
+    for group_id in todo:
+        prompt = prompts[group_id]
+        if args.expansion == "template":
+            variants = template_variants(prompt, group_id, args)
+        elif args.expansion == "file":
+            if prompt not in table or len(table[prompt]) < args.num_variants:
+                cu.fail(f"{args.expansion_file} has {len(table.get(prompt, []))} variants for the prompt "
+                        f"{prompt!r}, {args.num_variants} needed; add them or lower --num_variants")
+            variants = table[prompt][: args.num_variants]
+        else:
+            variants = llm_variants(prompt, group_id, args, tokenizer, model)
+        log.append([{"group_id": group_id, "prompt": prompt, "variants": variants}])
+    log.close()
+    state.wait_for_everyone()
+    if state.is_main_process:
+        cu.merge_logged_rows(args.output_dir, EXPANSIONS, "expansions", key=lambda r: r["group_id"],
+                             sort_key=lambda r: r["group_id"])
+    state.wait_for_everyone()
+    rows = cu.read_jsonl(os.path.join(args.output_dir, EXPANSIONS))
+    fallbacks = sum(v == row["prompt"] for row in rows for v in row["variants"])
+    if fallbacks and state.is_main_process:
+        print(f"note: {fallbacks} rewrites were empty or equal to their prompt and render the original prompt",
+              file=sys.stderr)
+    return [(row["prompt"], [row["prompt"]] + row["variants"]) for row in rows]
+
+
+def main(args):
+    state = cu.process_state()
+    prompts = cu.load_prompts(args)
+    settings = {
+        **cu.generation_settings(args), **expansion_settings(args),
+        "prompts_source": args.prompts_file or f"{args.dataset_name}:{args.dataset_split}",
+        "num_prompts": len(prompts), "prompts_sha256": cu.sha256_of(prompts),
+    }
+    start_over = check_output_dir(args, settings)
+    pipe = cu.load_pipeline(args, state.device)
+
+    if state.is_main_process:
+        if start_over:
+            shutil.rmtree(args.output_dir)
+        os.makedirs(args.output_dir, exist_ok=True)
+        import diffusers
+        import torch
+
+        size = cu.native_size(pipe)
+        cu.write_json_atomic(os.path.join(args.output_dir, cu.GENERATION_CONFIG), {
+            "settings": settings,
+            "resolved": {"pipeline_class": type(pipe).__name__, "scheduler": type(pipe.scheduler).__name__,
+                         "height": args.height or size, "width": args.width or size},
+            "versions": {"diffusers": diffusers.__version__, "torch": torch.__version__},
+        })
+    state.wait_for_everyone()
+
+    started = time.time()
+    groups = expand_prompts(prompts, args, state)
+    planned = cu.plan_images(groups, args.num_images_per_prompt, args.seed)
+    made, seconds = cu.generate_images(pipe, planned, args.output_dir, args, state)
+    if state.is_main_process:
+        print(f"{len(planned)} images for {len(groups)} prompts x {args.num_variants + 1} texts x "
+              f"{args.num_images_per_prompt} seeds in {args.output_dir} ({made} made now by process 0 of "
+              f"{state.num_processes}, {made / max(seconds, 1e-9):.2f} img/s; {time.time() - started:.0f} s in all)")
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,259 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import craft_utils as cu
+from conftest import REPO, TWO_PROCESSES, run_script, subprocess_env
+
+PROMPTS = ["a red circle", "a blue square on the left", "a green triangle at night", "a yellow star",
+           "a purple circle on a white background", "a small orange square"]
+COLUMNS = {"image", "text", "original_prompt", "group_id", "variant_id", "image_index", "seed"}
+
+
+def write_lines(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+def generate(zoo, prompts_file, out, *extra, model="sd15", check=True, launcher=None):
+    return run_script(
+        "generate_candidates.py", "--pretrained_model_name_or_path", zoo / model, "--prompts_file", prompts_file,
+        "--output_dir", out, "--num_inference_steps", 2, "--num_variants", 2, "--num_images_per_prompt", 2,
+        "--batch_size", 3, *extra, check=check, launcher=launcher,
+    )
+
+
+def folder_files(out):
+    """Every file of a candidates folder and its bytes (the config's version info included)."""
+    files = {}
+    for root, _, names in os.walk(out):
+        for name in names:
+            path = os.path.join(root, name)
+            files[os.path.relpath(path, out)] = open(path, "rb").read()
+    return files
+
+
+@pytest.fixture(scope="module")
+def reference(zoo, tmp_path_factory):
+    """One uninterrupted single-process run that the resume and multi-process tests must reproduce exactly."""
+    base = tmp_path_factory.mktemp("reference")
+    prompts = write_lines(base / "prompts.txt", PROMPTS)
+    generate(zoo, prompts, base / "out")
+    return prompts, base / "out"
+
+
+def test_sd15_candidates_are_an_imagefolder_with_the_contract_columns(reference):
+    from datasets import load_dataset
+
+    _, out = reference
+    dataset = load_dataset("imagefolder", data_dir=str(out), split="train")
+    assert set(dataset.column_names) == COLUMNS
+    assert len(dataset) == len(PROMPTS) * 3 * 2
+    expansions = {row["group_id"]: row for row in cu.read_jsonl(out / "expansions.jsonl")}
+    for row in dataset:
+        group = expansions[row["group_id"]]
+        assert row["original_prompt"] == PROMPTS[row["group_id"]] == group["prompt"]
+        assert row["text"] == ([group["prompt"]] + group["variants"])[row["variant_id"]]
+        assert row["seed"] == cu.derive_seed(0, row["group_id"], row["variant_id"], row["image_index"])
+        assert row["image"].size == (64, 64)
+    # template rewrites keep the prompt and add detail
+    assert all(PROMPTS[g] in v and v != PROMPTS[g] for g, row in expansions.items() for v in row["variants"])
+    config = json.loads((out / "generation_config.json").read_text())
+    assert config["settings"]["num_inference_steps"] == 2 and config["settings"]["num_prompts"] == len(PROMPTS)
+    assert config["resolved"] == {"pipeline_class": "StableDiffusionPipeline", "scheduler": "DDIMScheduler",
+                                  "height": 64, "width": 64}
+    assert not (out / ".progress").exists()
+
+
+def test_recorded_text_and_seed_regenerate_the_image_with_plain_diffusers(zoo, reference):
+    from diffusers import StableDiffusionPipeline
+
+    _, out = reference
+    row = cu.read_jsonl(out / "metadata.jsonl")[7]
+    pipe = StableDiffusionPipeline.from_pretrained(zoo / "sd15")
+    image = pipe(row["text"], generator=torch.Generator().manual_seed(row["seed"]), num_inference_steps=2,
+                 guidance_scale=7.5).images[0]
+    saved = np.asarray(Image.open(out / row["file_name"]), dtype=np.int16)
+    # batched vs single forward passes differ in float rounding only
+    assert np.abs(np.asarray(image, dtype=np.int16) - saved).max() <= 2
+    other = cu.read_jsonl(out / "metadata.jsonl")[6]
+    assert np.abs(np.asarray(Image.open(out / other["file_name"]), dtype=np.int16) - saved).mean() > 1
+
+
+def test_kill_and_resume_equals_an_uninterrupted_run(zoo, reference, tmp_path):
+    prompts, expected = reference
+    out = tmp_path / "out"
+    command = [sys.executable, os.path.join(REPO, "generate_candidates.py"), "--pretrained_model_name_or_path",
+               str(zoo / "sd15"), "--prompts_file", str(prompts), "--output_dir", str(out),
+               "--num_inference_steps", "2", "--num_variants", "2", "--num_images_per_prompt", "2",
+               "--batch_size", "3"]
+    process = subprocess.Popen(command, env=subprocess_env(), stderr=subprocess.DEVNULL)
+    log = out / ".progress" / "images-00000.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 2):
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    logged = log.read_text().count("\n")
+    assert 2 <= logged < len(PROMPTS) * 3 * 2 and not (out / "metadata.jsonl").exists()
+    # what a kill mid-write can leave: a torn row and a temp image
+    with open(log, "a") as f:
+        f.write('{"file_name": "000005_v02_i01.png", "te')
+    (out / ".tmp-abc.png").write_bytes(b"half an image")
+
+    result = generate(zoo, prompts, out)
+    assert f"{len(PROMPTS) * 3 * 2 - logged} made now" in result.stdout
+    assert folder_files(out) == folder_files(expected)
+
+
+def test_two_processes_write_the_same_folder_as_one(zoo, reference, tmp_path):
+    prompts, expected = reference
+    generate(zoo, prompts, tmp_path / "out", launcher=TWO_PROCESSES)
+    assert folder_files(tmp_path / "out") == folder_files(expected)
+
+
+def test_sdxl_with_llm_expansion_and_rerun_reuses_everything(zoo, tmp_path):
+    prompts = write_lines(tmp_path / "prompts.txt", PROMPTS[:2])
+    out = tmp_path / "out"
+    extra = ("--expansion", "llm", "--expansion_model", zoo / "expander", "--expansion_max_new_tokens", 12,
+             "--guidance_scale", 5.0)
+    generate(zoo, prompts, out, *extra, model="sdxl")
+    expansions = cu.read_jsonl(out / "expansions.jsonl")
+    assert [row["prompt"] for row in expansions] == PROMPTS[:2]
+    assert all(len(row["variants"]) == 2 and all(v.strip() for v in row["variants"]) for row in expansions)
+    assert expansions[0]["variants"][0] != expansions[0]["variants"][1]  # sampled, not greedy copies
+    rows = cu.read_jsonl(out / "metadata.jsonl")
+    assert {r["text"] for r in rows if r["variant_id"] == 1} == {e["variants"][0] for e in expansions}
+    config = json.loads((out / "generation_config.json").read_text())
+    assert config["resolved"]["pipeline_class"] == "StableDiffusionXLPipeline"
+    before = folder_files(out)
+    result = generate(zoo, prompts, out, *extra, model="sdxl")
+    assert "(0 made now" in result.stdout
+    assert folder_files(out) == before
+
+
+def test_file_expansion_uses_the_given_rewrites(zoo, tmp_path):
+    prompts = write_lines(tmp_path / "prompts.txt", PROMPTS[:2])
+    table = tmp_path / "rewrites.jsonl"
+    write_lines(table, [json.dumps({"prompt": p, "variants": [p + ", detailed", p + ", at dawn", "x"]})
+                        for p in PROMPTS[:2]])
+    generate(zoo, prompts, tmp_path / "out", "--expansion", "file", "--expansion_file", table)
+    texts = [r["text"] for r in cu.read_jsonl(tmp_path / "out" / "metadata.jsonl") if r["group_id"] == 1]
+    assert texts == [PROMPTS[1]] * 2 + [PROMPTS[1] + ", detailed"] * 2 + [PROMPTS[1] + ", at dawn"] * 2
+
+    write_lines(table, [json.dumps({"prompt": PROMPTS[0], "variants": ["a", "b"]})])
+    result = generate(zoo, prompts, tmp_path / "out2", "--expansion", "file", "--expansion_file", table,
+                      check=False)
+    assert result.returncode != 0
+    assert "rewrites.jsonl has 0 variants for the prompt 'a blue square on the left'" in result.stderr
+
+
+@pytest.mark.parametrize("case", ["missing_file", "empty_file", "unknown_column", "missing_model"])
+def test_bad_input_gives_one_clear_error_and_writes_nothing(zoo, tmp_path, case):
+    prompts = write_lines(tmp_path / "prompts.txt", PROMPTS[:1])
+    model = "sd15"
+    extra = ()
+    expected = {
+        "missing_file": "prompts file {tmp}/nope.txt does not exist",
+        "empty_file": "{tmp}/empty.txt holds no prompts",
+        "unknown_column": "{tmp}/prompts.jsonl has no column 'prompt' (columns: caption); set --prompt_column",
+        "missing_model": "could not load a diffusers pipeline from '{zoo}/missing'",
+    }[case].format(tmp=tmp_path, zoo=zoo)
+    if case == "missing_file":
+        prompts = tmp_path / "nope.txt"
+    elif case == "empty_file":
+        prompts = write_lines(tmp_path / "empty.txt", ["", "  "])
+    elif case == "unknown_column":
+        prompts = write_lines(tmp_path / "prompts.jsonl", [json.dumps({"caption": "a cat"})])
+    else:
+        model = "missing"
+    result = generate(zoo, prompts, tmp_path / "out", *extra, model=model, check=False)
+    assert result.returncode != 0
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: ") and expected in last_line
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_other_settings_are_refused_and_overwrite_starts_over(zoo, tmp_path):
+    prompts = write_lines(tmp_path / "prompts.txt", PROMPTS[:1])
+    out = tmp_path / "out"
+    generate(zoo, prompts, out)
+    before = folder_files(out)
+    result = generate(zoo, prompts, out, "--seed", 1, check=False)
+    assert result.returncode != 0
+    assert "holds candidates made with other settings (seed: 0 there, 1 now" in result.stderr
+    assert folder_files(out) == before
+    generate(zoo, prompts, out, "--seed", 1, "--overwrite")
+    assert cu.read_jsonl(out / "metadata.jsonl")[0]["seed"] == cu.derive_seed(1, 0, 0, 0)
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    result = generate(zoo, prompts, foreign, "--overwrite", check=False)
+    assert "is not empty and holds no generation_config.json" in result.stderr
+    assert os.listdir(foreign) == ["notes.txt"]
+
+
+# ---- helpers, in process ------------------------------------------------------------------------------------
+
+
+def prompt_args(**overrides):
+    defaults = dict(prompts_file=None, dataset_name=None, dataset_split="train", prompt_column="prompt",
+                    max_prompts=None, shuffle_prompts=False, seed=0)
+    return SimpleNamespace(**{**defaults, **overrides})
+
+
+def test_load_prompts_from_txt_jsonl_csv(tmp_path):
+    txt = write_lines(tmp_path / "p.txt", [" a cat ", "", "a dog", "a cat", "a bird"])
+    assert cu.load_prompts(prompt_args(prompts_file=str(txt))) == ["a cat", "a dog", "a bird"]
+    jsonl = write_lines(tmp_path / "p.jsonl", [json.dumps({"caption": c}) for c in ["x", "y", "x"]])
+    assert cu.load_prompts(prompt_args(prompts_file=str(jsonl), prompt_column="caption")) == ["x", "y"]
+    csv_file = write_lines(tmp_path / "p.csv", ["id,prompt", "1,a red cat", '2,"a cat, red"'])
+    assert cu.load_prompts(prompt_args(prompts_file=str(csv_file))) == ["a red cat", "a cat, red"]
+    many = write_lines(tmp_path / "many.txt", [f"prompt {i}" for i in range(50)])
+    assert cu.load_prompts(prompt_args(prompts_file=str(many), max_prompts=3)) == ["prompt 0", "prompt 1", "prompt 2"]
+    shuffled = cu.load_prompts(prompt_args(prompts_file=str(many), max_prompts=5, shuffle_prompts=True))
+    assert shuffled == cu.load_prompts(prompt_args(prompts_file=str(many), max_prompts=5, shuffle_prompts=True))
+    assert shuffled != ["prompt 0", "prompt 1", "prompt 2", "prompt 3", "prompt 4"] and len(set(shuffled)) == 5
+
+
+def test_load_prompts_from_a_local_dataset(tmp_path):
+    (tmp_path / "hub_style").mkdir()
+    write_lines(tmp_path / "hub_style" / "train.jsonl", [json.dumps({"prompt": p}) for p in ["u", "v"]])
+    assert cu.load_prompts(prompt_args(dataset_name=str(tmp_path / "hub_style"))) == ["u", "v"]
+    with pytest.raises(SystemExit, match="has no column 'caption'"):
+        cu.load_prompts(prompt_args(dataset_name=str(tmp_path / "hub_style"), prompt_column="caption"))
+
+
+def test_derive_seed_is_stable_and_distinct():
+    # pinned: changing the derivation would silently change every user's candidates
+    assert cu.derive_seed(0, 0, 0, 0) == 1835542580
+    seeds = {cu.derive_seed(s, g, v, i) for s in range(2) for g in range(20) for v in range(4) for i in range(4)}
+    assert len(seeds) == 2 * 20 * 4 * 4 and max(seeds) < 2**31
+
+
+def test_append_log_drops_a_torn_row_and_read_jsonl_names_the_bad_line(tmp_path):
+    path = tmp_path / ".progress" / "log-00000.jsonl"
+    log = cu.AppendLog(str(path))
+    log.append([{"a": 1}, {"a": 2}])
+    log.close()
+    with open(path, "a") as f:
+        f.write('{"a": 3')
+    assert cu.read_jsonl(path, allow_torn_tail=True) == [{"a": 1}, {"a": 2}]
+    log = cu.AppendLog(str(path))
+    log.append([{"a": 4}])
+    log.close()
+    assert cu.read_jsonl(path) == [{"a": 1}, {"a": 2}, {"a": 4}]
+    bad = write_lines(tmp_path / "bad.jsonl", ['{"a": 1}', "{oops", '{"a": 2}'])
+    with pytest.raises(SystemExit, match=r"bad.jsonl, line 2: not valid JSON"):
+        cu.read_jsonl(bad, allow_torn_tail=True)

@@ -1,0 +1,283 @@
+#!/usr/bin/env python
+"""Write the tiny local model zoo: random models in the exact on-disk formats of the real weights.
+
+Tests and the demo load these through the same code paths users take with the real checkpoints, so nothing
+downloads. Everything is seeded: the same command writes the same files.
+
+    python tools/make_tiny_models.py OUTDIR
+
+OUTDIR/
+  sd15/                       StableDiffusionPipeline folder (64x64 images)
+  sdxl/                       StableDiffusionXLPipeline folder (two text encoders, text_time embedding)
+  clip_tokenizer/             CLIPTokenizer built from a generated vocab
+  expander/                   tiny causal LM + tokenizer with a chat template (for --expansion llm)
+  hps/                        open_clip checkpoint {"state_dict": ...} like HPS_v2.1_compressed.pt + model config
+  pickscore/model, processor  transformers CLIPModel and CLIPProcessor folders (PickScore layout)
+  clip/                       CLIPModel + processor folder (openai/clip-vit-large-patch14 layout, 768-d embeds)
+  aesthetic/                  LAION aesthetic MLP .pth with the real key layout (layers.{0,2,4,6,7})
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+# Words the tokenizers know as whole tokens; everything else falls back to characters.
+WORDS = (
+    "a an the of in on at with and photo painting drawing picture image portrait landscape city street forest "
+    "mountain river sea beach sky sun moon night day morning evening cat dog bird horse car house tree flower "
+    "woman man child robot castle dragon boat red green blue yellow orange purple pink black white gray brown "
+    "circle square triangle star big small left right top bottom center background highly detailed intricate "
+    "sharp focus cinematic lighting dramatic atmosphere professional photograph soft natural light vibrant "
+    "colors digital art concept trending artstation oil canvas watercolor golden hour 8k ultra realistic style "
+    "wide angle lens bokeh studio masterpiece best quality"
+).split()
+
+TEXT_HIDDEN = 32
+
+
+def bytes_to_unicode():
+    """GPT-2/CLIP byte-level alphabet: printable stand-ins for the 256 byte values."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return [chr(c) for c in chars]
+
+
+def clip_vocab_and_merges():
+    """A CLIP BPE vocab: byte alphabet (+ end-of-word forms), merges learned on WORDS, special tokens.
+
+    Plain BPE training with ties broken by the pair itself, so the files are the same on every run.
+    """
+    from collections import Counter
+
+    alphabet = bytes_to_unicode()
+    vocab = alphabet + [c + "</w>" for c in alphabet]
+    words = [list(word[:-1]) + [word[-1] + "</w>"] for word in sorted(set(WORDS))]
+    merges = []
+    while True:
+        pairs = Counter(pair for word in words for pair in zip(word, word[1:]))
+        if not pairs:
+            break
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merges.append(best)
+        vocab.append(best[0] + best[1])
+        for word in words:
+            i = 0
+            while i < len(word) - 1:
+                if (word[i], word[i + 1]) == best:
+                    word[i: i + 2] = [best[0] + best[1]]
+                i += 1
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    return {token: i for i, token in enumerate(dict.fromkeys(vocab))}, merges
+
+
+def make_clip_tokenizer(out_dir):
+    from transformers import CLIPTokenizer
+
+    vocab, merges = clip_vocab_and_merges()
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges)
+    tokenizer.model_max_length = 77
+    tokenizer.save_pretrained(out_dir)
+    return CLIPTokenizer.from_pretrained(out_dir)
+
+
+def clip_text_config(vocab_size, projection_dim=TEXT_HIDDEN, hidden_size=TEXT_HIDDEN):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, projection_dim=projection_dim,
+        bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
+        hidden_act="gelu",
+    )
+
+
+def tiny_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    )
+
+
+def tiny_scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1,
+    )
+
+
+def make_sd15(out_dir, tokenizer):
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=TEXT_HIDDEN, attention_head_dim=(2, 4), norm_num_groups=32,
+    )
+    torch.manual_seed(1)
+    vae = tiny_vae()
+    torch.manual_seed(2)
+    text_encoder = CLIPTextModel(clip_text_config(len(tokenizer)))
+    pipe = StableDiffusionPipeline(
+        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=tiny_scheduler(),
+        safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out_dir)
+
+
+def make_sdxl(out_dir, tokenizer):
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    time_embed_dim = 8
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim, transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * time_embed_dim + TEXT_HIDDEN,
+        cross_attention_dim=TEXT_HIDDEN + TEXT_HIDDEN, norm_num_groups=32,
+    )
+    torch.manual_seed(1)
+    vae = tiny_vae()
+    torch.manual_seed(2)
+    text_encoder = CLIPTextModel(clip_text_config(len(tokenizer)))
+    torch.manual_seed(3)
+    text_encoder_2 = CLIPTextModelWithProjection(clip_text_config(len(tokenizer)))
+    from diffusers import EulerDiscreteScheduler
+
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+        timestep_spacing="leading",
+    )
+    pipe = StableDiffusionXLPipeline(
+        unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer, scheduler=scheduler, image_encoder=None, feature_extractor=None,
+        force_zeros_for_empty_prompt=True,
+    )
+    pipe.save_pretrained(out_dir)
+
+
+def make_expander(out_dir):
+    """A random Llama-style chat model; its rewrites are gibberish, but the transformers code path is real."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"]
+    tokens = specials + sorted(set(WORDS)) + [",", ".", ":", "'", '"']
+    backend = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    backend.add_special_tokens(specials)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>",
+    )
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} </s> {% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    tokenizer.save_pretrained(out_dir)
+    torch.manual_seed(4)
+    config = LlamaConfig(
+        vocab_size=len(tokens), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    )
+    LlamaForCausalLM(config).save_pretrained(out_dir)
+
+
+def make_hps(out_dir):
+    """open_clip model saved like HPS_v2.1_compressed.pt; the tiny architecture is an open_clip model config."""
+    import open_clip
+
+    model_config = {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 224, "layers": 2, "width": 32, "head_width": 8, "patch_size": 32},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2},
+    }
+    config_path = os.path.join(out_dir, "tiny-ViT.json")
+    with open(config_path, "w") as f:
+        json.dump(model_config, f, indent=2)
+    open_clip.add_model_config(config_path)
+    torch.manual_seed(5)
+    model = open_clip.create_model("tiny-ViT", pretrained=None)
+    torch.save({"state_dict": model.state_dict()}, os.path.join(out_dir, "HPS_v2.1_compressed.pt"))
+
+
+def make_clip_model(model_dir, processor_dir, tokenizer, projection_dim, seed):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPVisionConfig
+
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=224,
+        patch_size=32, projection_dim=projection_dim,
+    )
+    text = clip_text_config(len(tokenizer), projection_dim=projection_dim)
+    config = CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=projection_dim)
+    torch.manual_seed(seed)
+    CLIPModel(config).save_pretrained(model_dir)
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
+        image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
+    )
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(processor_dir)
+
+
+def make_aesthetic(out_dir):
+    """LAION aesthetic predictor v2: the real MLP shape and key names (Linear layers at 0, 2, 4, 6, 7)."""
+    from torch import nn
+
+    torch.manual_seed(7)
+    mlp = nn.Sequential(
+        nn.Linear(768, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2), nn.Linear(128, 64),
+        nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1),
+    )
+    state = {f"layers.{key}": value for key, value in mlp.state_dict().items()}
+    torch.save(state, os.path.join(out_dir, "sac+logos+ava1-l14-linearMSE.pth"))
+
+
+def make_zoo(out_dir):
+    os.makedirs(out_dir, exist_ok=True)
+    tokenizer = make_clip_tokenizer(os.path.join(out_dir, "clip_tokenizer"))
+    make_sd15(os.path.join(out_dir, "sd15"), tokenizer)
+    make_sdxl(os.path.join(out_dir, "sdxl"), tokenizer)
+    make_expander(os.path.join(out_dir, "expander"))
+    for name in ("hps", "aesthetic"):
+        os.makedirs(os.path.join(out_dir, name), exist_ok=True)
+    make_hps(os.path.join(out_dir, "hps"))
+    make_clip_model(
+        os.path.join(out_dir, "pickscore", "model"), os.path.join(out_dir, "pickscore", "processor"), tokenizer,
+        projection_dim=32, seed=6,
+    )
+    clip_dir = os.path.join(out_dir, "clip")
+    make_clip_model(clip_dir, clip_dir, tokenizer, projection_dim=768, seed=8)
+    make_aesthetic(os.path.join(out_dir, "aesthetic"))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("output_dir", help="folder to write the zoo into (created if missing)")
+    args = parser.parse_args(argv)
+    make_zoo(args.output_dir)
+    print(f"tiny model zoo written to {args.output_dir}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
