@@ -208,9 +208,9 @@ SCHEDULERS = {
 TORCH_DTYPES = {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
-def add_generation_args(parser):
+def add_generation_args(parser, model_required=True):
     group = parser.add_argument_group("model and sampling")
-    group.add_argument("--pretrained_model_name_or_path", required=True,
+    group.add_argument("--pretrained_model_name_or_path", required=model_required,
                        help="SD1.5- or SDXL-style diffusers pipeline: Hub id or local folder")
     group.add_argument("--revision", help="model revision (branch, tag or commit) on the Hub")
     group.add_argument("--variant", help="weights variant to load, e.g. fp16")
@@ -235,6 +235,45 @@ def generation_settings(args):
              "lora_path", "scheduler", "num_inference_steps", "guidance_scale", "height", "width",
              "num_images_per_prompt", "batch_size", "mixed_precision", "seed"]
     return {name: getattr(args, name) for name in names}
+
+
+def check_generation_folder(output_dir, settings, overwrite):
+    """Refuse to mix settings in one folder, or to write into a folder that is not ours. True = start over."""
+    config_path = os.path.join(output_dir, GENERATION_CONFIG)
+    if os.path.exists(config_path):
+        with open(config_path, encoding="utf-8") as f:
+            previous = json.load(f)["settings"]
+        changed = [k for k in sorted(set(previous) | set(settings)) if previous.get(k) != settings.get(k)]
+        if changed and not overwrite:
+            first = changed[0]
+            fail(f"{output_dir} holds images made with other settings ({first}: {previous.get(first)!r} there, "
+                 f"{settings.get(first)!r} now; {len(changed)} setting(s) differ); rerun with the same settings to "
+                 "resume, choose another --output_dir, or pass --overwrite to start over")
+        return bool(changed)
+    if os.path.isdir(output_dir) and os.listdir(output_dir):
+        fail(f"{output_dir} is not empty and holds no {GENERATION_CONFIG}; choose an empty --output_dir")
+    return False
+
+
+def start_generation_folder(output_dir, settings, pipe, args, start_over, state):
+    """Create the folder and record every setting (main process), before any image is made."""
+    if state.is_main_process:
+        import shutil
+
+        import diffusers
+        import torch
+
+        if start_over:
+            shutil.rmtree(output_dir)
+        os.makedirs(output_dir, exist_ok=True)
+        size = native_size(pipe)
+        write_json_atomic(os.path.join(output_dir, GENERATION_CONFIG), {
+            "settings": settings,
+            "resolved": {"pipeline_class": type(pipe).__name__, "scheduler": type(pipe.scheduler).__name__,
+                         "height": args.height or size, "width": args.width or size},
+            "versions": {"diffusers": diffusers.__version__, "torch": torch.__version__},
+        })
+    state.wait_for_everyone()
 
 
 def load_pipeline(args, device):

@@ -12,10 +12,8 @@ single-process run.
 """
 
 import argparse
-import json
 import os
 import random
-import shutil
 import sys
 import time
 
@@ -92,24 +90,6 @@ def load_expansion_file(path):
             cu.fail(f"{path}, row {number}: needs a 'prompt' string and a 'variants' list")
         table[row["prompt"].strip()] = [str(v).strip() for v in row["variants"]]
     return table
-
-
-def check_output_dir(args, settings):
-    """Refuse to mix settings in one folder, or to write into a folder that is not ours."""
-    config_path = os.path.join(args.output_dir, cu.GENERATION_CONFIG)
-    if os.path.exists(config_path):
-        with open(config_path, encoding="utf-8") as f:
-            previous = json.load(f)["settings"]
-        changed = [k for k in sorted(set(previous) | set(settings)) if previous.get(k) != settings.get(k)]
-        if changed and not args.overwrite:
-            first = changed[0]
-            cu.fail(f"{args.output_dir} holds candidates made with other settings ({first}: {previous.get(first)!r} "
-                    f"there, {settings.get(first)!r} now; {len(changed)} setting(s) differ); rerun with the same "
-                    "settings to resume, choose another --output_dir, or pass --overwrite to start over")
-        return bool(changed)
-    if os.path.isdir(args.output_dir) and os.listdir(args.output_dir):
-        cu.fail(f"{args.output_dir} is not empty and holds no {cu.GENERATION_CONFIG}; choose an empty --output_dir")
-    return False
 
 
 def template_variants(prompt, group_id, args):
@@ -192,24 +172,9 @@ def main(args):
         "prompts_source": args.prompts_file or f"{args.dataset_name}:{args.dataset_split}",
         "num_prompts": len(prompts), "prompts_sha256": cu.sha256_of(prompts),
     }
-    start_over = check_output_dir(args, settings)
+    start_over = cu.check_generation_folder(args.output_dir, settings, args.overwrite)
     pipe = cu.load_pipeline(args, state.device)
-
-    if state.is_main_process:
-        if start_over:
-            shutil.rmtree(args.output_dir)
-        os.makedirs(args.output_dir, exist_ok=True)
-        import diffusers
-        import torch
-
-        size = cu.native_size(pipe)
-        cu.write_json_atomic(os.path.join(args.output_dir, cu.GENERATION_CONFIG), {
-            "settings": settings,
-            "resolved": {"pipeline_class": type(pipe).__name__, "scheduler": type(pipe.scheduler).__name__,
-                         "height": args.height or size, "width": args.width or size},
-            "versions": {"diffusers": diffusers.__version__, "torch": torch.__version__},
-        })
-    state.wait_for_everyone()
+    cu.start_generation_folder(args.output_dir, settings, pipe, args, start_over, state)
 
     started = time.time()
     groups = expand_prompts(prompts, args, state)

@@ -191,7 +191,7 @@ def test_other_settings_are_refused_and_overwrite_starts_over(zoo, tmp_path):
     before = folder_files(out)
     result = generate(zoo, prompts, out, "--seed", 1, check=False)
     assert result.returncode != 0
-    assert "holds candidates made with other settings (seed: 0 there, 1 now" in result.stderr
+    assert "holds images made with other settings (seed: 0 there, 1 now" in result.stderr
     assert folder_files(out) == before
     generate(zoo, prompts, out, "--seed", 1, "--overwrite")
     assert cu.read_jsonl(out / "metadata.jsonl")[0]["seed"] == cu.derive_seed(1, 0, 0, 0)

@@ -15,6 +15,7 @@ OUTDIR/
   pickscore/model, processor  transformers CLIPModel and CLIPProcessor folders (PickScore layout)
   clip/                       CLIPModel + processor folder (openai/clip-vit-large-patch14 layout, 768-d embeds)
   aesthetic/                  LAION aesthetic MLP .pth with the real key layout (layers.{0,2,4,6,7})
+  imagereward/                ImageReward.pt + med_config.json + tokenizer/ (BERT), for the image-reward package
 """
 
 import argparse
@@ -253,13 +254,44 @@ def make_aesthetic(out_dir):
     torch.save(state, os.path.join(out_dir, "sac+logos+ava1-l14-linearMSE.pth"))
 
 
+def make_image_reward(out_dir):
+    """ImageReward.pt (state dict of the package's ImageReward model) + med_config.json + a BERT tokenizer folder."""
+    from transformers import BertTokenizer
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from craft_rewards import build_image_reward
+
+    tokenizer_dir = os.path.join(out_dir, "tokenizer")
+    os.makedirs(tokenizer_dir, exist_ok=True)
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(set(WORDS)) + list(",.:'\"") + letters
+    vocab += ["##" + letter for letter in letters]
+    vocab_file = os.path.join(tokenizer_dir, "vocab.txt")
+    with open(vocab_file, "w") as f:
+        f.write("".join(token + "\n" for token in vocab))
+    BertTokenizer(vocab_file).save_pretrained(tokenizer_dir)
+    med_config = {
+        "architectures": ["BertModel"], "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.1, "hidden_size": 32, "initializer_range": 0.02, "intermediate_size": 37,
+        "layer_norm_eps": 1e-12, "max_position_embeddings": 64, "model_type": "bert", "num_attention_heads": 4,
+        "num_hidden_layers": 2, "pad_token_id": 0, "type_vocab_size": 2, "vocab_size": len(vocab) + 2,
+        "encoder_width": 64, "add_cross_attention": True,
+    }
+    med_config_path = os.path.join(out_dir, "med_config.json")
+    with open(med_config_path, "w") as f:
+        json.dump(med_config, f, indent=2)
+    torch.manual_seed(9)
+    model = build_image_reward(med_config_path, tokenizer_dir, vit_shape=(64, 2, 32))
+    torch.save(model.state_dict(), os.path.join(out_dir, "ImageReward.pt"))
+
+
 def make_zoo(out_dir):
     os.makedirs(out_dir, exist_ok=True)
     tokenizer = make_clip_tokenizer(os.path.join(out_dir, "clip_tokenizer"))
     make_sd15(os.path.join(out_dir, "sd15"), tokenizer)
     make_sdxl(os.path.join(out_dir, "sdxl"), tokenizer)
     make_expander(os.path.join(out_dir, "expander"))
-    for name in ("hps", "aesthetic"):
+    for name in ("hps", "aesthetic", "imagereward"):
         os.makedirs(os.path.join(out_dir, name), exist_ok=True)
     make_hps(os.path.join(out_dir, "hps"))
     make_clip_model(
@@ -269,6 +301,7 @@ def make_zoo(out_dir):
     clip_dir = os.path.join(out_dir, "clip")
     make_clip_model(clip_dir, clip_dir, tokenizer, projection_dim=768, seed=8)
     make_aesthetic(os.path.join(out_dir, "aesthetic"))
+    make_image_reward(os.path.join(out_dir, "imagereward"))
 
 
 def main(argv=None):

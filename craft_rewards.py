@@ -1,0 +1,351 @@
+"""Reward models by name. Each factory loads its weights (Hub id or local path) and returns `score(images, prompts)`.
+
+    reward = load_reward("pickscore", args, device)   # args from add_reward_args
+    scores = reward(images, prompts)                  # list of floats, one per (PIL image, prompt)
+
+Adding a reward = one factory decorated with @register("name"). Heavy imports happen inside the factories.
+Text-conditioned rewards are called with the original prompt, so rewrites and originals answer the same question.
+"""
+
+import io
+import os
+
+import craft_utils as cu
+
+REWARDS = {}
+
+
+def register(name):
+    def wrap(factory):
+        REWARDS[name] = factory
+        return factory
+
+    return wrap
+
+
+def add_reward_args(parser):
+    group = parser.add_argument_group("reward models (a Hub id, 'owner/repo/file' for a file on the Hub, or a local path)")
+    group.add_argument("--hpsv2_checkpoint", default="xswu/HPSv2/HPS_v2.1_compressed.pt",
+                       help="HPSv2.1 checkpoint (reward 'hpsv2.1')")
+    group.add_argument("--hpsv2_0_checkpoint", default="xswu/HPSv2/HPS_v2_compressed.pt",
+                       help="HPSv2.0 checkpoint (reward 'hpsv2.0')")
+    group.add_argument("--hps_model", default="ViT-H-14",
+                       help="open_clip architecture of the HPS checkpoints: a model name or a model-config .json")
+    group.add_argument("--pickscore_model", default="yuvalkirstain/PickScore_v1")
+    group.add_argument("--pickscore_processor", default="laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
+    group.add_argument("--aesthetic_checkpoint", default="trl-lib/ddpo-aesthetic-predictor/aesthetic-model.pth",
+                       help="LAION aesthetic predictor v2 MLP (sac+logos+ava1-l14-linearMSE.pth)")
+    group.add_argument("--aesthetic_clip_model", default="openai/clip-vit-large-patch14",
+                       help="the CLIP whose image embedding the aesthetic MLP reads")
+    group.add_argument("--imagereward_checkpoint", default="THUDM/ImageReward/ImageReward.pt")
+    group.add_argument("--imagereward_med_config", default="THUDM/ImageReward/med_config.json")
+    group.add_argument("--imagereward_tokenizer", default="bert-base-uncased", help="BERT tokenizer of ImageReward")
+    group.add_argument("--clip_model", default="openai/clip-vit-large-patch14", help="CLIP for the 'clip' score")
+    group.add_argument("--reward_batch_size", type=int, default=16, help="images per reward-model call")
+    group.add_argument("--reward_precision", choices=sorted(cu.TORCH_DTYPES), default="no",
+                       help="dtype of the reward models (fp16/bf16 halve their memory on GPUs)")
+
+
+def parse_reward_names(text, flag="--rewards"):
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in REWARDS]
+    if unknown or not names:
+        cu.fail(f"{flag}: unknown reward {', '.join(unknown) or '(none given)'}; valid: {', '.join(sorted(REWARDS))}")
+    return list(dict.fromkeys(names))
+
+
+def resolve_file(spec, flag):
+    """A local file, or 'owner/repo/path/in/repo' downloaded (and cached) from the Hub."""
+    if os.path.isfile(spec):
+        return spec
+    parts = spec.split("/")
+    if len(parts) >= 3 and not os.path.isabs(spec):
+        from huggingface_hub import hf_hub_download
+
+        try:
+            return hf_hub_download("/".join(parts[:2]), "/".join(parts[2:]))
+        except Exception as error:  # offline, missing repo or file: the user needs the one line
+            reason = str(error).splitlines()[0]
+    else:
+        reason = "no such file"
+    cu.fail(f"{flag} {spec}: not found ({reason}); give a local file, or 'owner/repo/file' on the Hub "
+            "(with HF_HUB_OFFLINE=1 only local files work)")
+
+
+def load_from_pretrained(loader, spec, flag, **kwargs):
+    try:
+        return loader.from_pretrained(spec, **kwargs)
+    except (OSError, ValueError) as error:
+        cu.fail(f"{flag} {spec}: could not load ({str(error).splitlines()[0]}); give a local folder or a Hub id")
+
+
+def load_reward(name, args, device):
+    """Build one reward; returns a callable (images, prompts) -> list[float] that scores in batches."""
+    import torch
+
+    dtype = getattr(torch, cu.TORCH_DTYPES[args.reward_precision])
+    score_batch = REWARDS[name](args, device, dtype)
+
+    def score(images, prompts):
+        scores = []
+        with torch.no_grad():
+            for start in range(0, len(images), args.reward_batch_size):
+                batch = slice(start, start + args.reward_batch_size)
+                scores += [float(s) for s in score_batch(images[batch], prompts[batch])]
+        return scores
+
+    return score
+
+
+def _rgb(images):
+    return [image.convert("RGB") for image in images]
+
+
+def _normalized(features):
+    return features / features.norm(dim=-1, keepdim=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _hps(args, device, dtype, checkpoint_flag):
+    """HPSv2: open_clip model + fine-tuned checkpoint; score = cosine of the image and text embeddings."""
+    import open_clip
+    import torch
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    from open_clip.transform import image_transform
+
+    model_name = args.hps_model
+    if model_name.endswith(".json"):
+        if not os.path.isfile(model_name):
+            cu.fail(f"--hps_model {model_name} does not exist")
+        open_clip.add_model_config(model_name)
+        model_name = os.path.splitext(os.path.basename(model_name))[0]
+    checkpoint = resolve_file(getattr(args, checkpoint_flag), "--" + checkpoint_flag)
+    model = open_clip.create_model(model_name, pretrained=None)
+    model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"])
+    model = model.to(device, dtype).eval()
+    tokenizer = open_clip.get_tokenizer(model_name)
+    # HPS preprocessing: longest side to 224, padded (not cropped), OpenAI CLIP normalisation
+    preprocess = image_transform(model.visual.image_size, is_train=False, mean=OPENAI_DATASET_MEAN,
+                                 std=OPENAI_DATASET_STD, resize_mode="longest")
+
+    def score(images, prompts):
+        pixels = torch.stack([preprocess(image) for image in _rgb(images)]).to(device, dtype)
+        image_features = _normalized(model.encode_image(pixels).float())
+        text_features = _normalized(model.encode_text(tokenizer(prompts).to(device)).float())
+        return (image_features * text_features).sum(-1).tolist()
+
+    return score
+
+
+@register("hpsv2.1")
+def hpsv2_1(args, device, dtype):
+    return _hps(args, device, dtype, "hpsv2_checkpoint")
+
+
+@register("hpsv2.0")
+def hpsv2_0(args, device, dtype):
+    return _hps(args, device, dtype, "hpsv2_0_checkpoint")
+
+
+def _clip_scorer(model_spec, processor_spec, flag, device, dtype):
+    """transformers CLIP: (model, processor, image_features(images), text_features(prompts)), normalised."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    model = load_from_pretrained(CLIPModel, model_spec, flag, dtype=dtype).to(device).eval()
+    processor = load_from_pretrained(CLIPProcessor, processor_spec, flag)
+
+    def image_features(images):
+        pixels = processor(images=_rgb(images), return_tensors="pt")["pixel_values"].to(device, dtype)
+        return _normalized(model.get_image_features(pixel_values=pixels).pooler_output.float())
+
+    def text_features(prompts):
+        tokens = processor(text=prompts, padding="max_length", truncation=True, max_length=77, return_tensors="pt")
+        return _normalized(model.get_text_features(**tokens.to(device)).pooler_output.float())
+
+    return model, image_features, text_features
+
+
+@register("pickscore")
+def pickscore(args, device, dtype):
+    """PickScore: logit_scale.exp() * cosine, with the PickScore CLIP and the ViT-H-14 processor."""
+    processor = args.pickscore_processor
+    model, image_features, text_features = _clip_scorer(args.pickscore_model, processor, "--pickscore_model",
+                                                        device, dtype)
+
+    def score(images, prompts):
+        cosine = (image_features(images) * text_features(prompts)).sum(-1)
+        return (model.logit_scale.exp().float() * cosine).tolist()
+
+    return score
+
+
+@register("clip")
+def clip_score(args, device, dtype):
+    """CLIP score: max(100 * cosine, 0)."""
+    _, image_features, text_features = _clip_scorer(args.clip_model, args.clip_model, "--clip_model", device, dtype)
+
+    def score(images, prompts):
+        return (100 * (image_features(images) * text_features(prompts)).sum(-1)).clamp(min=0).tolist()
+
+    return score
+
+
+def aesthetic_mlp():
+    """LAION aesthetic predictor v2: 768 -> 1024 -> 128 -> 64 -> 16 -> 1, dropouts and no activations."""
+    from torch import nn
+
+    class AestheticMLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.Sequential(nn.Linear(768, 1024), nn.Dropout(0.2), nn.Linear(1024, 128),
+                                        nn.Dropout(0.2), nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16),
+                                        nn.Linear(16, 1))
+
+        def forward(self, embeddings):
+            return self.layers(embeddings)
+
+    return AestheticMLP()
+
+
+@register("aesthetic")
+def aesthetic(args, device, dtype):
+    """LAION aesthetic score (~1-10): the MLP on the L2-normalised CLIP ViT-L/14 image embedding."""
+    import torch
+
+    _, image_features, _ = _clip_scorer(args.aesthetic_clip_model, args.aesthetic_clip_model,
+                                        "--aesthetic_clip_model", device, dtype)
+    mlp = aesthetic_mlp()
+    checkpoint = resolve_file(args.aesthetic_checkpoint, "--aesthetic_checkpoint")
+    mlp.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+    mlp = mlp.to(device).eval()
+
+    def score(images, prompts):
+        return mlp(image_features(images)).squeeze(-1).tolist()
+
+    return score
+
+
+@register("jpeg")
+def jpeg_compressibility(args, device, dtype):
+    """Negative JPEG size in kB at quality 95 (DDPO's compressibility reward): no weights, runs anywhere."""
+
+    def score(images, prompts):
+        sizes = []
+        for image in _rgb(images):
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=95)
+            sizes.append(-buffer.tell() / 1000)
+        return sizes
+
+    return score
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ImageReward through the `image-reward` package (BLIP ViT + BERT cross-encoder + MLP)
+
+
+def patch_image_reward_for_current_transformers():
+    """image-reward 1.5 (2023) was written for transformers 4.2x; put back what transformers 5 moved or removed.
+
+    - apply_chunking_to_forward / prune_linear_layer moved from modeling_utils to pytorch_utils;
+    - find_pruneable_heads_and_indices was removed (only head pruning calls it, scoring never does);
+    - PreTrainedModel lost invert_attention_mask and get_head_mask, which BLIP's BertModel.forward calls;
+    - BertModel.__init__ calls init_weights() before post_init() ran, which transformers 5 no longer allows.
+    """
+    import torch
+    import transformers.modeling_utils as modeling_utils
+    from transformers import PreTrainedModel, pytorch_utils
+
+    for name in ("apply_chunking_to_forward", "prune_linear_layer"):
+        if not hasattr(modeling_utils, name):
+            setattr(modeling_utils, name, getattr(pytorch_utils, name))
+    if not hasattr(modeling_utils, "find_pruneable_heads_and_indices"):
+        def find_pruneable_heads_and_indices(*_):
+            raise NotImplementedError("head pruning is not supported by the CRAFT ImageReward loader")
+
+        modeling_utils.find_pruneable_heads_and_indices = find_pruneable_heads_and_indices
+
+    from ImageReward.models.BLIP import med
+
+    def invert_attention_mask(self, mask):
+        mask = mask[:, None, None, :] if mask.dim() == 2 else mask[:, None, :, :]
+        mask = mask.to(self.dtype)
+        return (1.0 - mask) * torch.finfo(self.dtype).min
+
+    def get_head_mask(self, head_mask, num_hidden_layers):
+        if head_mask is not None:
+            raise NotImplementedError("head masks are not supported by the CRAFT ImageReward loader")
+        return [None] * num_hidden_layers
+
+    med.BertPreTrainedModel.invert_attention_mask = invert_attention_mask
+    med.BertPreTrainedModel.get_head_mask = get_head_mask
+
+    def init_weights(self):
+        if hasattr(self, "all_tied_weights_keys"):  # post_init has run: the normal initialisation
+            PreTrainedModel.init_weights(self)
+        else:  # called from BertModel.__init__: run post_init, which sets up and then initialises
+            self.post_init()
+
+    med.BertPreTrainedModel.init_weights = init_weights
+
+
+def build_image_reward(med_config, tokenizer_path, vit_shape):
+    """The package's ImageReward model, with BLIP's tokenizer from `tokenizer_path` (not always the Hub) and a ViT
+    of `vit_shape` (width, depth, patch size): ViT-L/16 for the real checkpoint, inferred from it by the loader."""
+    import importlib
+
+    patch_image_reward_for_current_transformers()
+    image_reward_module = importlib.import_module("ImageReward.ImageReward")  # the module, not the class
+    from ImageReward.models.BLIP import blip_pretrain
+    from ImageReward.models.BLIP.vit import VisionTransformer
+    from transformers import BertTokenizer
+
+    width, depth, patch_size = vit_shape
+
+    def create_vit(vit, image_size, use_grad_checkpointing=False, ckpt_layer=0, drop_path_rate=0):
+        return VisionTransformer(img_size=image_size, patch_size=patch_size, embed_dim=width, depth=depth,
+                                 num_heads=max(1, width // 64)), width
+
+    def init_tokenizer():
+        tokenizer = load_from_pretrained(BertTokenizer, tokenizer_path, "--imagereward_tokenizer")
+        tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+        tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+        tokenizer.enc_token_id = tokenizer.convert_tokens_to_ids("[ENC]")
+        return tokenizer
+
+    blip_pretrain.create_vit, blip_pretrain.init_tokenizer = create_vit, init_tokenizer
+    model = image_reward_module.ImageReward(med_config=med_config, device="cpu")
+    text_width = model.blip.text_encoder.config.hidden_size
+    if text_width != 768:  # the package hard-codes BERT-base's width for the MLP
+        model.mlp = image_reward_module.MLP(text_width)
+    return model
+
+
+@register("imagereward")
+def imagereward(args, device, dtype):
+    """ImageReward: BLIP image-text cross-encoder + MLP, normalised with the package's mean/std."""
+    import torch
+
+    checkpoint = resolve_file(args.imagereward_checkpoint, "--imagereward_checkpoint")
+    med_config = resolve_file(args.imagereward_med_config, "--imagereward_med_config")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    patch = state["blip.visual_encoder.patch_embed.proj.weight"]
+    depth = len({key.split(".")[3] for key in state if key.startswith("blip.visual_encoder.blocks.")})
+    model = build_image_reward(med_config, args.imagereward_tokenizer, (patch.shape[0], depth, patch.shape[-1]))
+    missing, _ = model.load_state_dict(state, strict=False)
+    missing = [key for key in missing if not key.endswith("position_ids")]
+    if missing:
+        cu.fail(f"--imagereward_checkpoint {checkpoint} lacks {len(missing)} weights (e.g. {missing[0]}); "
+                "is it an ImageReward.pt?")
+    model = model.to(device, dtype).eval()
+    model.device = device
+
+    def score(images, prompts):
+        tokens = model.blip.tokenizer(prompts, padding="max_length", truncation=True, max_length=35,
+                                      return_tensors="pt").to(device)
+        pixels = torch.stack([model.preprocess(image) for image in _rgb(images)]).to(device, dtype)
+        return model.score_gard(tokens.input_ids, tokens.attention_mask, pixels).float().squeeze(-1).tolist()
+
+    return score

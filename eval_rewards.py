@@ -1,0 +1,229 @@
+#!/usr/bin/env python
+"""Score an image folder, or a model, with CRAFT's reward models; compare against a baseline folder.
+
+Folder mode (`--images_dir DIR`, an imagefolder with metadata.jsonl): writes DIR/rewards.jsonl, one row per image
+with `file_name` and one column per reward. The text scored is `original_prompt` when the folder has it (CRAFT
+candidates: rewrites and originals answer the same question), else `--caption_column`. Rerunning with more
+rewards adds columns and keeps the others; `--overwrite` recomputes.
+
+Model mode (`--pretrained_model_name_or_path` [+ `--lora_path`] with a prompt set): generates one image per prompt
+and seed into --output_dir (the seed scheme of generate_candidates.py), then scores that folder.
+
+Both modes print and save a summary (rewards_summary.json/.md: mean, std, median, n per reward) and a picture of
+the score distributions (rewards_hist.png). `--compare_to OTHER_DIR` pairs images by (prompt, seed) and reports
+the per-reward mean delta, its standard error and the win/tie/loss rates: the comparison with the base model.
+Under `accelerate launch` the images are split across processes; the scores equal a single-process run.
+"""
+
+import argparse
+import gc
+import math
+import os
+import statistics
+import time
+
+import craft_rewards as cr
+import craft_utils as cu
+
+REWARDS_FILE = "rewards.jsonl"
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images_dir", help="folder mode: an imagefolder (images + metadata.jsonl) to score")
+    parser.add_argument("--caption_column", default="text",
+                        help="text column scored when the folder has no original_prompt column")
+    parser.add_argument("--rewards", default="hpsv2.1,pickscore,aesthetic",
+                        help=f"comma-separated rewards, from: {', '.join(sorted(cr.REWARDS))}")
+    parser.add_argument("--compare_to", help="a baseline folder (scored too, if needed) to pair by (prompt, seed)")
+    parser.add_argument("--overwrite", action="store_true", help="recompute rewards already in rewards.jsonl")
+    parser.add_argument("--output_dir", default="eval", help="model mode: where generated images are written")
+    cu.add_generation_args(parser, model_required=False)
+    cu.add_prompt_args(parser)
+    cr.add_reward_args(parser)
+    args = parser.parse_args(input_args)
+    if bool(args.images_dir) == bool(args.pretrained_model_name_or_path):
+        parser.error("give --images_dir (score a folder) or --pretrained_model_name_or_path (score a model)")
+    args.reward_names = cr.parse_reward_names(args.rewards)
+    return args
+
+
+def read_folder(folder, caption_column):
+    """Rows of an imagefolder with the text each image is scored against; every bad row is refused up front."""
+    from PIL import Image
+
+    metadata = os.path.join(folder, cu.METADATA)
+    if not os.path.isdir(folder):
+        cu.fail(f"{folder} does not exist")
+    if not os.path.isfile(metadata):
+        cu.fail(f"{folder} has no {cu.METADATA}; score an imagefolder (images + metadata.jsonl with file_name and "
+                "a text column), e.g. the output of generate_candidates.py")
+    rows = cu.read_jsonl(metadata)
+    if not rows:
+        cu.fail(f"{metadata} has no rows")
+    for number, row in enumerate(rows, start=1):
+        text = row.get("original_prompt") or row.get(caption_column)
+        if not isinstance(text, str) or not text.strip():
+            cu.fail(f"{metadata}, row {number}: no text (neither original_prompt nor {caption_column}); "
+                    "fill it in or set --caption_column")
+        path = os.path.join(folder, str(row.get("file_name", "")))
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except Exception as error:  # missing, truncated or not an image: PIL raises many types
+            cu.fail(f"{metadata}, row {number}: cannot read image {path} ({type(error).__name__}); "
+                    "fix or remove that row")
+        row["_text"] = text
+    return rows
+
+
+def score_folder(folder, args, state):
+    """Add every requested reward missing from folder/rewards.jsonl; returns {file_name: {reward: score}}."""
+    import torch
+    from accelerate.utils import gather_object
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    rows = read_folder(folder, args.caption_column)
+    path = os.path.join(folder, REWARDS_FILE)
+    table = {row["file_name"]: row for row in cu.read_jsonl(path)} if os.path.exists(path) else {}
+    table = {row["file_name"]: {**table.get(row["file_name"], {}), "file_name": row["file_name"]} for row in rows}
+    for name in args.reward_names:
+        if not args.overwrite and all(table[row["file_name"]].get(name) is not None for row in rows):
+            if state.is_main_process:
+                print(f"{name}: already in {path}, kept (--overwrite recomputes)")
+            continue
+        reward = cr.load_reward(name, args, state.device)
+        # fixed batches dealt round-robin: each image is scored in the same batch whatever the process count
+        batches = [rows[i: i + args.reward_batch_size] for i in range(0, len(rows), args.reward_batch_size)]
+        mine = batches[state.process_index:: state.num_processes]
+        scored = []
+        for batch in tqdm(mine, desc=f"{name} ({os.path.basename(folder.rstrip('/'))})", unit="batch",
+                          disable=not state.is_local_main_process):
+            images = [Image.open(os.path.join(folder, row["file_name"])).convert("RGB") for row in batch]
+            scores = reward(images, [row["_text"] for row in batch])
+            scored += [(row["file_name"], score) for row, score in zip(batch, scores)]
+        for file_name, score in gather_object(scored):
+            table[file_name][name] = score
+        if state.is_main_process:  # after each reward, so a kill loses at most the reward being computed
+            cu.write_jsonl_atomic(path, [table[row["file_name"]] for row in rows])
+        del reward
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    state.wait_for_everyone()
+    return rows, table
+
+
+def summarize(rows, table, names):
+    summary = {}
+    for name in names:
+        values = [table[row["file_name"]][name] for row in rows]
+        summary[name] = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                         "median": statistics.median(values), "n": len(values)}
+    return summary
+
+
+def compare(rows, table, other_rows, other_table, names, folder, other):
+    """Pair images by (prompt, seed); per reward: mean delta (this - other), its standard error, win/tie/loss."""
+    def keyed(rows_, table_, where):
+        if any("seed" not in row for row in rows_):
+            cu.fail(f"{where}/{cu.METADATA} has no seed column; --compare_to pairs images by (prompt, seed)")
+        return {(row["_text"], row["seed"]): table_[row["file_name"]] for row in rows_}
+
+    mine, theirs = keyed(rows, table, folder), keyed(other_rows, other_table, other)
+    pairs = sorted(set(mine) & set(theirs), key=str)
+    if not pairs:
+        cu.fail(f"{folder} and {other} share no (prompt, seed) pair; generate both from the same prompts and --seed")
+    result = {"compare_to": other, "pairs": len(pairs), "rewards": {}}
+    for name in names:
+        deltas = [mine[key][name] - theirs[key][name] for key in pairs]
+        std = statistics.stdev(deltas) if len(deltas) > 1 else 0.0
+        result["rewards"][name] = {
+            "mean_delta": statistics.fmean(deltas), "stderr": std / math.sqrt(len(deltas)),
+            "win_rate": sum(d > 0 for d in deltas) / len(deltas), "tie_rate": sum(d == 0 for d in deltas) / len(deltas),
+            "loss_rate": sum(d < 0 for d in deltas) / len(deltas),
+            "mean": statistics.fmean(mine[key][name] for key in pairs),
+            "baseline_mean": statistics.fmean(theirs[key][name] for key in pairs),
+        }
+    return result
+
+
+def markdown(folder, summary, comparison):
+    lines = [f"Rewards of {folder}", "", "| reward | mean | std | median | n |", "|---|---|---|---|---|"]
+    lines += [f"| {name} | {s['mean']:.4f} | {s['std']:.4f} | {s['median']:.4f} | {s['n']} |"
+              for name, s in summary.items()]
+    if comparison:
+        lines += ["", f"Against {comparison['compare_to']} ({comparison['pairs']} pairs by prompt and seed)", "",
+                  "| reward | mean | baseline | delta | stderr | win | tie | loss |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {name} | {c['mean']:.4f} | {c['baseline_mean']:.4f} | {c['mean_delta']:+.4f} | {c['stderr']:.4f} "
+                  f"| {c['win_rate']:.1%} | {c['tie_rate']:.1%} | {c['loss_rate']:.1%} |"
+                  for name, c in comparison["rewards"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot_histograms(path, names, folder, values, other=None, other_values=None):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2), squeeze=False)
+    for axis, name in zip(axes[0], names):
+        axis.hist(values[name], bins=20, alpha=0.6, label=os.path.basename(folder.rstrip("/")))
+        if other_values:
+            axis.hist(other_values[name], bins=20, alpha=0.6, label=os.path.basename(other.rstrip("/")))
+        axis.set_title(name)
+        axis.set_xlabel("score")
+    axes[0][0].set_ylabel("images")
+    axes[0][0].legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def generate_eval_images(args, state):
+    """Model mode: one image per prompt and seed, the same seeds as generate_candidates.py's variant 0."""
+    prompts = cu.load_prompts(args)
+    settings = {**cu.generation_settings(args), "prompts_source": args.prompts_file or args.dataset_name,
+                "num_prompts": len(prompts), "prompts_sha256": cu.sha256_of(prompts)}
+    start_over = cu.check_generation_folder(args.output_dir, settings, args.overwrite)
+    pipe = cu.load_pipeline(args, state.device)
+    cu.start_generation_folder(args.output_dir, settings, pipe, args, start_over, state)
+    planned = cu.plan_images([(prompt, [prompt]) for prompt in prompts], args.num_images_per_prompt, args.seed)
+    cu.generate_images(pipe, planned, args.output_dir, args, state)
+    del pipe
+    gc.collect()
+    return args.output_dir
+
+
+def main(args):
+    state = cu.process_state()
+    started = time.time()
+    if args.compare_to:
+        read_folder(args.compare_to, args.caption_column)  # refuse a bad baseline before any work
+    folder = args.images_dir or generate_eval_images(args, state)
+    rows, table = score_folder(folder, args, state)
+    other_rows = other_table = None
+    if args.compare_to:
+        other_rows, other_table = score_folder(args.compare_to, args, state)
+    if not state.is_main_process:
+        return
+    names = args.reward_names
+    summary = summarize(rows, table, names)
+    comparison = compare(rows, table, other_rows, other_table, names, folder, args.compare_to) if other_rows else None
+    cu.write_json_atomic(os.path.join(folder, "rewards_summary.json"), {"rewards": summary, "comparison": comparison})
+    report = markdown(folder, summary, comparison)
+    with open(os.path.join(folder, "rewards_summary.md"), "w", encoding="utf-8") as f:
+        f.write(report)
+    values = {name: [table[row["file_name"]][name] for row in rows] for name in names}
+    other_values = ({name: [other_table[row["file_name"]][name] for row in other_rows] for name in names}
+                    if other_rows else None)
+    plot_histograms(os.path.join(folder, "rewards_hist.png"), names, folder, values, args.compare_to, other_values)
+    print(report)
+    print(f"{len(rows)} images scored with {', '.join(names)} in {time.time() - started:.0f} s: "
+          f"{os.path.join(folder, REWARDS_FILE)}, rewards_summary.json/.md, rewards_hist.png")
+
+
+if __name__ == "__main__":
+    main(parse_args())

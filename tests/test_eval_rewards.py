@@ -1,0 +1,169 @@
+import io
+import json
+import shutil
+import statistics
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import craft_utils as cu
+from conftest import TWO_PROCESSES, reward_flags, run_script
+
+PROMPTS = ["a red circle", "a blue square on the left", "a green triangle at night"]
+
+
+def evaluate(zoo, *args, check=True, launcher=None):
+    return run_script("eval_rewards.py", *args, *reward_flags(zoo), "--reward_batch_size", 2, check=check,
+                      launcher=launcher)
+
+
+def jpeg_score(image):
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG", quality=95)
+    return -len(buffer.getvalue()) / 1000
+
+
+def write_folder(folder, rows_and_images):
+    """An imagefolder made by hand: [(metadata row, PIL image)]."""
+    folder.mkdir(parents=True)
+    rows = []
+    for row, image in rows_and_images:
+        image.save(folder / row["file_name"])
+        rows.append(row)
+    cu.write_jsonl_atomic(folder / "metadata.jsonl", rows)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def candidates(zoo, tmp_path_factory):
+    base = tmp_path_factory.mktemp("candidates")
+    (base / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    run_script("generate_candidates.py", "--pretrained_model_name_or_path", zoo / "sd15", "--prompts_file",
+               base / "prompts.txt", "--output_dir", base / "out", "--num_inference_steps", 2, "--num_variants", 1,
+               "--num_images_per_prompt", 2)
+    return base / "out"
+
+
+def test_folder_scores_cache_and_overwrite(zoo, candidates, tmp_path):
+    folder = tmp_path / "c"
+    shutil.copytree(candidates, folder)
+    evaluate(zoo, "--images_dir", folder, "--rewards", "jpeg,hpsv2.1")
+    rows = cu.read_jsonl(folder / "rewards.jsonl")
+    metadata = cu.read_jsonl(folder / "metadata.jsonl")
+    assert [r["file_name"] for r in rows] == [m["file_name"] for m in metadata] and len(rows) == 12
+    assert set(rows[0]) == {"file_name", "jpeg", "hpsv2.1"}
+    for row in rows:
+        assert row["jpeg"] == jpeg_score(Image.open(folder / row["file_name"]))
+
+    # a cached column is kept as it is (no recompute) when another reward is added
+    rows[0]["hpsv2.1"] = 123.0
+    cu.write_jsonl_atomic(folder / "rewards.jsonl", rows)
+    result = evaluate(zoo, "--images_dir", folder, "--rewards", "jpeg,hpsv2.1,aesthetic")
+    assert "hpsv2.1: already in" in result.stdout
+    rows = cu.read_jsonl(folder / "rewards.jsonl")
+    assert rows[0]["hpsv2.1"] == 123.0 and all("aesthetic" in r for r in rows)
+
+    summary = json.loads((folder / "rewards_summary.json").read_text())["rewards"]
+    values = [r["hpsv2.1"] for r in rows]
+    assert summary["hpsv2.1"] == pytest.approx({"mean": statistics.fmean(values), "std": statistics.stdev(values),
+                                                "median": statistics.median(values), "n": 12})
+    assert "| hpsv2.1 |" in (folder / "rewards_summary.md").read_text()
+    assert Image.open(folder / "rewards_hist.png").size[0] >= 3 * 300  # one panel per reward
+
+    evaluate(zoo, "--images_dir", folder, "--rewards", "hpsv2.1", "--overwrite")
+    assert cu.read_jsonl(folder / "rewards.jsonl")[0]["hpsv2.1"] != 123.0
+
+
+def test_rewrites_are_scored_against_the_original_prompt(zoo, candidates, tmp_path):
+    folder = tmp_path / "c"
+    shutil.copytree(candidates, folder)
+    evaluate(zoo, "--images_dir", folder, "--rewards", "hpsv2.1")
+    metadata = cu.read_jsonl(folder / "metadata.jsonl")
+    # the same image under its rewrite text scores the same: the text used is original_prompt
+    for row in metadata:
+        row["text"] = "something else entirely"
+    cu.write_jsonl_atomic(folder / "metadata.jsonl", metadata)
+    scores = [r["hpsv2.1"] for r in cu.read_jsonl(folder / "rewards.jsonl")]
+    evaluate(zoo, "--images_dir", folder, "--rewards", "hpsv2.1", "--overwrite")
+    assert [r["hpsv2.1"] for r in cu.read_jsonl(folder / "rewards.jsonl")] == pytest.approx(scores, abs=1e-6)
+
+
+def test_compare_to_pairs_by_prompt_and_seed(zoo, tmp_path):
+    rng = np.random.default_rng(0)
+    flat = [Image.new("RGB", (64, 64), (40 * i, 90, 200 - 30 * i)) for i in range(5)]
+    noise = [Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(5)]
+    # tuned vs base on 5 (prompt, seed) pairs: 3 wins (flat vs noise), 1 tie (same image), 1 loss; rows shuffled
+    tuned_images = [flat[0], flat[1], flat[2], flat[3], noise[4]]
+    base_images = [noise[0], noise[1], noise[2], flat[3], flat[4]]
+    keys = [("a red circle", 11), ("a red circle", 12), ("a blue square", 11), ("a star", 5), ("a cat", 7)]
+
+    def rows(images, order, extra):
+        return [({"file_name": f"{i}.png", "text": keys[i][0], "seed": keys[i][1], **extra}, images[i]) for i in order]
+
+    tuned = write_folder(tmp_path / "tuned", rows(tuned_images, [4, 2, 0, 3, 1], {}))
+    base = write_folder(tmp_path / "base", rows(base_images, [0, 1, 2, 3, 4], {}) +
+                        [({"file_name": "extra.png", "text": "unpaired", "seed": 1}, noise[0])])
+    result = evaluate(zoo, "--images_dir", tuned, "--compare_to", base, "--rewards", "jpeg")
+    comparison = json.loads((tuned / "rewards_summary.json").read_text())["comparison"]
+    deltas = [jpeg_score(t) - jpeg_score(b) for t, b in zip(tuned_images, base_images)]
+    assert comparison["pairs"] == 5
+    assert comparison["rewards"]["jpeg"] == pytest.approx({
+        "mean_delta": statistics.fmean(deltas), "stderr": statistics.stdev(deltas) / 5 ** 0.5,
+        "win_rate": 0.6, "tie_rate": 0.2, "loss_rate": 0.2,
+        "mean": statistics.fmean(map(jpeg_score, tuned_images)),
+        "baseline_mean": statistics.fmean(map(jpeg_score, base_images))})
+    assert "| jpeg |" in result.stdout and "60.0%" in result.stdout
+    assert (base / "rewards.jsonl").exists()  # the baseline was scored too, once
+
+
+def test_two_processes_score_like_one(zoo, candidates, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    shutil.copytree(candidates, one)
+    shutil.copytree(candidates, two)
+    evaluate(zoo, "--images_dir", one, "--rewards", "hpsv2.1,jpeg")
+    evaluate(zoo, "--images_dir", two, "--rewards", "hpsv2.1,jpeg", launcher=TWO_PROCESSES)
+    assert (two / "rewards.jsonl").read_text() == (one / "rewards.jsonl").read_text()
+
+
+def test_model_mode_generates_with_the_candidate_seeds_and_scores(zoo, tmp_path):
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    common = ("--prompts_file", tmp_path / "prompts.txt", "--num_inference_steps", 2, "--num_images_per_prompt", 2,
+              "--rewards", "jpeg")
+    evaluate(zoo, "--pretrained_model_name_or_path", zoo / "sd15", "--output_dir", tmp_path / "base", *common)
+    evaluate(zoo, "--pretrained_model_name_or_path", zoo / "sd15", "--output_dir", tmp_path / "same",
+             "--compare_to", tmp_path / "base", *common)
+    rows = cu.read_jsonl(tmp_path / "base" / "metadata.jsonl")
+    assert [(r["text"], r["seed"]) for r in rows] == [
+        (p, cu.derive_seed(0, g, 0, i)) for g, p in enumerate(PROMPTS) for i in range(2)]
+    comparison = json.loads((tmp_path / "same" / "rewards_summary.json").read_text())["comparison"]
+    assert comparison["pairs"] == 6 and comparison["rewards"]["jpeg"]["tie_rate"] == 1.0  # same model, same seeds
+
+
+@pytest.mark.parametrize("case", ["no_metadata", "corrupt_image", "no_text", "missing_weights", "unknown_reward"])
+def test_bad_input_is_one_clear_error_and_writes_nothing(zoo, tmp_path, case):
+    folder = write_folder(tmp_path / "f", [({"file_name": f"{i}.png", "text": "a cat", "seed": i},
+                                            Image.new("RGB", (32, 32), (i, 0, 0))) for i in range(3)])
+    extra = ["--rewards", "jpeg"]
+    if case == "no_metadata":
+        (folder / "metadata.jsonl").unlink()
+        expected = f"{folder} has no metadata.jsonl"
+    elif case == "corrupt_image":
+        (folder / "1.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+        expected = f"{folder}/metadata.jsonl, row 2: cannot read image {folder}/1.png"
+    elif case == "no_text":
+        cu.write_jsonl_atomic(folder / "metadata.jsonl", [{"file_name": "0.png", "text": "a"},
+                                                          {"file_name": "1.png", "text": ""}])
+        expected = f"{folder}/metadata.jsonl, row 2: no text (neither original_prompt nor text)"
+    elif case == "missing_weights":
+        extra = ["--rewards", "jpeg,hpsv2.1", "--hpsv2_checkpoint", str(tmp_path / "nope.pt")]
+        expected = f"--hpsv2_checkpoint {tmp_path}/nope.pt: not found"
+    else:
+        extra = ["--rewards", "jpeg,hpsv"]
+        expected = "--rewards: unknown reward hpsv; valid:"
+    result = run_script("eval_rewards.py", "--images_dir", folder, *extra, check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert expected in result.stderr.strip().splitlines()[-1]
+    assert not (folder / "rewards.jsonl").exists() or case == "missing_weights"
+    if case == "missing_weights":  # jpeg was done and kept; the failing reward left nothing half
+        assert set(cu.read_jsonl(folder / "rewards.jsonl")[0]) == {"file_name", "jpeg"}

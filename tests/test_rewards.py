@@ -1,0 +1,140 @@
+"""Each reward, loaded from the zoo's files in the real formats, equals its formula computed by hand on a model
+built in memory (round trip through the saved files), and batching does not change a score."""
+
+import argparse
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import craft_rewards as cr
+from conftest import reward_flags
+
+PROMPTS = ["a red circle", "a blue square on the left", "a green triangle", "a yellow star at night", "a cat"]
+
+
+def reward_args(zoo, batch_size=16):
+    parser = argparse.ArgumentParser()
+    cr.add_reward_args(parser)
+    return parser.parse_args([str(flag) for flag in reward_flags(zoo)] + ["--reward_batch_size", str(batch_size)])
+
+
+@pytest.fixture(scope="module")
+def images():
+    rng = np.random.default_rng(0)
+    noise = [Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(3)]
+    wide = Image.fromarray(rng.integers(0, 256, (48, 96, 3), dtype=np.uint8))  # not square: HPS pads
+    return noise + [wide, Image.new("RGB", (64, 64), (200, 30, 30))]
+
+
+def test_hps_is_the_cosine_of_open_clip_features_with_longest_side_padding(zoo, images):
+    import open_clip
+
+    scores = cr.load_reward("hpsv2.1", reward_args(zoo), "cpu")(images, PROMPTS)
+    open_clip.add_model_config(str(zoo / "hps" / "tiny-ViT.json"))
+    torch.manual_seed(5)  # the zoo's seed: the same weights, built in memory
+    model = open_clip.create_model("tiny-ViT", pretrained=None).eval()
+    tokenizer = open_clip.get_tokenizer("tiny-ViT")
+    mean, std = torch.tensor([0.48145466, 0.4578275, 0.40821073]), torch.tensor([0.26862954, 0.26130258, 0.27577711])
+    for image, prompt, score in zip(images, PROMPTS, scores):
+        # by hand: longest side to 224 (bicubic), centred on a black 224x224 canvas, then normalised
+        w, h = image.size
+        scale = 224 / max(w, h)
+        resized = image.resize((round(w * scale), round(h * scale)), Image.BICUBIC)
+        canvas = Image.new("RGB", (224, 224))
+        canvas.paste(resized, ((224 - resized.width) // 2, (224 - resized.height) // 2))
+        pixels = torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255).permute(2, 0, 1)
+        pixels = (pixels - mean[:, None, None]) / std[:, None, None]
+        with torch.no_grad():
+            image_features = model.encode_image(pixels[None])[0]
+            text_features = model.encode_text(tokenizer([prompt]))[0]
+        cosine = torch.dot(image_features, text_features) / (image_features.norm() * text_features.norm())
+        assert score == pytest.approx(cosine.item(), abs=2e-3)
+    assert len(set(scores)) == len(scores)
+
+
+def clip_embeddings(model, processor, image, prompt):
+    """CLIP image and text embeddings by hand: tower, pooled output, projection."""
+    with torch.no_grad():
+        pixels = processor(images=[image], return_tensors="pt")["pixel_values"]
+        pooled = model.vision_model(pixel_values=pixels).pooler_output
+        image_embedding = model.visual_projection(pooled)[0]
+        tokens = processor(text=[prompt], padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+        text_embedding = model.text_projection(model.text_model(**tokens).pooler_output)[0]
+    return image_embedding, text_embedding
+
+
+def test_pickscore_and_clip_score_formulas(zoo, images):
+    from transformers import CLIPModel, CLIPProcessor
+
+    args = reward_args(zoo)
+    pick = cr.load_reward("pickscore", args, "cpu")(images, PROMPTS)
+    clip = cr.load_reward("clip", args, "cpu")(images, PROMPTS)
+    model = CLIPModel.from_pretrained(zoo / "pickscore" / "model").eval()
+    processor = CLIPProcessor.from_pretrained(zoo / "pickscore" / "processor")
+    clip_model = CLIPModel.from_pretrained(zoo / "clip").eval()
+    clip_processor = CLIPProcessor.from_pretrained(zoo / "clip")
+    for image, prompt, pick_score, clip_score in zip(images, PROMPTS, pick, clip):
+        a, b = clip_embeddings(model, processor, image, prompt)
+        cosine = torch.dot(a, b) / (a.norm() * b.norm())
+        assert pick_score == pytest.approx((model.logit_scale.exp() * cosine).item(), abs=1e-4)
+        a, b = clip_embeddings(clip_model, clip_processor, image, prompt)
+        cosine = torch.dot(a, b) / (a.norm() * b.norm())
+        assert clip_score == pytest.approx(max(100 * cosine.item(), 0.0), abs=1e-3)
+
+
+def test_aesthetic_is_the_linear_mlp_on_the_normalised_clip_embedding(zoo, images):
+    from transformers import CLIPModel, CLIPProcessor
+
+    scores = cr.load_reward("aesthetic", reward_args(zoo), "cpu")(images, PROMPTS)
+    model = CLIPModel.from_pretrained(zoo / "clip").eval()
+    processor = CLIPProcessor.from_pretrained(zoo / "clip")
+    state = torch.load(zoo / "aesthetic" / "sac+logos+ava1-l14-linearMSE.pth", weights_only=True)
+    for image, score in zip(images, scores):
+        x, _ = clip_embeddings(model, processor, image, "")
+        x = x / x.norm()
+        for layer in (0, 2, 4, 6, 7):  # no activations between the linear layers
+            x = state[f"layers.{layer}.weight"] @ x + state[f"layers.{layer}.bias"]
+        assert score == pytest.approx(x.item(), abs=1e-5)
+
+
+def test_imagereward_equals_the_packages_own_scoring_of_an_in_memory_model(zoo, images):
+    args = reward_args(zoo, batch_size=2)
+    scores = cr.load_reward("imagereward", args, "cpu")(images, PROMPTS)
+    torch.manual_seed(9)  # the zoo's seed: the same weights, built in memory
+    model = cr.build_image_reward(str(zoo / "imagereward" / "med_config.json"), str(zoo / "imagereward" / "tokenizer"),
+                                  vit_shape=(64, 2, 32)).eval()
+    with torch.no_grad():
+        expected = [model.score(prompt, image) for image, prompt in zip(images, PROMPTS)]  # the package's path
+    assert scores == pytest.approx(expected, abs=1e-5)
+    assert len(set(np.round(scores, 7))) > 1
+
+
+def test_jpeg_is_the_negative_size_in_kb(zoo, images):
+    scores = cr.load_reward("jpeg", reward_args(zoo), "cpu")(images, PROMPTS)
+    for image, score in zip(images, scores):
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=95)
+        assert score == -len(buffer.getvalue()) / 1000
+    assert scores[-1] > max(scores[:3]) + 1  # a flat image compresses far better than noise
+
+
+@pytest.mark.parametrize("name", ["hpsv2.1", "pickscore", "aesthetic", "imagereward", "clip"])
+def test_batching_gives_the_same_scores_as_one_by_one(zoo, images, name):
+    batched = cr.load_reward(name, reward_args(zoo, batch_size=5), "cpu")(images, PROMPTS)
+    single = cr.load_reward(name, reward_args(zoo, batch_size=1), "cpu")(images, PROMPTS)
+    assert batched == pytest.approx(single, abs=1e-5)
+
+
+def test_unknown_reward_and_missing_weights_are_clear_errors(zoo, tmp_path):
+    with pytest.raises(SystemExit, match=r"--rewards: unknown reward hps; valid: aesthetic, clip, hpsv2.0, hpsv2.1"):
+        cr.parse_reward_names("hps,jpeg")
+    args = reward_args(zoo)
+    args.hpsv2_checkpoint = str(tmp_path / "HPS_v2.1_compressed.pt")
+    with pytest.raises(SystemExit, match=r"--hpsv2_checkpoint .*HPS_v2.1_compressed.pt: not found \(no such file\)"):
+        cr.load_reward("hpsv2.1", args, "cpu")
+    args.hpsv2_checkpoint = "xswu/HPSv2/HPS_v2.1_compressed.pt"  # offline: the Hub can't be reached
+    with pytest.raises(SystemExit, match=r"with HF_HUB_OFFLINE=1 only local files work"):
+        cr.load_reward("hpsv2.1", args, "cpu")
