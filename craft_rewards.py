@@ -7,12 +7,14 @@ Adding a reward = one factory decorated with @register("name"). Heavy imports ha
 Text-conditioned rewards are called with the original prompt, so rewrites and originals answer the same question.
 """
 
+import gc
 import io
 import os
 
 import craft_utils as cu
 
 REWARDS = {}
+REWARDS_FILE = "rewards.jsonl"  # beside an imagefolder's metadata.jsonl: file_name + one column per reward
 
 
 def register(name):
@@ -103,6 +105,80 @@ def _rgb(images):
 
 def _normalized(features):
     return features / features.norm(dim=-1, keepdim=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scoring an imagefolder, cached in its rewards.jsonl
+
+
+def read_folder(folder, caption_column):
+    """Rows of an imagefolder with the text each image is scored against; every bad row is refused up front."""
+    from PIL import Image
+
+    metadata = os.path.join(folder, cu.METADATA)
+    if not os.path.isdir(folder):
+        cu.fail(f"{folder} does not exist")
+    if not os.path.isfile(metadata):
+        cu.fail(f"{folder} has no {cu.METADATA}; score an imagefolder (images + metadata.jsonl with file_name and "
+                "a text column), e.g. the output of generate_candidates.py")
+    rows = cu.read_jsonl(metadata)
+    if not rows:
+        cu.fail(f"{metadata} has no rows")
+    for number, row in enumerate(rows, start=1):
+        text = row.get("original_prompt") or row.get(caption_column)
+        if not isinstance(text, str) or not text.strip():
+            cu.fail(f"{metadata}, row {number}: no text (neither original_prompt nor {caption_column}); "
+                    "fill it in or set --caption_column")
+        path = os.path.join(folder, str(row.get("file_name", "")))
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except Exception as error:  # missing, truncated or not an image: PIL raises many types
+            cu.fail(f"{metadata}, row {number}: cannot read image {path} ({type(error).__name__}); "
+                    "fix or remove that row")
+        row["_text"] = text
+    return rows
+
+
+def score_folder(folder, names, args, state, caption_column="text", overwrite=False):
+    """Add the rewards `names` to folder/rewards.jsonl where missing (all of them with `overwrite`).
+
+    Returns the folder's rows (with `_text`, the text scored) and {file_name: {reward: score}}. Each image is scored
+    in the same fixed batch whatever the process count, so a multi-process run writes what one process would.
+    """
+    import torch
+    from accelerate.utils import gather_object
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    rows = read_folder(folder, caption_column)
+    path = os.path.join(folder, REWARDS_FILE)
+    table = {row["file_name"]: row for row in cu.read_jsonl(path)} if os.path.exists(path) else {}
+    table = {row["file_name"]: {**table.get(row["file_name"], {}), "file_name": row["file_name"]} for row in rows}
+    for name in names:
+        if not overwrite and all(table[row["file_name"]].get(name) is not None for row in rows):
+            if state.is_main_process:
+                print(f"{name}: already in {path}, kept (--overwrite recomputes)")
+            continue
+        reward = load_reward(name, args, state.device)
+        batches = [rows[i: i + args.reward_batch_size] for i in range(0, len(rows), args.reward_batch_size)]
+        mine = batches[state.process_index:: state.num_processes]
+        scored = []
+        for batch in tqdm(mine, desc=f"{name} ({os.path.basename(folder.rstrip('/'))})", unit="batch",
+                          disable=not state.is_local_main_process):
+            images = [Image.open(os.path.join(folder, row["file_name"])).convert("RGB") for row in batch]
+            scores = reward(images, [row["_text"] for row in batch])
+            scored += [(row["file_name"], score) for row, score in zip(batch, scores)]
+        for file_name, score in gather_object(scored):
+            table[file_name][name] = score
+        if state.is_main_process:  # after each reward, so a kill loses at most the reward being computed
+            cu.write_jsonl_atomic(path, [table[row["file_name"]] for row in rows])
+        del reward
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    state.wait_for_everyone()
+    return rows, table
 
 
 # ----------------------------------------------------------------------------------------------------------------

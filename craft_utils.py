@@ -26,9 +26,17 @@ def fail(message):
 # Crash-safe files: a reader never sees half a file, an append-only log never keeps half a row.
 
 
+def umask_mode(mode):
+    """`mode` as the user's umask allows (mkstemp/mkdtemp create private 0600/0700 files otherwise)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
 def _atomic_write(path, write):
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+    os.chmod(tmp, umask_mode(0o666))
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)

@@ -25,9 +25,6 @@ import time
 import craft_rewards as cr
 import craft_utils as cu
 
-REWARDS_FILE = "rewards.jsonl"
-
-
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images_dir", help="folder mode: an imagefolder (images + metadata.jsonl) to score")
@@ -46,73 +43,6 @@ def parse_args(input_args=None):
         parser.error("give --images_dir (score a folder) or --pretrained_model_name_or_path (score a model)")
     args.reward_names = cr.parse_reward_names(args.rewards)
     return args
-
-
-def read_folder(folder, caption_column):
-    """Rows of an imagefolder with the text each image is scored against; every bad row is refused up front."""
-    from PIL import Image
-
-    metadata = os.path.join(folder, cu.METADATA)
-    if not os.path.isdir(folder):
-        cu.fail(f"{folder} does not exist")
-    if not os.path.isfile(metadata):
-        cu.fail(f"{folder} has no {cu.METADATA}; score an imagefolder (images + metadata.jsonl with file_name and "
-                "a text column), e.g. the output of generate_candidates.py")
-    rows = cu.read_jsonl(metadata)
-    if not rows:
-        cu.fail(f"{metadata} has no rows")
-    for number, row in enumerate(rows, start=1):
-        text = row.get("original_prompt") or row.get(caption_column)
-        if not isinstance(text, str) or not text.strip():
-            cu.fail(f"{metadata}, row {number}: no text (neither original_prompt nor {caption_column}); "
-                    "fill it in or set --caption_column")
-        path = os.path.join(folder, str(row.get("file_name", "")))
-        try:
-            with Image.open(path) as image:
-                image.verify()
-        except Exception as error:  # missing, truncated or not an image: PIL raises many types
-            cu.fail(f"{metadata}, row {number}: cannot read image {path} ({type(error).__name__}); "
-                    "fix or remove that row")
-        row["_text"] = text
-    return rows
-
-
-def score_folder(folder, args, state):
-    """Add every requested reward missing from folder/rewards.jsonl; returns {file_name: {reward: score}}."""
-    import torch
-    from accelerate.utils import gather_object
-    from PIL import Image
-    from tqdm.auto import tqdm
-
-    rows = read_folder(folder, args.caption_column)
-    path = os.path.join(folder, REWARDS_FILE)
-    table = {row["file_name"]: row for row in cu.read_jsonl(path)} if os.path.exists(path) else {}
-    table = {row["file_name"]: {**table.get(row["file_name"], {}), "file_name": row["file_name"]} for row in rows}
-    for name in args.reward_names:
-        if not args.overwrite and all(table[row["file_name"]].get(name) is not None for row in rows):
-            if state.is_main_process:
-                print(f"{name}: already in {path}, kept (--overwrite recomputes)")
-            continue
-        reward = cr.load_reward(name, args, state.device)
-        # fixed batches dealt round-robin: each image is scored in the same batch whatever the process count
-        batches = [rows[i: i + args.reward_batch_size] for i in range(0, len(rows), args.reward_batch_size)]
-        mine = batches[state.process_index:: state.num_processes]
-        scored = []
-        for batch in tqdm(mine, desc=f"{name} ({os.path.basename(folder.rstrip('/'))})", unit="batch",
-                          disable=not state.is_local_main_process):
-            images = [Image.open(os.path.join(folder, row["file_name"])).convert("RGB") for row in batch]
-            scores = reward(images, [row["_text"] for row in batch])
-            scored += [(row["file_name"], score) for row, score in zip(batch, scores)]
-        for file_name, score in gather_object(scored):
-            table[file_name][name] = score
-        if state.is_main_process:  # after each reward, so a kill loses at most the reward being computed
-            cu.write_jsonl_atomic(path, [table[row["file_name"]] for row in rows])
-        del reward
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    state.wait_for_everyone()
-    return rows, table
 
 
 def summarize(rows, table, names):
@@ -200,16 +130,17 @@ def generate_eval_images(args, state):
 def main(args):
     state = cu.process_state()
     started = time.time()
+    names = args.reward_names
     if args.compare_to:
-        read_folder(args.compare_to, args.caption_column)  # refuse a bad baseline before any work
+        cr.read_folder(args.compare_to, args.caption_column)  # refuse a bad baseline before any work
     folder = args.images_dir or generate_eval_images(args, state)
-    rows, table = score_folder(folder, args, state)
+    rows, table = cr.score_folder(folder, names, args, state, args.caption_column, args.overwrite)
     other_rows = other_table = None
     if args.compare_to:
-        other_rows, other_table = score_folder(args.compare_to, args, state)
+        other_rows, other_table = cr.score_folder(args.compare_to, names, args, state, args.caption_column,
+                                                 args.overwrite)
     if not state.is_main_process:
         return
-    names = args.reward_names
     summary = summarize(rows, table, names)
     comparison = compare(rows, table, other_rows, other_table, names, folder, args.compare_to) if other_rows else None
     cu.write_json_atomic(os.path.join(folder, "rewards_summary.json"), {"rewards": summary, "comparison": comparison})
@@ -222,7 +153,7 @@ def main(args):
     plot_histograms(os.path.join(folder, "rewards_hist.png"), names, folder, values, args.compare_to, other_values)
     print(report)
     print(f"{len(rows)} images scored with {', '.join(names)} in {time.time() - started:.0f} s: "
-          f"{os.path.join(folder, REWARDS_FILE)}, rewards_summary.json/.md, rewards_hist.png")
+          f"{os.path.join(folder, cr.REWARDS_FILE)}, rewards_summary.json/.md, rewards_hist.png")
 
 
 if __name__ == "__main__":

@@ -40,17 +40,3 @@ def zoo(tmp_path_factory):
     make_zoo(str(path))
     return path
 
-
-def reward_flags(zoo):
-    """Command-line flags pointing every reward at the tiny zoo's files (the real formats, random weights)."""
-    return [
-        "--hpsv2_checkpoint", zoo / "hps" / "HPS_v2.1_compressed.pt",
-        "--hpsv2_0_checkpoint", zoo / "hps" / "HPS_v2.1_compressed.pt",
-        "--hps_model", zoo / "hps" / "tiny-ViT.json",
-        "--pickscore_model", zoo / "pickscore" / "model", "--pickscore_processor", zoo / "pickscore" / "processor",
-        "--aesthetic_checkpoint", zoo / "aesthetic" / "sac+logos+ava1-l14-linearMSE.pth",
-        "--aesthetic_clip_model", zoo / "clip", "--clip_model", zoo / "clip",
-        "--imagereward_checkpoint", zoo / "imagereward" / "ImageReward.pt",
-        "--imagereward_med_config", zoo / "imagereward" / "med_config.json",
-        "--imagereward_tokenizer", zoo / "imagereward" / "tokenizer",
-    ]

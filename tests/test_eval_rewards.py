@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 import craft_utils as cu
-from conftest import TWO_PROCESSES, reward_flags, run_script
+from conftest import TWO_PROCESSES, run_script
+from make_tiny_models import reward_flags
 
 PROMPTS = ["a red circle", "a blue square on the left", "a green triangle at night"]
 

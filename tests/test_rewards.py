@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import craft_rewards as cr
-from conftest import reward_flags
+from make_tiny_models import reward_flags
 
 PROMPTS = ["a red circle", "a blue square on the left", "a green triangle", "a yellow star at night", "a cat"]
 
@@ -18,7 +18,7 @@ PROMPTS = ["a red circle", "a blue square on the left", "a green triangle", "a y
 def reward_args(zoo, batch_size=16):
     parser = argparse.ArgumentParser()
     cr.add_reward_args(parser)
-    return parser.parse_args([str(flag) for flag in reward_flags(zoo)] + ["--reward_batch_size", str(batch_size)])
+    return parser.parse_args(reward_flags(zoo) + ["--reward_batch_size", str(batch_size)])
 
 
 @pytest.fixture(scope="module")

@@ -304,6 +304,21 @@ def make_zoo(out_dir):
     make_image_reward(os.path.join(out_dir, "imagereward"))
 
 
+def reward_flags(zoo):
+    """Command-line flags pointing every reward of craft_rewards at this zoo's files."""
+    path = lambda *parts: os.path.join(str(zoo), *parts)  # noqa: E731
+    return [
+        "--hpsv2_checkpoint", path("hps", "HPS_v2.1_compressed.pt"),
+        "--hpsv2_0_checkpoint", path("hps", "HPS_v2.1_compressed.pt"), "--hps_model", path("hps", "tiny-ViT.json"),
+        "--pickscore_model", path("pickscore", "model"), "--pickscore_processor", path("pickscore", "processor"),
+        "--aesthetic_checkpoint", path("aesthetic", "sac+logos+ava1-l14-linearMSE.pth"),
+        "--aesthetic_clip_model", path("clip"), "--clip_model", path("clip"),
+        "--imagereward_checkpoint", path("imagereward", "ImageReward.pt"),
+        "--imagereward_med_config", path("imagereward", "med_config.json"),
+        "--imagereward_tokenizer", path("imagereward", "tokenizer"),
+    ]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("output_dir", help="folder to write the zoo into (created if missing)")

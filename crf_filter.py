@@ -1,0 +1,286 @@
+#!/usr/bin/env python
+"""CRAFT stages 5-6: Composite Reward Filtering and advantage weights.
+
+Reads a scored candidates folder (metadata.jsonl + rewards.jsonl; rewards named in --filter_rewards that are
+missing are scored first and cached there) and writes the small weighted training set the trainers read with
+`--train_data_dir`: an imagefolder with metadata.jsonl (file_name, text, weight, advantage, group_id, source_file,
+every reward score), crf_report.json and crf_preview.png.
+
+Filter (--mode):
+  dominance  (default, the paper) inside each group (all images of one original prompt) the original-prompt images
+             (variant 0) are the reference; a rewrite image is kept when it beats the reference on EVERY filter
+             reward: score > reference + margin * std_group(reward). Reference = mean (default) or max of the
+             variant-0 scores. --require_all_variants keeps a group's images only if all its rewrite images pass.
+  topk       keep the --top_k images of each group by the weighted sum of per-group z-scored rewards
+             (--reward_weights); for prompt sets without rewrites.
+  none       keep every image with weight 1, whatever --weighting (the paper's "unfiltered SFT" ablation).
+
+Advantage (per group): z_r = (r - mean_group(r)) / (std_group(r) + eps) for each filter reward,
+r_total = sum_r w_r z_r, A = (r_total - mean_group(r_total)) / (std_group(r_total) + eps), eps = 1e-8, population
+std. A group with one image, or with equal totals, gets A = 0. weight = max(A, 0) for kept images
+(--weighting advantage) or 1 (--weighting uniform = plain SFT on the filtered set); kept images whose advantage
+weight is 0 are left out of the output (they would train nothing) and counted in the report.
+"""
+
+import argparse
+import itertools
+import math
+import os
+import shutil
+import statistics
+import tempfile
+
+import craft_rewards as cr
+import craft_utils as cu
+
+EPS = 1e-8
+REPORT = "crf_report.json"
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--candidates_dir", required=True, help="generate_candidates.py's output folder")
+    parser.add_argument("--output_dir", default="filtered", help="where the training imagefolder is written")
+    parser.add_argument("--filter_rewards", default="hpsv2.1,pickscore,aesthetic",
+                        help="rewards an image must all win (paper: hpsv2.1 | hpsv2.1,aesthetic | "
+                             "hpsv2.1,pickscore,aesthetic = the default and best)")
+    parser.add_argument("--mode", choices=["dominance", "topk", "none"], default="dominance")
+    parser.add_argument("--reference", choices=["mean", "max"], default="mean",
+                        help="dominance: compare with the mean or the max of the original-prompt images' scores")
+    parser.add_argument("--margin", type=float, default=0.0,
+                        help="dominance: win by at least this many group standard deviations of each reward")
+    parser.add_argument("--require_all_variants", action="store_true",
+                        help="dominance: keep a group's images only if every rewrite image of it passes")
+    parser.add_argument("--top_k", type=int, default=1, help="topk: images kept per group")
+    parser.add_argument("--reward_weights", help="weights of the filter rewards in r_total, e.g. 1,1,0.5")
+    parser.add_argument("--weighting", choices=["advantage", "uniform"], default="advantage")
+    parser.add_argument("--weight_clip", type=float, help="cap each weight at this value")
+    parser.add_argument("--max_samples", type=int, help="keep at most N images, those of highest advantage")
+    parser.add_argument("--caption", choices=["original", "expanded"], default="original",
+                        help="training caption: the original prompt (default) or the rewrite that made the image")
+    parser.add_argument("--link", action="store_true", help="hard-link images instead of copying them")
+    parser.add_argument("--skip_invalid", action="store_true",
+                        help="skip (and count) rows with missing images, NaN/inf scores or groups without an "
+                             "original-prompt image instead of stopping")
+    parser.add_argument("--preview_groups", type=int, default=8, help="groups shown in crf_preview.png")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing filtered folder")
+    cr.add_reward_args(parser)
+    args = parser.parse_args(input_args)
+    args.reward_names = cr.parse_reward_names(args.filter_rewards, "--filter_rewards")
+    if args.reward_weights:
+        try:
+            args.weights = [float(w) for w in args.reward_weights.split(",")]
+        except ValueError:
+            parser.error(f"--reward_weights {args.reward_weights}: give comma-separated numbers")
+        if len(args.weights) != len(args.reward_names):
+            parser.error(f"--reward_weights has {len(args.weights)} values for {len(args.reward_names)} rewards")
+    else:
+        args.weights = [1.0] * len(args.reward_names)
+    if args.top_k < 1 or (args.max_samples is not None and args.max_samples < 1):
+        parser.error("--top_k and --max_samples must be >= 1")
+    return args
+
+
+def zscores(values):
+    mean, std = statistics.fmean(values), statistics.pstdev(values)
+    return [(v - mean) / (std + EPS) for v in values]
+
+
+def group_advantages(scores, names, weights):
+    """scores: one {reward: value} per image of a group -> (advantage per image, std of each reward)."""
+    per_reward = {name: zscores([s[name] for s in scores]) for name in names}
+    totals = [sum(w * per_reward[name][i] for name, w in zip(names, weights)) for i in range(len(scores))]
+    return zscores(totals), {name: statistics.pstdev([s[name] for s in scores]) for name in names}
+
+
+def beats(score, reference, stds, names, margin):
+    return all(score[name] > reference[name] + margin * stds[name] for name in names)
+
+
+def filter_group(rows, names, args, counts):
+    """Rows of one group (each with `scores`) -> the kept rows, each with `advantage` and `weight` set."""
+    advantages, stds = group_advantages([row["scores"] for row in rows], names, args.weights)
+    for row, advantage in zip(rows, advantages):
+        row["advantage"] = advantage
+    if args.mode == "none":
+        return rows
+    if args.mode == "topk":
+        return sorted(rows, key=lambda r: -r["advantage"])[: args.top_k]
+    references = [row for row in rows if row["variant_id"] == 0]
+    rewrites = [row for row in rows if row["variant_id"] != 0]
+    pick = max if args.reference == "max" else statistics.fmean
+    reference = {name: pick([row["scores"][name] for row in references]) for name in names}
+    counts["rewrite_images"] += len(rewrites)
+    for size in range(1, len(names) + 1):
+        for subset in itertools.combinations(names, size):
+            key = "+".join(subset)
+            counts["pass"][key] = counts["pass"].get(key, 0) + sum(
+                beats(row["scores"], reference, stds, subset, args.margin) for row in rewrites)
+    kept = [row for row in rewrites if beats(row["scores"], reference, stds, names, args.margin)]
+    for row in kept:
+        row["reference"] = reference
+    if args.require_all_variants and len(kept) < len(rewrites):
+        counts["dropped_by_require_all_variants"] += len(kept)
+        return []
+    return kept
+
+
+def load_candidates(args, state):
+    """Candidate rows with their scores; invalid rows stop the run or, with --skip_invalid, are counted."""
+    metadata = os.path.join(args.candidates_dir, cu.METADATA)
+    if not os.path.isfile(metadata):
+        cu.fail(f"{args.candidates_dir} has no {cu.METADATA}; give generate_candidates.py's output folder")
+    rows = cu.read_jsonl(metadata)
+    rewards_path = os.path.join(args.candidates_dir, cr.REWARDS_FILE)
+    table = {r["file_name"]: r for r in cu.read_jsonl(rewards_path)} if os.path.exists(rewards_path) else {}
+    missing = [name for name in args.reward_names if any(table.get(r["file_name"], {}).get(name) is None for r in rows)]
+    if missing:
+        if state.is_main_process:
+            print(f"scoring {', '.join(missing)} first (cached in {rewards_path})")
+        _, table = cr.score_folder(args.candidates_dir, missing, args, state)
+    skipped = {"missing_image": 0, "invalid_score": 0, "group_without_original": 0}
+    valid = []
+    for number, row in enumerate(rows, start=1):
+        problem = None
+        for column in ("file_name", "group_id", "variant_id"):
+            if column not in row:
+                cu.fail(f"{metadata}, row {number}: no '{column}' column; give generate_candidates.py's output")
+        scores = {k: v for k, v in table.get(row["file_name"], {}).items() if k != "file_name"}
+        bad = [name for name in args.reward_names
+               if not isinstance(scores.get(name), (int, float)) or not math.isfinite(scores[name])]
+        if not os.path.isfile(os.path.join(args.candidates_dir, row["file_name"])):
+            problem = ("missing_image", f"image {row['file_name']} is missing")
+        elif bad:
+            problem = ("invalid_score", f"{bad[0]} score is {scores.get(bad[0])!r} in {rewards_path}")
+        if problem and not args.skip_invalid:
+            cu.fail(f"{metadata}, row {number}: {problem[1]}; fix it or pass --skip_invalid to leave such rows out")
+        if problem:
+            skipped[problem[0]] += 1
+            continue
+        valid.append({**row, "scores": scores})
+    groups = {}
+    for row in valid:
+        groups.setdefault(row["group_id"], []).append(row)
+    if args.mode == "dominance":
+        for group_id in sorted(g for g, members in groups.items() if not any(r["variant_id"] == 0 for r in members)):
+            if not args.skip_invalid:
+                cu.fail(f"{metadata}: group {group_id} has no original-prompt image (variant_id 0) to compare with; "
+                        "pass --skip_invalid to leave such groups out, or use --mode topk")
+            skipped["group_without_original"] += len(groups.pop(group_id))
+    return rows, groups, skipped
+
+
+def check_output_dir(args):
+    if os.path.isdir(args.output_dir) and os.listdir(args.output_dir):
+        if not args.overwrite:
+            cu.fail(f"{args.output_dir} is not empty; pass --overwrite to replace it or choose another --output_dir")
+        if not os.path.exists(os.path.join(args.output_dir, REPORT)):
+            cu.fail(f"{args.output_dir} is not empty and holds no {REPORT} (not a crf_filter.py folder); "
+                    "choose another --output_dir")
+
+
+def write_preview(path, kept, groups, source_dir, names, count):
+    """One row per group: the first original-prompt image (under it, the reference scores in dominance mode), then
+    the kept images with their weight and scores."""
+    from PIL import Image, ImageDraw
+
+    shown = sorted({row["group_id"] for row in kept}, key=str)[:count]
+    if not shown:
+        return
+    tile, caption = 160, 14 * (len(names) + 1)
+    per_group = {g: [r for r in kept if r["group_id"] == g] for g in shown}
+    width = 1 + max(len(rows) for rows in per_group.values())
+    sheet = Image.new("RGB", (width * tile, len(shown) * (tile + caption)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for y, group_id in enumerate(shown):
+        originals = [r for r in groups[group_id] if r["variant_id"] == 0][:1]
+        for x, row in enumerate(originals + per_group[group_id]):
+            image = Image.open(os.path.join(source_dir, row["file_name"])).convert("RGB").resize((tile, tile))
+            top = y * (tile + caption)
+            sheet.paste(image, (x * tile, top))
+            if row["variant_id"] == 0:
+                reference = per_group[group_id][0].get("reference")
+                label, values = ["reference" if reference else "original"], reference or row["scores"]
+            else:
+                label, values = [f"kept, weight {row['weight']:.2f}"], row["scores"]
+            label += [f"{name} {values[name]:.3f}" for name in names]
+            draw.multiline_text((x * tile + 2, top + tile + 1), "\n".join(label), fill="black", spacing=1)
+    cu.save_image_atomic(sheet, path)
+
+
+def main(args):
+    from tqdm.auto import tqdm
+
+    state = cu.process_state()
+    check_output_dir(args)
+    rows, groups, skipped = load_candidates(args, state)
+    if not state.is_main_process:
+        return
+    counts = {"rewrite_images": 0, "pass": {}, "dropped_by_require_all_variants": 0}
+    kept = []
+    for group_id in sorted(groups, key=str):
+        kept += filter_group(groups[group_id], args.reward_names, args, counts)
+    filtered = len(kept)
+    for row in kept:
+        weight = 1.0 if args.mode == "none" or args.weighting == "uniform" else max(row["advantage"], 0.0)
+        row["weight"] = min(weight, args.weight_clip) if args.weight_clip else weight
+    zero_weight = sum(row["weight"] == 0 for row in kept)
+    kept = [row for row in kept if row["weight"] > 0]
+    kept.sort(key=lambda r: (-r["advantage"], str(r["group_id"]), r["variant_id"], r.get("image_index", 0)))
+    capped = max(len(kept) - args.max_samples, 0) if args.max_samples else 0
+    kept = kept[: len(kept) - capped]
+    if not kept:
+        cu.fail(f"no image of {args.candidates_dir} passed the filter ({filtered} passed, {zero_weight} with zero "
+                "advantage); try fewer --filter_rewards, --reference mean, a smaller --margin or more candidates")
+    kept.sort(key=lambda r: (str(r["group_id"]), r["variant_id"], r.get("image_index", 0)))
+
+    # build the folder next to its destination, then move it in: a crash never leaves half a training set
+    parent = os.path.dirname(os.path.abspath(args.output_dir))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(dir=parent, prefix=".crf-")
+    os.chmod(staging, cu.umask_mode(0o777))
+    metadata = []
+    for row in tqdm(kept, desc="writing", unit="img"):
+        source = os.path.abspath(os.path.join(args.candidates_dir, row["file_name"]))
+        target = os.path.join(staging, row["file_name"])
+        try:
+            os.link(source, target) if args.link else shutil.copy2(source, target)
+        except OSError as error:
+            shutil.rmtree(staging)
+            cu.fail(f"cannot {'hard-link' if args.link else 'copy'} {source} ({error.strerror}); "
+                    f"{'drop --link (different filesystems?)' if args.link else 'check the disk'}")
+        caption = row["original_prompt"] if args.caption == "original" else row["text"]
+        metadata.append({"file_name": row["file_name"], "text": caption, "weight": row["weight"],
+                         "advantage": row["advantage"], "group_id": row["group_id"], "source_file": source,
+                         "variant_id": row["variant_id"], "seed": row.get("seed"), "rewrite": row["text"],
+                         **row["scores"]})
+    cu.write_jsonl_atomic(os.path.join(staging, cu.METADATA), metadata)
+    report = {
+        "candidates": len(rows), "groups": len(groups), "skipped": skipped, "rewrite_images": counts["rewrite_images"],
+        "passed": counts["pass"], "passed_filter": filtered, "zero_advantage": zero_weight,
+        "dropped_by_require_all_variants": counts["dropped_by_require_all_variants"],
+        "dropped_by_max_samples": capped, "kept": len(metadata), "kept_groups": len({r["group_id"] for r in kept}),
+        "weight_sum": sum(r["weight"] for r in metadata),
+        "settings": {k: getattr(args, k) for k in ("candidates_dir", "filter_rewards", "mode", "reference", "margin",
+                                                     "require_all_variants", "top_k", "weights", "weighting",
+                                                     "weight_clip", "max_samples", "caption")},
+    }
+    cu.write_json_atomic(os.path.join(staging, REPORT), report)
+    write_preview(os.path.join(staging, "crf_preview.png"), kept, groups, args.candidates_dir, args.reward_names,
+                  args.preview_groups)
+    if os.path.exists(args.output_dir):
+        shutil.rmtree(args.output_dir)  # empty, or ours with --overwrite (checked above)
+    os.replace(staging, args.output_dir)
+
+    print(f"{len(rows)} candidates in {len(groups)} groups")
+    if args.mode == "dominance":
+        print(f"rewrite images (of {counts['rewrite_images']}) beating the reference ({args.reference}) on:")
+        for key, number in counts["pass"].items():
+            print(f"  {key:40s} {number}")
+    print(f"kept {len(metadata)} images from {report['kept_groups']} groups (passed {filtered}, zero advantage "
+          f"{zero_weight}, capped {capped}, skipped {sum(skipped.values())}); weight sum {report['weight_sum']:.2f}")
+    print(f"-> {args.output_dir}/metadata.jsonl, {REPORT}, crf_preview.png")
+
+
+if __name__ == "__main__":
+    main(parse_args())
