@@ -1,0 +1,307 @@
+import json
+import os
+import sys
+from types import SimpleNamespace
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+import craft_training as ct
+import craft_utils as cu
+from conftest import REPO, TWO_PROCESSES, run_script
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 60, 220), "yellow": (230, 220, 30)}
+
+
+def make_training_set(folder, n=8, weights=None):
+    """A filtered-like imagefolder: coloured squares on white, captions naming the colour, CRAFT weights."""
+    folder.mkdir(parents=True)
+    names = list(COLOURS)
+    rows = []
+    for i in range(n):
+        colour = names[i % len(names)]
+        image = Image.new("RGB", (80, 64), "white")  # not square: resize + crop are exercised
+        ImageDraw.Draw(image).rectangle([16 + 4 * i, 12, 56 + 2 * i, 52], fill=COLOURS[colour])
+        image.save(folder / f"{i:03d}.png")
+        weight = weights[i] if weights else 0.5 + 0.25 * i
+        rows.append({"file_name": f"{i:03d}.png", "text": f"a {colour} square", "weight": weight, "group_id": i})
+    cu.write_jsonl_atomic(folder / "metadata.jsonl", rows)
+    return folder
+
+
+def train(zoo, data, out, *flags, check=True, launcher=None):
+    return run_script("train_craft_sd15.py", "--pretrained_model_name_or_path", zoo / "sd15", "--train_data_dir", data,
+                      "--output_dir", out, "--resolution", 64, "--train_batch_size", 2, "--report_to", "none",
+                      "--seed", 3, *flags, check=check, launcher=launcher)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_training_set(tmp_path_factory.mktemp("data") / "filtered")
+
+
+def test_weighted_loss_equals_the_formula_and_weight_zero_gives_no_gradient():
+    torch.manual_seed(0)
+    pred = torch.randn(3, 4, 2, 2, requires_grad=True)
+    target = torch.randn(3, 4, 2, 2)
+    weights = torch.tensor([2.0, 0.0, 0.5])
+    loss = ct.weighted_denoising_loss(pred, target, weights)
+    by_hand = sum(w * ((p - t) ** 2).sum().item() / 16 for p, t, w in zip(pred.detach(), target, weights.tolist())) / 3
+    assert loss.item() == pytest.approx(by_hand, rel=1e-6)
+    loss.backward()
+    assert torch.all(pred.grad[1] == 0) and pred.grad[0].abs().sum() > 0
+    assert torch.allclose(pred.grad[0], 2.0 * 2 * (pred[0] - target[0]).detach() / (16 * 3))
+    snr = torch.tensor([1.0, 3.0, 0.1])
+    assert ct.weighted_denoising_loss(pred, target, weights, snr).item() == pytest.approx(
+        sum(w * s * ((p - t) ** 2).mean().item() for p, t, w, s in zip(pred.detach(), target, weights.tolist(), snr.tolist())) / 3,
+        rel=1e-6)
+
+
+def conditioner_args(**overrides):
+    values = dict(resolution=64, center_crop=True, random_flip=True, seed=3, train_batch_size=2,
+                  proportion_empty_prompts=0.5)
+    return SimpleNamespace(**{**values, **overrides})
+
+
+def test_cached_and_uncached_latents_give_the_same_loss(zoo, data):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(zoo / "sd15")
+    examples, _ = ct.load_examples(SimpleNamespace(dataset_name=None, train_data_dir=str(data), caption_column="text",
+                                                   weight_column="weight", image_column="image"))
+
+    def encode_prompts(captions):
+        ids = pipe.tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+        return {"prompt_embeds": pipe.text_encoder(ids.input_ids)[0]}
+
+    seam = ct.ModelSeam(StableDiffusionPipeline, {}, encode_prompts, lambda text, sizes, latents: {})
+    accelerator = SimpleNamespace(device=torch.device("cpu"), is_local_main_process=False)
+    args = conditioner_args()
+    cached = ct.Conditioner(args, examples, seam, pipe.vae, accelerator, torch.float32, cache=True)
+    uncached = ct.Conditioner(args, examples, seam, pipe.vae, accelerator, torch.float32, cache=False)
+    dataset = ct.ImageDataset(examples, args, cached=False)
+    dataset.epoch = 1
+    batch = ct.collate([dataset[i] for i in (5, 2, 7)])
+    assert any(batch["flip"]) and not all(batch["flip"])  # both flips are exercised
+    losses = []
+    for conditioner in (cached, uncached):
+        generator = torch.Generator().manual_seed(11)
+        latents, text, _ = conditioner({k: v for k, v in batch.items()}, generator)
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.tensor([10, 500, 900])
+        noisy = pipe.scheduler.add_noise(latents, noise, timesteps)
+        with torch.no_grad():
+            pred = pipe.unet(noisy, timesteps, encoder_hidden_states=text["prompt_embeds"]).sample
+        losses.append(ct.weighted_denoising_loss(pred, noise, torch.tensor([examples[i].weight for i in (5, 2, 7)])))
+    assert losses[0].item() == pytest.approx(losses[1].item(), rel=1e-5)
+
+
+def fixed_batch_loss(pipe, data):
+    """Weighted denoising loss of a pipeline on the training images, with fixed noise and timesteps."""
+    rows = cu.read_jsonl(data / "metadata.jsonl")
+    generator = torch.Generator().manual_seed(0)
+    total = 0.0
+    for row in rows:
+        image = Image.open(data / row["file_name"]).convert("RGB").resize((80, 64)).crop((8, 0, 72, 64))
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+        ids = pipe.tokenizer([row["text"]], padding="max_length", max_length=77, return_tensors="pt").input_ids
+        with torch.no_grad():
+            latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+            text = pipe.text_encoder(ids)[0]
+            for t in (100, 400, 700):
+                noise = torch.randn(latents.shape, generator=generator)
+                noisy = pipe.scheduler.add_noise(latents, noise, torch.tensor([t]))
+                pred = pipe.unet(noisy, torch.tensor([t]), encoder_hidden_states=text).sample
+                total += row["weight"] * ((pred - noise) ** 2).mean().item()
+    return total / (3 * len(rows))
+
+
+GENERATE = """
+import sys, torch
+from diffusers import StableDiffusionPipeline
+pipe = StableDiffusionPipeline.from_pretrained(sys.argv[1], safety_checker=None)
+if len(sys.argv) > 3:
+    pipe.load_lora_weights(sys.argv[3], weight_name=sys.argv[4])
+pipe("a red square", num_inference_steps=3, generator=torch.Generator().manual_seed(0)).images[0].save(sys.argv[2])
+"""
+
+
+def generate_in_new_process(model, out, lora_dir=None, weight_name=None):
+    import subprocess
+
+    from conftest import subprocess_env
+
+    extra = [str(lora_dir), weight_name] if lora_dir else []
+    subprocess.run([sys.executable, "-c", GENERATE, str(model), str(out), *extra], check=True, env=subprocess_env(),
+                   capture_output=True)
+    return np.asarray(Image.open(out), dtype=np.int16)
+
+
+def test_lora_reduces_the_loss_and_its_files_load_in_fresh_pipelines(zoo, data, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "lora"
+    result = train(zoo, data, out, "--use_lora", "--rank", 8, "--learning_rate", 1e-2, "--max_train_steps", 40,
+                   "--output_kohya_format", "--checkpointing_steps", 1000, "--center_crop")
+    assert "8 training images (weights from column 'weight' (sum 11.00))" in result.stdout + result.stderr
+    base = StableDiffusionPipeline.from_pretrained(zoo / "sd15")
+    before = fixed_batch_loss(base, data)
+    base.load_lora_weights(out, weight_name=ct.LORA_FILE)
+    after = fixed_batch_loss(base, data)
+    assert after < 0.95 * before  # attention-only LoRA on a random tiny UNet: a small but clear drop
+
+    reference = generate_in_new_process(zoo / "sd15", tmp_path / "base.png")
+    for weight_name in (ct.LORA_FILE, ct.KOHYA_FILE):
+        image = generate_in_new_process(zoo / "sd15", tmp_path / "lora.png", out, weight_name)
+        assert np.abs(image - reference).mean() > 1.0
+    from safetensors.torch import load_file
+
+    kohya = load_file(out / ct.KOHYA_FILE)
+    assert all(k.startswith("lora_unet_") for k in kohya) and any(k.endswith(".lora_down.weight") for k in kohya)
+    assert {v.item() for k, v in kohya.items() if k.endswith(".alpha")} == {8.0}
+    config = json.loads((out / "training_config.json").read_text())
+    assert config["data"]["num_images"] == 8 and config["data"]["latents_cached"] is True
+    assert "lora" in (out / "README.md").read_text()
+
+
+def test_full_fine_tune_with_ema_and_8bit_adam_resumes_exactly(zoo, data, tmp_path):
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    flags = ("--max_train_steps", 6, "--checkpointing_steps", 3, "--use_ema", "--use_8bit_adam",
+             "--learning_rate", 1e-3, "--random_flip", "--proportion_empty_prompts", 0.2)
+    train(zoo, data, tmp_path / "straight", *flags)
+    train(zoo, data, tmp_path / "halves", *flags)
+    # keep only the step-3 checkpoint, then resume from it (an absolute path) to step 6
+    for name in os.listdir(tmp_path / "halves"):
+        if name != "checkpoint-3":
+            path = tmp_path / "halves" / name
+            __import__("shutil").rmtree(path) if path.is_dir() else path.unlink()
+    result = train(zoo, data, tmp_path / "halves", *flags, "--resume_from_checkpoint", tmp_path / "halves" /
+                   "checkpoint-3")
+    assert "resumed from" in result.stdout + result.stderr
+    straight = UNet2DConditionModel.from_pretrained(tmp_path / "straight", subfolder="unet").state_dict()
+    resumed = UNet2DConditionModel.from_pretrained(tmp_path / "halves", subfolder="unet").state_dict()
+    base = UNet2DConditionModel.from_pretrained(zoo / "sd15", subfolder="unet").state_dict()
+    assert all(torch.allclose(straight[k], resumed[k], atol=1e-6) for k in straight)
+    assert any(not torch.equal(straight[k], base[k]) for k in straight)
+    tuned = StableDiffusionPipeline.from_pretrained(tmp_path / "straight")  # a complete pipeline folder
+    assert fixed_batch_loss(tuned, data) < 0.8 * fixed_batch_loss(StableDiffusionPipeline.from_pretrained(
+        zoo / "sd15"), data)
+
+
+def test_lora_resume_latest_equals_straight_and_two_processes_train(zoo, data, tmp_path):
+    from safetensors.torch import load_file
+
+    flags = ("--use_lora", "--max_train_steps", 4, "--checkpointing_steps", 2, "--checkpoints_total_limit", 1)
+    train(zoo, data, tmp_path / "straight", *flags)
+    first = train(zoo, data, tmp_path / "halves", *flags[:-4], "--max_train_steps", 2, "--checkpointing_steps", 2)
+    assert first.returncode == 0
+    (tmp_path / "halves" / ct.LORA_FILE).unlink()
+    train(zoo, data, tmp_path / "halves", *flags, "--resume_from_checkpoint", "latest")
+    assert sorted(d for d in os.listdir(tmp_path / "halves") if d.startswith("checkpoint")) == ["checkpoint-4"]
+    a, b = load_file(tmp_path / "straight" / ct.LORA_FILE), load_file(tmp_path / "halves" / ct.LORA_FILE)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+    result = train(zoo, data, tmp_path / "ddp", "--use_lora", "--max_train_steps", 2, launcher=TWO_PROCESSES)
+    assert "x 1 x 2 images" in result.stdout + result.stderr and (tmp_path / "ddp" / ct.LORA_FILE).exists()
+
+
+def test_validation_grids_reward_curve_and_tensorboard(zoo, data, tmp_path):
+    out = tmp_path / "out"
+    result = train(zoo, data, out, "--use_lora", "--max_train_steps", 4, "--validation_prompt", "a red square",
+                   "--validation_prompt", "a blue square", "--num_validation_images", 3, "--validation_steps", 2,
+                   "--validation_inference_steps", 2, "--validation_rewards", "jpeg", "--report_to", "tensorboard")
+    assert sorted(os.listdir(out / "validation")) == ["step-000002.png", "step-000004.png"]
+    assert Image.open(out / "validation" / "step-000004.png").size == (3 * 64, 2 * 64)
+    assert "step 4: validation/jpeg -" in result.stdout + result.stderr
+    assert any("tfevents" in name for _, _, names in os.walk(out / "logs") for name in names)
+    assert "![validation](validation/step-000004.png)" in (out / "README.md").read_text()
+
+
+def test_model_card_and_hub_upload_without_network(tmp_path, data):
+    import train_craft_sd15
+
+    (data.parent / "report").mkdir(exist_ok=True)
+    args = train_craft_sd15.parse_args(["--pretrained_model_name_or_path", "base/model", "--train_data_dir",
+                                        str(data), "--output_dir", str(tmp_path / "out"), "--push_to_hub",
+                                        "--hub_model_id", "me/craft-sd15", "--use_lora"])
+    os.makedirs(args.output_dir)
+    ct.write_model_card(args, True, {"num_images": 8, "weights": "w", "steps": 5})
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "base_model: base/model" in card and "- craft" in card and "- lora" in card
+    assert 'pipe.load_lora_weights("me/craft-sd15"' in card
+    with mock.patch("huggingface_hub.create_repo") as create_repo, mock.patch("huggingface_hub.upload_folder") as up:
+        create_repo.return_value = SimpleNamespace(repo_id="me/craft-sd15")
+        assert ct.push_to_hub(args) == "me/craft-sd15"
+    kwargs = up.call_args.kwargs
+    assert kwargs["repo_id"] == "me/craft-sd15" and kwargs["folder_path"] == args.output_dir
+    assert "checkpoint-*" in kwargs["ignore_patterns"] and "logs/**" in kwargs["ignore_patterns"]
+
+
+def test_config_file_supplies_defaults_and_flags_win(tmp_path, data):
+    import train_craft_sd15
+
+    (tmp_path / "recipe.toml").write_text('learning_rate = 2e-6\nrank = 16\npretrained_model_name_or_path = "m"\n')
+    args = train_craft_sd15.parse_args(["--config", str(tmp_path / "recipe.toml"), "--train_data_dir", str(data),
+                                        "--rank", "8", "--output_dir", str(tmp_path / "o")])
+    assert (args.learning_rate, args.rank, args.pretrained_model_name_or_path) == (2e-6, 8, "m")
+    (tmp_path / "bad.json").write_text(json.dumps({"learning_rat": 1}))
+    with pytest.raises(SystemExit, match="unknown key 'learning_rat'"):
+        train_craft_sd15.parse_args(["--config", str(tmp_path / "bad.json"), "--train_data_dir", str(data)])
+    with pytest.raises(SystemExit):
+        train_craft_sd15.parse_args(["--pretrained_model_name_or_path", "m", "--train_data_dir", str(data),
+                                     "--hub_token", "x", "--report_to", "wandb"])
+    with mock.patch.dict(sys.modules, {"bitsandbytes": None}), pytest.raises(SystemExit):
+        train_craft_sd15.parse_args(["--pretrained_model_name_or_path", "m", "--train_data_dir", str(data),
+                                     "--use_8bit_adam"])
+
+
+@pytest.mark.parametrize("case", ["missing_dir", "no_metadata", "no_caption", "corrupt_image", "negative_weight",
+                                  "nan_weight", "all_zero", "output_not_empty", "sdxl_model"])
+def test_bad_input_is_one_clear_error(zoo, tmp_path, case):
+    data = make_training_set(tmp_path / "data", n=3)
+    rows = cu.read_jsonl(data / "metadata.jsonl")
+    model = "sd15"
+    expected = {
+        "missing_dir": f"--train_data_dir {tmp_path}/nope does not exist",
+        "no_metadata": f"{data} has no metadata.jsonl",
+        "no_caption": f"{data}/metadata.jsonl, row 2: no 'text' caption",
+        "corrupt_image": f"{data}/metadata.jsonl, row 3: cannot read image {data}/002.png",
+        "negative_weight": f"{data}/metadata.jsonl, row 1: weight -1.0 must be a finite number >= 0",
+        "nan_weight": f"{data}/metadata.jsonl, row 2: weight nan must be a finite number >= 0",
+        "all_zero": "every weight is 0, nothing would train",
+        "output_not_empty": f"{tmp_path}/out is not empty; pass --overwrite_output_dir",
+        "sdxl_model": "is an SDXL model; use train_craft_sdxl_lora.py",
+    }[case]
+    if case == "missing_dir":
+        data = tmp_path / "nope"
+    elif case == "no_metadata":
+        (data / "metadata.jsonl").unlink()
+    elif case == "corrupt_image":
+        (data / "002.png").write_bytes(b"not a png")
+    elif case == "output_not_empty":
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "keep.txt").write_text("mine")
+    elif case == "sdxl_model":
+        model = "sdxl"
+    else:
+        change = {"no_caption": (1, "text", None), "negative_weight": (0, "weight", -1.0),
+                  "nan_weight": (1, "weight", float("nan"))}
+        if case == "all_zero":
+            for row in rows:
+                row["weight"] = 0.0
+        else:
+            index, column, value = change[case]
+            rows[index][column] = value
+            if value is None:
+                del rows[index][column]
+        cu.write_jsonl_atomic(data / "metadata.jsonl", rows)
+    result = run_script("train_craft_sd15.py", "--pretrained_model_name_or_path", zoo / model, "--train_data_dir",
+                        data, "--output_dir", tmp_path / "out", "--max_train_steps", 1, check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert expected in result.stderr.strip().splitlines()[-1]
+    if case == "output_not_empty":
+        assert os.listdir(tmp_path / "out") == ["keep.txt"]
