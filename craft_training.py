@@ -324,8 +324,8 @@ class ModelSeam:
     """What a trainer script provides: the pipeline class, its frozen parts, and its conditioning."""
 
     pipeline_class: type
-    components: dict  # frozen pipeline parts besides unet/vae (text encoders, tokenizers)
-    encode_prompts: Callable  # captions -> {name: tensor, batch first}
+    components: dict  # pipeline parts besides unet/vae (text encoders, tokenizers); LoRA'd encoders train
+    encode_prompts: Callable  # (components, captions) -> {name: tensor, batch first}
     unet_inputs: Callable  # (text condition, batch, latents) -> unet kwargs besides sample and timestep
     pipeline_kwargs: dict = field(default_factory=dict)
 
@@ -360,46 +360,60 @@ def add_lora(unet, args):
                                 target_modules=LORA_TARGETS))
 
 
-def lora_state(unet):
+def trainable_text_encoders(seam):
+    return {name: module for name, module in seam.components.items() if getattr(module, "peft_config", None)}
+
+
+def save_lora(pipeline_class, folder, unet, text_encoders):
+    """pytorch_lora_weights.safetensors in diffusers' format: what load_lora_weights reads."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import get_peft_model_state_dict
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    layers = {f"{name}_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
+              for name, module in {"unet": unet, **text_encoders}.items()}
+    pipeline_class.save_lora_weights(folder, **layers)
 
 
 def register_checkpoint_hooks(accelerator, unet, seam, is_lora, ema):
     """Checkpoints hold the trainable weights in diffusers' own formats (LoRA file / unet folder), not a pickle."""
     import torch
 
+    names = {id(unet): "unet", **{id(m): n for n, m in trainable_text_encoders(seam).items()}}
+
     def save(models, weights, folder):
         if accelerator.is_main_process:
-            for model in models:
-                inner = accelerator.unwrap_model(model)
-                if is_lora:
-                    seam.pipeline_class.save_lora_weights(folder, unet_lora_layers=lora_state(inner))
-                else:
-                    inner.save_pretrained(os.path.join(folder, "unet"))
-                if ema is not None:
-                    ema.save_pretrained(os.path.join(folder, "unet_ema"))
+            inner = {names[id(accelerator.unwrap_model(m))]: accelerator.unwrap_model(m) for m in models}
+            if is_lora:
+                save_lora(seam.pipeline_class, folder, inner.pop("unet"), inner)
+            else:
+                inner["unet"].save_pretrained(os.path.join(folder, "unet"))
+            if ema is not None:
+                ema.save_pretrained(os.path.join(folder, "unet_ema"))
         while weights:
             weights.pop()
 
     def load(models, folder):
         from diffusers import UNet2DConditionModel
+        from diffusers.training_utils import _set_state_dict_into_text_encoder
         from diffusers.utils import convert_unet_state_dict_to_peft
         from peft import set_peft_model_state_dict
 
-        model = accelerator.unwrap_model(models.pop())
+        inner = {}
+        while models:
+            model = accelerator.unwrap_model(models.pop())
+            inner[names[id(model)]] = model
         if is_lora:
             state = seam.pipeline_class.lora_state_dict(folder)[0]
-            state = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
-            set_peft_model_state_dict(model, convert_unet_state_dict_to_peft(state), adapter_name="default")
-            for parameter in model.parameters():
-                if parameter.requires_grad:
-                    parameter.data = parameter.data.to(torch.float32)
+            unet_state = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
+            set_peft_model_state_dict(inner["unet"], convert_unet_state_dict_to_peft(unet_state), adapter_name="default")
+            for name, module in inner.items():
+                if name != "unet":
+                    _set_state_dict_into_text_encoder(state, prefix=f"{name}.", text_encoder=module)
+            for parameter in (p for module in inner.values() for p in module.parameters() if p.requires_grad):
+                parameter.data = parameter.data.to(torch.float32)
         else:
             saved = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
-            model.load_state_dict(saved.state_dict())
+            inner["unet"].load_state_dict(saved.state_dict())
         if ema is not None:
             from diffusers.training_utils import EMAModel
 
@@ -444,11 +458,14 @@ def peak_memory():
 class Conditioner:
     """Latents and text conditions for a batch: from the one-time cache, or encoded now."""
 
-    def __init__(self, args, examples, seam, vae, accelerator, weight_dtype, cache):
+    def __init__(self, args, examples, seam, vae, accelerator, weight_dtype, cache, components=None):
         import torch
 
         self.args, self.examples, self.seam, self.vae = args, examples, seam, vae
         self.device, self.weight_dtype, self.cache = accelerator.device, weight_dtype, cache
+        self.components = components or seam.components  # the training copies (DDP-wrapped) when they train
+        self.text_trains = bool(trainable_text_encoders(seam))
+        self.cache_text = cache and not self.text_trains
         self.scaling = vae.config.scaling_factor
         if not cache:
             return
@@ -465,6 +482,8 @@ class Conditioner:
             mean, std = self.encode_pixels(torch.stack([p[0] for p in prepared]))
             for j, key in enumerate(chunk):
                 self.latents[key] = (mean[j], std[j], prepared[j][1], prepared[j][2])
+        if not self.cache_text:
+            return
         captions = sorted({e.caption for e in examples} | {""})
         self.texts = {}
         for start in range(0, len(captions), args.train_batch_size):
@@ -483,8 +502,8 @@ class Conditioner:
     def encode_text(self, captions):
         import torch
 
-        with torch.no_grad():
-            return self.seam.encode_prompts(captions)
+        with torch.set_grad_enabled(self.text_trains):
+            return self.seam.encode_prompts(self.components, captions)
 
     def __call__(self, batch, generator):
         """-> latents, text condition, sizes; the same random draws whether cached or not."""
@@ -497,10 +516,12 @@ class Conditioner:
             parts = [self.latents[(i, f)] for i, f in zip(batch["index"], batch["flip"])]
             mean, std = torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
             sizes = {"original_size": [p[2] for p in parts], "crop_top_left": [p[3] for p in parts]}
-            text = {name: torch.stack([self.texts[c][name] for c in captions]) for name in self.texts[""]}
         else:
             mean, std = self.encode_pixels(batch["pixels"])
             sizes = {"original_size": batch["original_size"], "crop_top_left": batch["crop_top_left"]}
+        if self.cache_text:
+            text = {name: torch.stack([self.texts[c][name] for c in captions]) for name in self.texts[""]}
+        else:
             text = self.encode_text(captions)
         sample = torch.randn(mean.shape, generator=generator).to(self.device)
         latents = (mean + std * sample) * self.scaling
@@ -529,15 +550,16 @@ def train(args, accelerator, unet, vae, noise_scheduler, seam, examples, weights
         unet.to(accelerator.device)
     if ema is not None:
         ema.to(accelerator.device)
+    text_encoders = trainable_text_encoders(seam)
     for module in seam.components.values():
         if isinstance(module, torch.nn.Module):
             module.to(accelerator.device, weight_dtype)
-    params = [p for p in unet.parameters() if p.requires_grad]
-
+    for module in text_encoders.values():
+        cast_training_params(module, torch.float32)
+        if args.gradient_checkpointing:
+            module.gradient_checkpointing_enable()
+    params = [p for m in (unet, *text_encoders.values()) for p in m.parameters() if p.requires_grad]
     cache = args.cache_latents == "yes" or (args.cache_latents == "auto" and len(examples) <= 2000)
-    conditioner = Conditioner(args, examples, seam, vae, accelerator, weight_dtype, cache)
-    if cache:  # the VAE and text encoders leave the accelerator until validation needs them
-        offload(seam, vae, "cpu")
 
     lr = args.learning_rate
     if args.scale_lr:
@@ -560,8 +582,13 @@ def train(args, accelerator, unet, vae, noise_scheduler, seam, examples, weights
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=max_steps * accelerator.num_processes)
-    unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, dataloader, lr_scheduler)
-    register_checkpoint_hooks(accelerator, unet, seam, is_lora, ema)
+    unet, *wrapped, optimizer, dataloader, lr_scheduler = accelerator.prepare(
+        unet, *text_encoders.values(), optimizer, dataloader, lr_scheduler)
+    register_checkpoint_hooks(accelerator, accelerator.unwrap_model(unet), seam, is_lora, ema)
+    components = {**seam.components, **dict(zip(text_encoders, wrapped))}
+    conditioner = Conditioner(args, examples, seam, vae, accelerator, weight_dtype, cache, components)
+    if cache:  # the VAE and frozen text encoders leave the accelerator until validation needs them
+        offload(seam, vae, "cpu")
 
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
@@ -581,7 +608,8 @@ def train(args, accelerator, unet, vae, noise_scheduler, seam, examples, weights
 
     rewards = load_validation_rewards(args, accelerator)
     accelerator.print(f"{len(examples)} training images ({weights_note}); latents {'cached' if cache else 'encoded'}"
-                      f" each step; {max_steps} steps of {args.train_batch_size} x {args.gradient_accumulation_steps}"
+                      f", text {'cached' if conditioner.cache_text else 'encoded each step'}"
+                      + (" (the text encoders train)" if text_encoders else "") + f"; {max_steps} steps of {args.train_batch_size} x {args.gradient_accumulation_steps}"
                       f" x {accelerator.num_processes} images")
     progress = tqdm(range(max_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
     started, losses = time.time(), []
@@ -589,10 +617,12 @@ def train(args, accelerator, unet, vae, noise_scheduler, seam, examples, weights
         sampler.set_epoch(epoch)
         dataset.epoch = epoch
         unet.train()
+        for module in wrapped:
+            module.train()
         batches = accelerator.skip_first_batches(dataloader, skip_batches) if epoch == first_epoch else dataloader
         for step, batch in enumerate(batches, start=skip_batches if epoch == first_epoch else 0):
             generator = torch.Generator().manual_seed(derive(args.seed, "step", epoch, step, accelerator.process_index))
-            with accelerator.accumulate(unet):
+            with accelerator.accumulate(unet, *wrapped):
                 latents, text, sizes = conditioner(batch, generator)
                 noise = torch.randn(latents.shape, generator=generator).to(latents.device)
                 if args.noise_offset:
@@ -643,7 +673,7 @@ def train(args, accelerator, unet, vae, noise_scheduler, seam, examples, weights
         final_unet = accelerator.unwrap_model(unet)
         if ema is not None:
             ema.copy_to(final_unet.parameters())
-        save_outputs(args, final_unet, vae, seam, is_lora)
+        save_outputs(args, final_unet, vae, seam, is_lora, text_encoders)
         statistics_ = {"num_images": len(examples), "weights": weights_note, "latents_cached": cache,
                        "weight_sum": sum(e.weight for e in examples), "steps": global_step,
                        "seconds": round(time.time() - started, 1), "memory": memory}
@@ -660,8 +690,9 @@ def offload(seam, vae, device):
     import torch
 
     vae.to(device)
-    for module in seam.components.values():
-        if isinstance(module, torch.nn.Module):
+    training = trainable_text_encoders(seam)
+    for name, module in seam.components.items():
+        if isinstance(module, torch.nn.Module) and name not in training:
             module.to(device)
     if device == "cpu" and torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -680,13 +711,11 @@ def load_validation_rewards(args, accelerator):
 
 
 def validation_pipeline(args, accelerator, unet, vae, seam):
-    import torch
-
     pipe = seam.pipeline_class.from_pretrained(
         args.pretrained_model_name_or_path, unet=accelerator.unwrap_model(unet), vae=vae, revision=args.revision,
         variant=args.variant, **seam.components, **seam.pipeline_kwargs)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(accelerator.device, torch.float32 if vae.dtype == torch.float32 else None)
+    return pipe.to(accelerator.device)
 
 
 def validate(args, accelerator, unet, vae, seam, rewards, step, ema=None):
@@ -701,6 +730,8 @@ def validate(args, accelerator, unet, vae, seam, rewards, step, ema=None):
         ema.store(model.parameters())
         ema.copy_to(model.parameters())
     model.eval()
+    for module in trainable_text_encoders(seam).values():
+        module.eval()
     pipe = validation_pipeline(args, accelerator, unet, vae, seam)
     images, prompts = [], []
     with torch.no_grad(), accelerator.autocast():
@@ -713,6 +744,8 @@ def validate(args, accelerator, unet, vae, seam, rewards, step, ema=None):
     if ema is not None:
         ema.restore(model.parameters())
     model.train()
+    for module in trainable_text_encoders(seam).values():
+        module.train()
     folder = os.path.join(args.output_dir, "validation")
     os.makedirs(folder, exist_ok=True)
     cu.save_image_atomic(image_grid(images, args.num_validation_images), os.path.join(folder, f"step-{step:06d}.png"))
@@ -750,9 +783,9 @@ def image_grid(images, columns):
 # Outputs, model card, Hub
 
 
-def save_outputs(args, unet, vae, seam, is_lora):
+def save_outputs(args, unet, vae, seam, is_lora, text_encoders):
     if is_lora:
-        seam.pipeline_class.save_lora_weights(args.output_dir, unet_lora_layers=lora_state(unet))
+        save_lora(seam.pipeline_class, args.output_dir, unet, text_encoders)
         if args.output_kohya_format:
             from diffusers.utils import convert_state_dict_to_kohya
             from peft import get_peft_model_state_dict
@@ -760,7 +793,9 @@ def save_outputs(args, unet, vae, seam, is_lora):
 
             import torch
 
-            peft_state = {f"unet.{k}": v for k, v in get_peft_model_state_dict(unet).items()}  # -> lora_unet_*
+            # prefixes unet. / text_encoder. / text_encoder_2. become lora_unet_ / lora_te1_ / lora_te2_
+            peft_state = {f"{name}.{k}": v for name, module in {"unet": unet, **text_encoders}.items()
+                          for k, v in get_peft_model_state_dict(module).items()}
             kohya = convert_state_dict_to_kohya(peft_state)
             alpha = float(args.lora_alpha or args.rank)  # the converter assumes alpha = rank
             kohya = {k: torch.tensor(alpha) if k.endswith(".alpha") else v.contiguous() for k, v in kohya.items()}

@@ -73,10 +73,10 @@ def main(args):
     ema = EMAModel(unet.parameters(), decay=args.ema_decay, model_cls=UNet2DConditionModel,
                    model_config=unet.config) if args.use_ema else None
 
-    def encode_prompts(captions):
+    def encode_prompts(components, captions):
         ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt").input_ids
-        return {"prompt_embeds": text_encoder(ids.to(text_encoder.device))[0]}
+        return {"prompt_embeds": components["text_encoder"](ids.to(accelerator.device))[0]}
 
     def unet_inputs(text, sizes, latents):
         return {"encoder_hidden_states": text["prompt_embeds"].to(latents.device)}

@@ -73,7 +73,7 @@ def test_cached_and_uncached_latents_give_the_same_loss(zoo, data):
     examples, _ = ct.load_examples(SimpleNamespace(dataset_name=None, train_data_dir=str(data), caption_column="text",
                                                    weight_column="weight", image_column="image"))
 
-    def encode_prompts(captions):
+    def encode_prompts(components, captions):
         ids = pipe.tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
         return {"prompt_embeds": pipe.text_encoder(ids.input_ids)[0]}
 

@@ -1,0 +1,136 @@
+import os
+import random
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import craft_training as ct
+import craft_utils as cu
+from conftest import TWO_PROCESSES, run_script, subprocess_env
+from test_train_sd15 import make_training_set
+
+
+def train(zoo, data, out, *flags, check=True, launcher=None):
+    return run_script("train_craft_sdxl_lora.py", "--pretrained_model_name_or_path", zoo / "sdxl", "--train_data_dir",
+                      data, "--output_dir", out, "--resolution", 64, "--train_batch_size", 2, "--report_to", "none",
+                      "--seed", 5, *flags, check=check, launcher=launcher)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_training_set(tmp_path_factory.mktemp("data") / "filtered")
+
+
+def test_time_ids_of_a_resized_cropped_flipped_image():
+    import train_craft_sdxl_lora
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (60, 100, 3), dtype=np.uint8))  # h 60, w 100
+    example = ct.Example(image, "a cat", 1.0)
+    pixels, original, crop = ct.preprocess(example, 32, center_crop=False, flip=True, crop_seed=7)
+    # by hand: shorter side 60 -> 32, so width 100 -> int(32 * 100 / 60) = 53; the crop's left edge is drawn in
+    # [0, 53 - 32]; a flip mirrors it to 53 - left - 32
+    draw = random.Random(7)
+    top, left = draw.randint(0, 0), draw.randint(0, 21)
+    assert original == (60, 100) and crop == (0, 53 - left - 32)
+    unflipped, _, same = ct.preprocess(example, 32, center_crop=False, flip=False, crop_seed=7)
+    assert same == (0, left) and torch.equal(pixels, unflipped.flip(-1))
+    ids = train_craft_sdxl_lora.time_ids({"original_size": [original, (64, 64)], "crop_top_left": [crop, (0, 0)]}, 32)
+    assert ids.tolist() == [[60, 100, 0, 21 - left, 32, 32], [64, 64, 0, 0, 32, 32]]
+
+
+def fixed_batch_loss(pipe, data):
+    """Weighted denoising loss on the training images with fixed noise, SDXL conditioning included."""
+    rows = cu.read_jsonl(data / "metadata.jsonl")
+    generator = torch.Generator().manual_seed(0)
+    total = 0.0
+    for row in rows:
+        image = Image.open(data / row["file_name"]).convert("RGB").resize((80, 64)).crop((8, 0, 72, 64))
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+        with torch.no_grad():
+            latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+            embeds, _, pooled, _ = pipe.encode_prompt(row["text"], device="cpu", do_classifier_free_guidance=False)
+            cond = {"text_embeds": pooled, "time_ids": torch.tensor([[64.0, 80, 0, 8, 64, 64]])}
+            for t in (100, 400, 700):
+                noise = torch.randn(latents.shape, generator=generator)
+                noisy = pipe.scheduler.add_noise(latents, noise, torch.tensor([t]))
+                pred = pipe.unet(noisy, torch.tensor([t]), encoder_hidden_states=embeds, added_cond_kwargs=cond).sample
+                total += row["weight"] * ((pred - noise) ** 2).mean().item()
+    return total / (3 * len(rows))
+
+
+GENERATE = """
+import sys, torch
+from diffusers import StableDiffusionXLPipeline
+pipe = StableDiffusionXLPipeline.from_pretrained(sys.argv[1])
+if len(sys.argv) > 3:
+    pipe.load_lora_weights(sys.argv[3], weight_name=sys.argv[4])
+pipe("a red square", num_inference_steps=3, generator=torch.Generator().manual_seed(0)).images[0].save(sys.argv[2])
+"""
+
+
+def generate_in_new_process(model, out, *lora):
+    subprocess.run([sys.executable, "-c", GENERATE, str(model), str(out), *map(str, lora)], check=True,
+                   env=subprocess_env(), capture_output=True)
+    return np.asarray(Image.open(out), dtype=np.int16)
+
+
+def test_lora_reduces_the_loss_and_loads_in_a_fresh_sdxl_pipeline(zoo, data, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    out = tmp_path / "lora"
+    train(zoo, data, out, "--rank", 8, "--learning_rate", 1e-2, "--max_train_steps", 40, "--center_crop",
+          "--output_kohya_format", "--checkpointing_steps", 1000)
+    pipe = StableDiffusionXLPipeline.from_pretrained(zoo / "sdxl")
+    before = fixed_batch_loss(pipe, data)
+    pipe.load_lora_weights(out, weight_name=ct.LORA_FILE)
+    assert fixed_batch_loss(pipe, data) < 0.95 * before
+    reference = generate_in_new_process(zoo / "sdxl", tmp_path / "base.png")
+    for weight_name in (ct.LORA_FILE, ct.KOHYA_FILE):
+        image = generate_in_new_process(zoo / "sdxl", tmp_path / "lora.png", out, weight_name)
+        assert np.abs(image - reference).mean() > 1.0
+    assert all(k.startswith("lora_unet_") for k in load_file(out / ct.KOHYA_FILE))
+
+
+def test_cached_and_uncached_training_match(zoo, data, tmp_path):
+    flags = ("--max_train_steps", 3, "--random_flip", "--proportion_empty_prompts", 0.3)
+    train(zoo, data, tmp_path / "cached", *flags, "--cache_latents", "yes")
+    result = train(zoo, data, tmp_path / "uncached", *flags, "--cache_latents", "no")
+    assert "latents encoded, text encoded each step" in result.stdout + result.stderr
+    a, b = load_file(tmp_path / "cached" / ct.LORA_FILE), load_file(tmp_path / "uncached" / ct.LORA_FILE)
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    base = load_file(tmp_path / "cached" / ct.LORA_FILE)
+    assert any(v.abs().sum() > 0 for k, v in base.items() if "lora.up" in k)  # the LoRA moved from zero
+
+
+def test_train_text_encoder_resumes_exactly(zoo, data, tmp_path):
+    flags = ("--train_text_encoder", "--max_train_steps", 4, "--checkpointing_steps", 2, "--learning_rate", 1e-3,
+             "--gradient_checkpointing", "--output_kohya_format")
+    result = train(zoo, data, tmp_path / "straight", *flags)
+    assert "text encoded each step (the text encoders train)" in result.stdout + result.stderr
+    train(zoo, data, tmp_path / "halves", *flags)
+    for name in os.listdir(tmp_path / "halves"):
+        if name != "checkpoint-2":
+            path = tmp_path / "halves" / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    train(zoo, data, tmp_path / "halves", *flags, "--resume_from_checkpoint", "checkpoint-2")
+    a, b = load_file(tmp_path / "straight" / ct.LORA_FILE), load_file(tmp_path / "halves" / ct.LORA_FILE)
+    assert {k.split(".")[0] for k in a} == {"unet", "text_encoder", "text_encoder_2"}
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    kohya = load_file(tmp_path / "straight" / ct.KOHYA_FILE)
+    assert {k.split("_")[1] for k in kohya} == {"unet", "te1", "te2"}
+
+
+def test_two_processes_and_model_kind_check(zoo, data, tmp_path):
+    result = train(zoo, data, tmp_path / "ddp", "--max_train_steps", 2, launcher=TWO_PROCESSES)
+    assert "x 1 x 2 images" in result.stdout + result.stderr and (tmp_path / "ddp" / ct.LORA_FILE).exists()
+    result = run_script("train_craft_sdxl_lora.py", "--pretrained_model_name_or_path", zoo / "sd15",
+                        "--train_data_dir", data, "--output_dir", tmp_path / "x", check=False)
+    assert result.returncode != 0
+    assert "is an SD1.5-style model (no SDXL micro-conditioning); use train_craft_sd15.py" in result.stderr
