@@ -446,24 +446,25 @@ def save_checkpoint(accelerator, args, step):
 
 
 def peak_memory():
+    """(GiB, label): the accelerator's peak allocation, or the process's peak RSS on a CPU."""
     import torch
 
     if torch.cuda.is_available():
-        return f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+        return torch.cuda.max_memory_allocated() / 2**30, "peak GPU memory"
     import resource
 
-    return f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (CPU)"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "peak RSS (CPU)"
 
 
 class Conditioner:
     """Latents and text conditions for a batch: from the one-time cache, or encoded now."""
 
-    def __init__(self, args, examples, seam, vae, accelerator, weight_dtype, cache, components=None):
+    def __init__(self, args, examples, seam, vae, accelerator, weight_dtype, cache):
         import torch
 
         self.args, self.examples, self.seam, self.vae = args, examples, seam, vae
         self.device, self.weight_dtype, self.cache = accelerator.device, weight_dtype, cache
-        self.components = components or seam.components  # the training copies (DDP-wrapped) when they train
+        self.components = seam.components  # train() swaps in the DDP-wrapped encoders when they train
         self.text_trains = bool(trainable_text_encoders(seam))
         self.cache_text = cache and not self.text_trains
         self.scaling = vae.config.scaling_factor
@@ -539,6 +540,15 @@ def train(args, accelerator, unet, vae, noise_scheduler, seam, examples, weights
     weight_dtype = weight_dtype_of(accelerator)
     if args.prediction_type:
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
+    text_encoders = trainable_text_encoders(seam)
+    for module in seam.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.to(accelerator.device, weight_dtype)
+    # encode the (small) set first, then free the VAE and frozen encoders before the UNet arrives: a lower peak
+    cache = args.cache_latents == "yes" or (args.cache_latents == "auto" and len(examples) <= 2000)
+    conditioner = Conditioner(args, examples, seam, vae, accelerator, weight_dtype, cache)
+    if cache:
+        offload(seam, vae, "cpu")
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     if args.enable_xformers_memory_efficient_attention:
@@ -550,16 +560,11 @@ def train(args, accelerator, unet, vae, noise_scheduler, seam, examples, weights
         unet.to(accelerator.device)
     if ema is not None:
         ema.to(accelerator.device)
-    text_encoders = trainable_text_encoders(seam)
-    for module in seam.components.values():
-        if isinstance(module, torch.nn.Module):
-            module.to(accelerator.device, weight_dtype)
     for module in text_encoders.values():
         cast_training_params(module, torch.float32)
         if args.gradient_checkpointing:
             module.gradient_checkpointing_enable()
     params = [p for m in (unet, *text_encoders.values()) for p in m.parameters() if p.requires_grad]
-    cache = args.cache_latents == "yes" or (args.cache_latents == "auto" and len(examples) <= 2000)
 
     lr = args.learning_rate
     if args.scale_lr:
@@ -585,10 +590,7 @@ def train(args, accelerator, unet, vae, noise_scheduler, seam, examples, weights
     unet, *wrapped, optimizer, dataloader, lr_scheduler = accelerator.prepare(
         unet, *text_encoders.values(), optimizer, dataloader, lr_scheduler)
     register_checkpoint_hooks(accelerator, accelerator.unwrap_model(unet), seam, is_lora, ema)
-    components = {**seam.components, **dict(zip(text_encoders, wrapped))}
-    conditioner = Conditioner(args, examples, seam, vae, accelerator, weight_dtype, cache, components)
-    if cache:  # the VAE and frozen text encoders leave the accelerator until validation needs them
-        offload(seam, vae, "cpu")
+    conditioner.components = {**seam.components, **dict(zip(text_encoders, wrapped))}  # DDP syncs their grads
 
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
@@ -612,7 +614,7 @@ def train(args, accelerator, unet, vae, noise_scheduler, seam, examples, weights
                       + (" (the text encoders train)" if text_encoders else "") + f"; {max_steps} steps of {args.train_batch_size} x {args.gradient_accumulation_steps}"
                       f" x {accelerator.num_processes} images")
     progress = tqdm(range(max_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
-    started, losses = time.time(), []
+    started, losses, first_step_done, first_step = time.time(), [], None, 0
     for epoch in range(first_epoch, epochs):
         sampler.set_epoch(epoch)
         dataset.epoch = epoch
@@ -648,6 +650,8 @@ def train(args, accelerator, unet, vae, noise_scheduler, seam, examples, weights
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
+            if first_step_done is None:
+                first_step_done, first_step = time.time(), global_step
             if ema is not None:
                 ema.step(accelerator.unwrap_model(unet).parameters())
             logs = {"loss": statistics.fmean(losses), "lr": lr_scheduler.get_last_lr()[0]}
@@ -666,9 +670,10 @@ def train(args, accelerator, unet, vae, noise_scheduler, seam, examples, weights
         if global_step >= max_steps:
             break
     progress.close()
-
+    loop_end = time.time()
     accelerator.wait_for_everyone()
-    memory = peak_memory()
+    memory_gib, memory_kind = peak_memory()
+    memory = f"{memory_kind} {memory_gib:.2f} GiB"
     if accelerator.is_main_process:
         final_unet = accelerator.unwrap_model(unet)
         if ema is not None:
@@ -676,7 +681,9 @@ def train(args, accelerator, unet, vae, noise_scheduler, seam, examples, weights
         save_outputs(args, final_unet, vae, seam, is_lora, text_encoders)
         statistics_ = {"num_images": len(examples), "weights": weights_note, "latents_cached": cache,
                        "weight_sum": sum(e.weight for e in examples), "steps": global_step,
-                       "seconds": round(time.time() - started, 1), "memory": memory}
+                       "seconds": round(loop_end - started, 1), "memory": memory, "peak_memory_gib": memory_gib,
+                       "seconds_per_step": (loop_end - first_step_done) / max(global_step - first_step, 1)
+                       if first_step_done else None}
         write_training_config(args, statistics_)
         write_model_card(args, is_lora, statistics_)
         if args.push_to_hub:

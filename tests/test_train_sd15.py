@@ -7,30 +7,12 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 import craft_training as ct
 import craft_utils as cu
 from conftest import REPO, TWO_PROCESSES, run_script
-
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 60, 220), "yellow": (230, 220, 30)}
-
-
-def make_training_set(folder, n=8, weights=None):
-    """A filtered-like imagefolder: coloured squares on white, captions naming the colour, CRAFT weights."""
-    folder.mkdir(parents=True)
-    names = list(COLOURS)
-    rows = []
-    for i in range(n):
-        colour = names[i % len(names)]
-        image = Image.new("RGB", (80, 64), "white")  # not square: resize + crop are exercised
-        ImageDraw.Draw(image).rectangle([16 + 4 * i, 12, 56 + 2 * i, 52], fill=COLOURS[colour])
-        image.save(folder / f"{i:03d}.png")
-        weight = weights[i] if weights else 0.5 + 0.25 * i
-        rows.append({"file_name": f"{i:03d}.png", "text": f"a {colour} square", "weight": weight, "group_id": i})
-    cu.write_jsonl_atomic(folder / "metadata.jsonl", rows)
-    return folder
-
+from make_tiny_models import make_training_set
 
 def train(zoo, data, out, *flags, check=True, launcher=None):
     return run_script("train_craft_sd15.py", "--pretrained_model_name_or_path", zoo / "sd15", "--train_data_dir", data,

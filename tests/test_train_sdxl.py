@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 import craft_training as ct
 import craft_utils as cu
 from conftest import TWO_PROCESSES, run_script, subprocess_env
-from test_train_sd15 import make_training_set
+from make_tiny_models import make_training_set
 
 
 def train(zoo, data, out, *flags, check=True, launcher=None):

@@ -304,6 +304,30 @@ def make_zoo(out_dir):
     make_image_reward(os.path.join(out_dir, "imagereward"))
 
 
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 60, 220), "yellow": (230, 220, 30)}
+
+
+def make_training_set(folder, n=8, weights=None):
+    """A filtered-like imagefolder: coloured squares on white, captions naming the colour, CRAFT weights."""
+    from PIL import Image, ImageDraw
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import craft_utils as cu
+
+    folder.mkdir(parents=True)
+    names = list(COLOURS)
+    rows = []
+    for i in range(n):
+        colour = names[i % len(names)]
+        image = Image.new("RGB", (80, 64), "white")  # not square: resize + crop are exercised
+        ImageDraw.Draw(image).rectangle([16 + 4 * i, 12, 56 + 2 * i, 52], fill=COLOURS[colour])
+        image.save(folder / f"{i:03d}.png")
+        weight = weights[i] if weights else 0.5 + 0.25 * i
+        rows.append({"file_name": f"{i:03d}.png", "text": f"a {colour} square", "weight": weight, "group_id": i})
+    cu.write_jsonl_atomic(folder / "metadata.jsonl", rows)
+    return folder
+
+
 def reward_flags(zoo):
     """Command-line flags pointing every reward of craft_rewards at this zoo's files."""
     path = lambda *parts: os.path.join(str(zoo), *parts)  # noqa: E731
