@@ -174,7 +174,7 @@ def test_bad_inputs(tmp_path, zoo):
     candidates = make_candidates(tmp_path / "c", {0: GROUP_0, 1: GROUP_1, 2: [(1, 0, (0.3, 20.0, 5.0))]})
     with pytest.raises(SystemExit, match="group 2 has no original-prompt image"):
         run_filter(candidates, tmp_path / "a")
-    rows = run_filter(candidates, tmp_path / "b", "--skip_invalid")
+    run_filter(candidates, tmp_path / "b", "--skip_invalid")
     assert json.loads((tmp_path / "b" / "crf_report.json").read_text())["skipped"]["group_without_original"] == 1
 
     # a reward not in rewards.jsonl is scored first; with weights that are not there, one clear error

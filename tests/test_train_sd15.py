@@ -9,9 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
+import craft_outputs as co
 import craft_training as ct
 import craft_utils as cu
-from conftest import REPO, TWO_PROCESSES, run_script
+from conftest import TWO_PROCESSES, run_script
 from make_tiny_models import make_training_set
 
 def train(zoo, data, out, *flags, check=True, launcher=None):
@@ -131,17 +132,17 @@ def test_lora_reduces_the_loss_and_its_files_load_in_fresh_pipelines(zoo, data, 
     assert "8 training images (weights from column 'weight' (sum 11.00))" in result.stdout + result.stderr
     base = StableDiffusionPipeline.from_pretrained(zoo / "sd15")
     before = fixed_batch_loss(base, data)
-    base.load_lora_weights(out, weight_name=ct.LORA_FILE)
+    base.load_lora_weights(out, weight_name=co.LORA_FILE)
     after = fixed_batch_loss(base, data)
     assert after < 0.95 * before  # attention-only LoRA on a random tiny UNet: a small but clear drop
 
     reference = generate_in_new_process(zoo / "sd15", tmp_path / "base.png")
-    for weight_name in (ct.LORA_FILE, ct.KOHYA_FILE):
+    for weight_name in (co.LORA_FILE, co.KOHYA_FILE):
         image = generate_in_new_process(zoo / "sd15", tmp_path / "lora.png", out, weight_name)
         assert np.abs(image - reference).mean() > 1.0
     from safetensors.torch import load_file
 
-    kohya = load_file(out / ct.KOHYA_FILE)
+    kohya = load_file(out / co.KOHYA_FILE)
     assert all(k.startswith("lora_unet_") for k in kohya) and any(k.endswith(".lora_down.weight") for k in kohya)
     assert {v.item() for k, v in kohya.items() if k.endswith(".alpha")} == {8.0}
     config = json.loads((out / "training_config.json").read_text())
@@ -181,14 +182,14 @@ def test_lora_resume_latest_equals_straight_and_two_processes_train(zoo, data, t
     train(zoo, data, tmp_path / "straight", *flags)
     first = train(zoo, data, tmp_path / "halves", *flags[:-4], "--max_train_steps", 2, "--checkpointing_steps", 2)
     assert first.returncode == 0
-    (tmp_path / "halves" / ct.LORA_FILE).unlink()
+    (tmp_path / "halves" / co.LORA_FILE).unlink()
     train(zoo, data, tmp_path / "halves", *flags, "--resume_from_checkpoint", "latest")
     assert sorted(d for d in os.listdir(tmp_path / "halves") if d.startswith("checkpoint")) == ["checkpoint-4"]
-    a, b = load_file(tmp_path / "straight" / ct.LORA_FILE), load_file(tmp_path / "halves" / ct.LORA_FILE)
+    a, b = load_file(tmp_path / "straight" / co.LORA_FILE), load_file(tmp_path / "halves" / co.LORA_FILE)
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
     result = train(zoo, data, tmp_path / "ddp", "--use_lora", "--max_train_steps", 2, launcher=TWO_PROCESSES)
-    assert "x 1 x 2 images" in result.stdout + result.stderr and (tmp_path / "ddp" / ct.LORA_FILE).exists()
+    assert "x 1 x 2 images" in result.stdout + result.stderr and (tmp_path / "ddp" / co.LORA_FILE).exists()
 
 
 def test_validation_grids_reward_curve_and_tensorboard(zoo, data, tmp_path):
@@ -211,13 +212,13 @@ def test_model_card_and_hub_upload_without_network(tmp_path, data):
                                         str(data), "--output_dir", str(tmp_path / "out"), "--push_to_hub",
                                         "--hub_model_id", "me/craft-sd15", "--use_lora"])
     os.makedirs(args.output_dir)
-    ct.write_model_card(args, True, {"num_images": 8, "weights": "w", "steps": 5})
+    co.write_model_card(args, True, {"num_images": 8, "weights": "w", "steps": 5})
     card = (tmp_path / "out" / "README.md").read_text()
     assert "base_model: base/model" in card and "- craft" in card and "- lora" in card
     assert 'pipe.load_lora_weights("me/craft-sd15"' in card
     with mock.patch("huggingface_hub.create_repo") as create_repo, mock.patch("huggingface_hub.upload_folder") as up:
         create_repo.return_value = SimpleNamespace(repo_id="me/craft-sd15")
-        assert ct.push_to_hub(args) == "me/craft-sd15"
+        assert co.push_to_hub(args) == "me/craft-sd15"
     kwargs = up.call_args.kwargs
     assert kwargs["repo_id"] == "me/craft-sd15" and kwargs["folder_path"] == args.output_dir
     assert "checkpoint-*" in kwargs["ignore_patterns"] and "logs/**" in kwargs["ignore_patterns"]

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import craft_outputs as co
 import craft_training as ct
 import craft_utils as cu
 from conftest import TWO_PROCESSES, run_script, subprocess_env
@@ -37,7 +38,8 @@ def test_time_ids_of_a_resized_cropped_flipped_image():
     # by hand: shorter side 60 -> 32, so width 100 -> int(32 * 100 / 60) = 53; the crop's left edge is drawn in
     # [0, 53 - 32]; a flip mirrors it to 53 - left - 32
     draw = random.Random(7)
-    top, left = draw.randint(0, 0), draw.randint(0, 21)
+    draw.randint(0, 0)  # the top edge: the resized height is the crop's
+    left = draw.randint(0, 21)
     assert original == (60, 100) and crop == (0, 53 - left - 32)
     unflipped, _, same = ct.preprocess(example, 32, center_crop=False, flip=False, crop_seed=7)
     assert same == (0, left) and torch.equal(pixels, unflipped.flip(-1))
@@ -89,13 +91,13 @@ def test_lora_reduces_the_loss_and_loads_in_a_fresh_sdxl_pipeline(zoo, data, tmp
           "--output_kohya_format", "--checkpointing_steps", 1000)
     pipe = StableDiffusionXLPipeline.from_pretrained(zoo / "sdxl")
     before = fixed_batch_loss(pipe, data)
-    pipe.load_lora_weights(out, weight_name=ct.LORA_FILE)
+    pipe.load_lora_weights(out, weight_name=co.LORA_FILE)
     assert fixed_batch_loss(pipe, data) < 0.95 * before
     reference = generate_in_new_process(zoo / "sdxl", tmp_path / "base.png")
-    for weight_name in (ct.LORA_FILE, ct.KOHYA_FILE):
+    for weight_name in (co.LORA_FILE, co.KOHYA_FILE):
         image = generate_in_new_process(zoo / "sdxl", tmp_path / "lora.png", out, weight_name)
         assert np.abs(image - reference).mean() > 1.0
-    assert all(k.startswith("lora_unet_") for k in load_file(out / ct.KOHYA_FILE))
+    assert all(k.startswith("lora_unet_") for k in load_file(out / co.KOHYA_FILE))
 
 
 def test_cached_and_uncached_training_match(zoo, data, tmp_path):
@@ -103,9 +105,9 @@ def test_cached_and_uncached_training_match(zoo, data, tmp_path):
     train(zoo, data, tmp_path / "cached", *flags, "--cache_latents", "yes")
     result = train(zoo, data, tmp_path / "uncached", *flags, "--cache_latents", "no")
     assert "latents encoded, text encoded each step" in result.stdout + result.stderr
-    a, b = load_file(tmp_path / "cached" / ct.LORA_FILE), load_file(tmp_path / "uncached" / ct.LORA_FILE)
+    a, b = load_file(tmp_path / "cached" / co.LORA_FILE), load_file(tmp_path / "uncached" / co.LORA_FILE)
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
-    base = load_file(tmp_path / "cached" / ct.LORA_FILE)
+    base = load_file(tmp_path / "cached" / co.LORA_FILE)
     assert any(v.abs().sum() > 0 for k, v in base.items() if "lora.up" in k)  # the LoRA moved from zero
 
 
@@ -120,16 +122,16 @@ def test_train_text_encoder_resumes_exactly(zoo, data, tmp_path):
             path = tmp_path / "halves" / name
             shutil.rmtree(path) if path.is_dir() else path.unlink()
     train(zoo, data, tmp_path / "halves", *flags, "--resume_from_checkpoint", "checkpoint-2")
-    a, b = load_file(tmp_path / "straight" / ct.LORA_FILE), load_file(tmp_path / "halves" / ct.LORA_FILE)
+    a, b = load_file(tmp_path / "straight" / co.LORA_FILE), load_file(tmp_path / "halves" / co.LORA_FILE)
     assert {k.split(".")[0] for k in a} == {"unet", "text_encoder", "text_encoder_2"}
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    kohya = load_file(tmp_path / "straight" / ct.KOHYA_FILE)
+    kohya = load_file(tmp_path / "straight" / co.KOHYA_FILE)
     assert {k.split("_")[1] for k in kohya} == {"unet", "te1", "te2"}
 
 
 def test_two_processes_and_model_kind_check(zoo, data, tmp_path):
     result = train(zoo, data, tmp_path / "ddp", "--max_train_steps", 2, launcher=TWO_PROCESSES)
-    assert "x 1 x 2 images" in result.stdout + result.stderr and (tmp_path / "ddp" / ct.LORA_FILE).exists()
+    assert "x 1 x 2 images" in result.stdout + result.stderr and (tmp_path / "ddp" / co.LORA_FILE).exists()
     result = run_script("train_craft_sdxl_lora.py", "--pretrained_model_name_or_path", zoo / "sd15",
                         "--train_data_dir", data, "--output_dir", tmp_path / "x", check=False)
     assert result.returncode != 0
