@@ -19,18 +19,7 @@ test: setup
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest tests
 
 demo: setup
-	HF_HUB_OFFLINE=1 $(PYTHON) tools/make_tiny_models.py $(DEMO)/models
-	HF_HUB_OFFLINE=1 $(PYTHON) generate_candidates.py --pretrained_model_name_or_path $(DEMO)/models/sd15 \
-		--prompts_file examples/demo_prompts.txt --num_variants 3 --num_images_per_prompt 2 \
-		--num_inference_steps 10 --output_dir $(DEMO)/candidates_sd15
-	HF_HUB_OFFLINE=1 $(PYTHON) generate_candidates.py --pretrained_model_name_or_path $(DEMO)/models/sdxl \
-		--prompts_file examples/demo_prompts.txt --num_variants 3 --num_images_per_prompt 2 \
-		--num_inference_steps 10 --guidance_scale 5.0 --output_dir $(DEMO)/candidates_sdxl
-	HF_HUB_OFFLINE=1 $(PYTHON) eval_rewards.py --images_dir $(DEMO)/candidates_sd15 --rewards jpeg
-	HF_HUB_OFFLINE=1 $(PYTHON) crf_filter.py --candidates_dir $(DEMO)/candidates_sd15 --output_dir $(DEMO)/filtered \
-		--filter_rewards jpeg --overwrite
-	@echo "candidates: $(DEMO)/candidates_sd15 and $(DEMO)/candidates_sdxl (images + metadata.jsonl + rewards.jsonl)"
-	@echo "filtered training set: $(DEMO)/filtered (metadata.jsonl, crf_report.json, crf_preview.png)"
+	HF_HUB_OFFLINE=1 $(PYTHON) tools/run_demo.py --output_dir $(DEMO)
 
 clean:
 	rm -rf $(DEMO)

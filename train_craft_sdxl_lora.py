@@ -34,9 +34,9 @@ def parse_args(input_args=None):
 
 def text_encoder_class(path, subfolder, revision):
     import transformers
-    from transformers import PretrainedConfig
+    from transformers import AutoConfig
 
-    config = PretrainedConfig.from_pretrained(path, subfolder=subfolder, revision=revision)
+    config = AutoConfig.from_pretrained(path, subfolder=subfolder, revision=revision)
     return getattr(transformers, config.architectures[0])
 
 
