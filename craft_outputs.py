@@ -24,7 +24,6 @@ def save_lora(pipeline_class, folder, unet, text_encoders):
     pipeline_class.save_lora_weights(folder, **layers)
 
 
-
 def register_checkpoint_hooks(accelerator, unet, seam, is_lora, ema):
     """Checkpoints hold the trainable weights in diffusers' own formats (LoRA file / unet folder), not a pickle."""
     import torch
@@ -75,7 +74,6 @@ def register_checkpoint_hooks(accelerator, unet, seam, is_lora, ema):
     accelerator.register_load_state_pre_hook(load)
 
 
-
 def find_checkpoint(args):
     """'latest' -> newest checkpoint-N in output_dir (None if there is none); else an existing folder."""
     if args.resume_from_checkpoint == "latest":
@@ -88,7 +86,6 @@ def find_checkpoint(args):
     cu.fail(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such folder (absolute, or in {args.output_dir})")
 
 
-
 def save_checkpoint(accelerator, args, step):
     if args.checkpoints_total_limit is not None and accelerator.is_main_process:
         old = sorted((d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-")),
@@ -96,7 +93,6 @@ def save_checkpoint(accelerator, args, step):
         for folder in old[: max(len(old) - args.checkpoints_total_limit + 1, 0)]:
             shutil.rmtree(os.path.join(args.output_dir, folder))
     accelerator.save_state(os.path.join(args.output_dir, f"checkpoint-{step}"))
-
 
 
 def load_validation_rewards(args, accelerator):
@@ -107,14 +103,12 @@ def load_validation_rewards(args, accelerator):
     return {name: craft_rewards.load_reward(name, args, accelerator.device) for name in args.validation_reward_names}
 
 
-
 def validation_pipeline(args, accelerator, unet, vae, seam):
     pipe = seam.pipeline_class.from_pretrained(
         args.pretrained_model_name_or_path, unet=accelerator.unwrap_model(unet), vae=vae, revision=args.revision,
         variant=args.variant, **seam.components, **seam.pipeline_kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(accelerator.device)
-
 
 
 def validate(args, accelerator, unet, vae, seam, rewards, step, ema=None):
@@ -167,7 +161,6 @@ def validate(args, accelerator, unet, vae, seam, rewards, step, ema=None):
         ct.offload(seam, vae, "cpu")
 
 
-
 def image_grid(images, columns):
     from PIL import Image
 
@@ -177,7 +170,6 @@ def image_grid(images, columns):
     for i, image in enumerate(images):
         grid.paste(image, ((i % columns) * width, (i // columns) * height))
     return grid
-
 
 
 def save_outputs(args, unet, vae, seam, is_lora, text_encoders):
@@ -204,7 +196,6 @@ def save_outputs(args, unet, vae, seam, is_lora, text_encoders):
         pipe.save_pretrained(args.output_dir)
 
 
-
 def write_training_config(args, stats):
     import diffusers
     import torch
@@ -216,7 +207,6 @@ def write_training_config(args, stats):
     cu.write_json_atomic(os.path.join(args.output_dir, "training_config.json"), {
         "args": {k: v for k, v in vars(args).items() if k != "hub_token"}, "data": stats, "crf_report": report,
         "versions": {"diffusers": diffusers.__version__, "torch": torch.__version__}})
-
 
 
 def write_model_card(args, is_lora, stats):
@@ -254,7 +244,6 @@ def write_model_card(args, is_lora, stats):
         template_path=MODEL_CARD_TEMPLATE_PATH, model_description=description)
     tags = ["text-to-image", "diffusers", "craft", "diffusers-training"] + (["lora"] if is_lora else [])
     populate_model_card(card, tags=tags).save(os.path.join(args.output_dir, "README.md"))
-
 
 
 def push_to_hub(args):

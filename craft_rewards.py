@@ -318,6 +318,36 @@ def jpeg_compressibility(args, device, dtype):
     return score
 
 
+# The palette of the demo's drawings (tools/pretrain_tiny_model.py draws with it, the "color" reward reads it).
+NAMED_COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 210, 40),
+                 "purple": (140, 60, 180), "orange": (245, 140, 30)}
+
+
+@register("color")
+def colour_match(args, device, dtype):
+    """Prompt alignment without weights, for drawings of coloured shapes (the demo): the share of pixels near the
+    colour the prompt names minus the share near the palette's other colours (within RGB distance 60); in [-1, 1],
+    0 for a prompt that names no palette colour."""
+    import numpy as np
+
+    palette = np.array(list(NAMED_COLOURS.values()), dtype=np.float32)
+    names = list(NAMED_COLOURS)
+
+    def score(images, prompts):
+        scores = []
+        for image, prompt in zip(_rgb(images), prompts):
+            named = [i for i, name in enumerate(names) if name in prompt.lower().split()]
+            if not named:
+                scores.append(0.0)
+                continue
+            pixels = np.asarray(image, dtype=np.float32).reshape(-1, 1, 3)
+            near = (np.linalg.norm(pixels - palette[None], axis=-1) < 60).mean(axis=0)  # share per palette colour
+            scores.append(float(near[named[0]] - np.delete(near, named[0]).sum()))
+        return scores
+
+    return score
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # ImageReward through the `image-reward` package (BLIP ViT + BERT cross-encoder + MLP)
 

@@ -138,3 +138,14 @@ def test_unknown_reward_and_missing_weights_are_clear_errors(zoo, tmp_path):
     args.hpsv2_checkpoint = "xswu/HPSv2/HPS_v2.1_compressed.pt"  # offline: the Hub can't be reached
     with pytest.raises(SystemExit, match=r"with HF_HUB_OFFLINE=1 only local files work"):
         cr.load_reward("hpsv2.1", args, "cpu")
+
+
+def test_color_is_the_named_colour_share_minus_the_other_colours(zoo):
+    image = Image.new("RGB", (10, 10), "white")
+    pixels = image.load()
+    for i in range(30):
+        pixels[i % 10, i // 10] = (225, 45, 35)  # near red
+    for i in range(10):
+        pixels[i, 5] = (40, 80, 220)  # blue
+    score = cr.load_reward("color", reward_args(zoo), "cpu")
+    assert score([image, image, image], ["a red circle", "a blue star", "a cat"]) == pytest.approx([0.2, -0.2, 0.0])

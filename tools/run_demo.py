@@ -1,14 +1,22 @@
 #!/usr/bin/env python
-"""The newcomer's demo: every CRAFT stage, through the real scripts, on tiny local models (CPU, no downloads).
+"""The newcomer's demo: CRAFT aligns a tiny text-to-image model on this CPU, through the real scripts.
 
-    python tools/run_demo.py [--output_dir demo_output] [--num_prompts 6]
+    python tools/run_demo.py [--output_dir demo_output]
 
-tiny model zoo -> prompts -> generate_candidates.py (template rewrites, several seeds) -> eval_rewards.py ->
-crf_filter.py -> train_craft_sd15.py (LoRA) and train_craft_sdxl_lora.py -> eval_rewards.py on held-out prompts,
-tuned vs base on the same seeds. Prints where each artefact is.
+The model is models/tiny-shapes-sd15, pretrained by tools/pretrain_tiny_model.py to draw "a {colour} {shape}
+{place}" (shipped, so nothing trains it here). The rewards need no weights: `color` (does the image show the colour
+the prompt names) and `jpeg` (compressibility). Stages:
+
+  generate_candidates.py (template rewrites, several seeds) -> eval_rewards.py -> crf_filter.py -> train_craft_sd15.py
+  -> eval_rewards.py on held-out prompts, tuned vs base on the same seeds
+
+and, for comparison, plain SFT on all the candidates (crf_filter.py --mode none, the paper's unfiltered ablation).
+The SDXL LoRA script also runs, on the zoo's random SDXL model (that only proves the code path). Prints the
+before/after table and where each artefact is.
 """
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -16,18 +24,20 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tools"))
+sys.path.insert(0, REPO)
+MODEL = os.path.join(REPO, "models", "tiny-shapes-sd15")
+SHAPES = ("circle", "square", "triangle", "star")
+PLACES = ("on the left", "on the right", "at the top", "at the bottom", "in the center")
 
-COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
-SHAPES = ["circle", "square", "triangle", "star"]
-PLACES = ["on the left", "on the right", "at the top", "at the bottom", "in the center"]
 
+def prompt_sets(count):
+    """Training and held-out prompts: every (colour, shape) pair, with places that differ between the two sets."""
+    from craft_rewards import NAMED_COLOURS
 
-def prompts(count, offset):
-    """Prompts naming a colour, a shape and a place; `offset` gives a disjoint held-out set."""
-    out = []
-    for i in range(offset, offset + count):
-        out.append(f"a {COLOURS[i % 6]} {SHAPES[(i // 6) % 4]} {PLACES[(i // 24 + i) % 5]}")
-    return out
+    pairs = [(colour, shape) for shape in SHAPES for colour in NAMED_COLOURS][:count]
+    train = [f"a {c} {s} {PLACES[i % 5]}" for i, (c, s) in enumerate(pairs)]
+    heldout = [f"a {c} {s} {PLACES[(i + 2) % 5]}" for i, (c, s) in enumerate(pairs)]
+    return train, heldout
 
 
 def step(title, script, *args):
@@ -35,63 +45,117 @@ def step(title, script, *args):
     started = time.time()
     command = [sys.executable, os.path.join(REPO, script), *map(str, args)]
     result = subprocess.run(command, env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=subprocess.PIPE, text=True)
-    print(result.stdout.strip().splitlines()[-1] if result.stdout.strip() else "", flush=True)
     if result.returncode != 0:
         raise SystemExit(f"demo stopped: {script} failed (its error is above)")
-    print(f"   ({time.time() - started:.0f} s)", flush=True)
-    return result.stdout
+    print(f"{result.stdout.strip().splitlines()[-1]}  ({time.time() - started:.0f} s)", flush=True)
 
 
-def main():
+def before_after(out, base_dir, tuned_dir, count):
+    """Base (top) and CRAFT (bottom) images for the first held-out prompts, same seeds."""
+    import craft_utils as cu
+    from PIL import Image
+
+    rows = [r for r in cu.read_jsonl(os.path.join(base_dir, "metadata.jsonl")) if r["image_index"] == 0][:count]
+    grid = Image.new("RGB", (64 * len(rows), 128), "white")
+    for x, row in enumerate(rows):
+        for y, folder in enumerate((base_dir, tuned_dir)):
+            grid.paste(Image.open(os.path.join(folder, row["file_name"])).convert("RGB"), (64 * x, 64 * y))
+    path = os.path.join(out, "before_after.png")
+    grid.resize((grid.width * 2, grid.height * 2), Image.NEAREST).save(path)
+    return path
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="demo_output")
-    parser.add_argument("--num_prompts", type=int, default=6)
-    parser.add_argument("--steps", type=int, default=30, help="training steps")
-    args = parser.parse_args()
+    parser.add_argument("--num_prompts", type=int, default=24, help="training prompts (and as many held out)")
+    parser.add_argument("--num_images_per_prompt", type=int, default=2, help="candidate seeds per prompt text")
+    parser.add_argument("--eval_images_per_prompt", type=int, default=4)
+    parser.add_argument("--num_inference_steps", type=int, default=15)
+    parser.add_argument("--train_steps", type=int, default=60)
+    parser.add_argument("--model", default=MODEL, help="the pretrained tiny SD1.5-style pipeline")
+    args = parser.parse_args(argv)
     from make_tiny_models import make_zoo
 
+    if not os.path.isfile(os.path.join(args.model, "model_index.json")):
+        raise SystemExit(f"error: the demo's pretrained model {args.model} is missing; make it with "
+                         f"`python tools/pretrain_tiny_model.py {args.model} --vae_steps 300 --batch_size 16 "
+                         "--unet_steps 1500` (~25 min on 2 cores)")
     started = time.time()
     out = args.output_dir
-    models = os.path.join(out, "models")
-    if not os.path.isdir(os.path.join(models, "sd15")):
-        make_zoo(models)
     os.makedirs(out, exist_ok=True)
-    for name, chosen in (("train_prompts.txt", prompts(args.num_prompts, 0)),
-                         ("heldout_prompts.txt", prompts(args.num_prompts, 100))):
+    train_prompts, heldout_prompts = prompt_sets(args.num_prompts)
+    for name, prompts in (("train_prompts.txt", train_prompts), ("heldout_prompts.txt", heldout_prompts)):
         with open(os.path.join(out, name), "w") as f:
-            f.write("\n".join(chosen) + "\n")
-    sd15 = os.path.join(models, "sd15")
-    rewards = ["--rewards", "jpeg"]
-    sampling = ["--num_inference_steps", 10, "--num_images_per_prompt", 2]
-    step("1-3. candidates", "generate_candidates.py", "--pretrained_model_name_or_path", sd15, "--prompts_file",
-         os.path.join(out, "train_prompts.txt"), "--num_variants", 3, "--output_dir", os.path.join(out, "candidates"),
-         *sampling)
-    step("4. rewards", "eval_rewards.py", "--images_dir", os.path.join(out, "candidates"), *rewards)
-    step("5-6. composite reward filter", "crf_filter.py", "--candidates_dir", os.path.join(out, "candidates"),
-         "--output_dir", os.path.join(out, "filtered"), "--filter_rewards", "jpeg", "--overwrite")
-    training = ["--train_data_dir", os.path.join(out, "filtered"), "--resolution", 64, "--train_batch_size", 4,
-                "--max_train_steps", args.steps, "--learning_rate", 1e-3, "--report_to", "none",
-                "--checkpointing_steps", 1000, "--overwrite_output_dir", "--validation_prompt",
-                prompts(1, 100)[0], "--num_validation_images", 4, "--validation_epochs", 1000,
-                "--validation_inference_steps", 10]
-    step("7. CRAFT fine-tune (SD1.5, LoRA)", "train_craft_sd15.py", "--pretrained_model_name_or_path", sd15,
-         "--use_lora", "--rank", 8, "--output_dir", os.path.join(out, "craft-sd15-lora"), *training)
-    step("7. CRAFT fine-tune (SDXL, LoRA)", "train_craft_sdxl_lora.py", "--pretrained_model_name_or_path",
-         os.path.join(models, "sdxl"), "--output_dir", os.path.join(out, "craft-sdxl-lora"), *training)
-    heldout = ["--prompts_file", os.path.join(out, "heldout_prompts.txt"), *sampling, *rewards, "--overwrite"]
-    step("8. base model on held-out prompts", "eval_rewards.py", "--pretrained_model_name_or_path", sd15,
-         "--output_dir", os.path.join(out, "eval_base"), *heldout)
-    report = step("8. tuned model on the same prompts and seeds", "eval_rewards.py", "--pretrained_model_name_or_path",
-                  sd15, "--lora_path", os.path.join(out, "craft-sd15-lora"), "--output_dir",
-                  os.path.join(out, "eval_craft"), "--compare_to", os.path.join(out, "eval_base"), *heldout)
-    print("\n" + report.split("Against")[-1].strip() if "Against" in report else "")
-    print(f"\ndemo finished in {time.time() - started:.0f} s. Artefacts:")
-    for path, what in (("candidates/", "self-generated candidates, rewards.jsonl, rewards_hist.png"),
-                       ("filtered/", "the CRAFT training set, crf_report.json, crf_preview.png"),
-                       ("craft-sd15-lora/", "LoRA, training_config.json, validation grid, model card"),
-                       ("craft-sdxl-lora/", "SDXL LoRA"),
-                       ("eval_craft/", "rewards_summary.md (tuned vs base), rewards_hist.png")):
-        print(f"  {os.path.join(out, path):40s} {what}")
+            f.write("\n".join(prompts) + "\n")
+    path = lambda *parts: os.path.join(out, *parts)  # noqa: E731
+    sampling = ["--num_inference_steps", args.num_inference_steps, "--guidance_scale", 7.5]
+    rewards = ["--rewards", "color,jpeg"]
+
+    step("1-3. candidates: each prompt and 3 rewrites, several seeds", "generate_candidates.py",
+         "--pretrained_model_name_or_path", args.model, "--prompts_file", path("train_prompts.txt"),
+         "--num_variants", 3, "--num_images_per_prompt", args.num_images_per_prompt, "--output_dir",
+         path("candidates"), *sampling)
+    step("4. rewards", "eval_rewards.py", "--images_dir", path("candidates"), *rewards)
+    step("5-6. composite reward filter: rewrites that beat the original on color AND jpeg", "crf_filter.py",
+         "--candidates_dir", path("candidates"), "--output_dir", path("filtered"), "--filter_rewards", "color,jpeg",
+         "--overwrite")
+    step("   ablation: every candidate, weight 1 (plain SFT)", "crf_filter.py", "--candidates_dir",
+         path("candidates"), "--output_dir", path("unfiltered"), "--filter_rewards", "color,jpeg", "--mode", "none",
+         "--overwrite")
+    training = ["--pretrained_model_name_or_path", args.model, "--resolution", 64, "--train_batch_size", 8,
+                "--max_train_steps", args.train_steps, "--learning_rate", 1e-4, "--lr_warmup_steps", 5,
+                "--report_to", "none", "--checkpointing_steps", 100000, "--overwrite_output_dir", "--center_crop",
+                "--validation_prompt", heldout_prompts[0], "--num_validation_images", 4,
+                "--validation_epochs", 100000, "--validation_inference_steps", args.num_inference_steps,
+                "--validation_rewards", "color"]
+    step("7. CRAFT fine-tune (full UNet, advantage weights)", "train_craft_sd15.py", "--train_data_dir",
+         path("filtered"), "--output_dir", path("craft-sd15"), *training)
+    step("   ablation: plain SFT on every candidate", "train_craft_sd15.py", "--train_data_dir", path("unfiltered"),
+         "--output_dir", path("sft-sd15"), *training)
+    zoo = path("zoo")
+    if not os.path.isdir(os.path.join(zoo, "sdxl")):
+        make_zoo(zoo)
+    step("7. SDXL LoRA script on the zoo's random SDXL model (code path only)", "train_craft_sdxl_lora.py",
+         "--pretrained_model_name_or_path", os.path.join(zoo, "sdxl"), "--train_data_dir", path("filtered"),
+         "--output_dir", path("craft-sdxl-lora"), "--resolution", 64, "--train_batch_size", 4, "--max_train_steps",
+         5, "--report_to", "none", "--overwrite_output_dir", "--checkpointing_steps", 100000)
+    heldout = ["--prompts_file", path("heldout_prompts.txt"), "--num_images_per_prompt", args.eval_images_per_prompt,
+               *sampling, *rewards, "--overwrite"]
+    step("8. base model on held-out prompts", "eval_rewards.py", "--pretrained_model_name_or_path", args.model,
+         "--output_dir", path("eval_base"), *heldout)
+    results = {}
+    for name in ("craft", "sft"):
+        step(f"8. {name} model, same prompts and seeds", "eval_rewards.py", "--pretrained_model_name_or_path",
+             path(f"{name}-sd15"), "--output_dir", path(f"eval_{name}"), "--compare_to", path("eval_base"), *heldout)
+        with open(path(f"eval_{name}", "rewards_summary.json")) as f:
+            results[name] = json.load(f)["comparison"]
+    grid = before_after(out, path("eval_base"), path("eval_craft"), 8)
+
+    with open(path("filtered", "crf_report.json")) as f:
+        report = json.load(f)
+    lines = [f"\nHeld-out prompts: {results['craft']['pairs']} (prompt, seed) pairs; CRAFT trained on {report['kept']} "
+             f"filtered images of {report['candidates']} candidates, plain SFT on all {report['candidates']}.", "",
+             "| reward | base | CRAFT | delta +- s.e. | win | plain SFT | delta +- s.e. | win |",
+             "|---|---|---|---|---|---|---|---|"]
+    for reward in ("color", "jpeg"):
+        c, s = results["craft"]["rewards"][reward], results["sft"]["rewards"][reward]
+        lines.append(f"| {reward} | {c['baseline_mean']:.4f} | {c['mean']:.4f} | {c['mean_delta']:+.4f} +- "
+                     f"{c['stderr']:.4f} | {c['win_rate']:.0%} | {s['mean']:.4f} | {s['mean_delta']:+.4f} +- "
+                     f"{s['stderr']:.4f} | {s['win_rate']:.0%} |")
+    table = "\n".join(lines) + "\n"
+    with open(path("demo_results.md"), "w") as f:
+        f.write(table)
+    print(table)
+    print(f"demo finished in {time.time() - started:.0f} s. Artefacts:")
+    for where, what in (("candidates/", "self-generated candidates, rewards.jsonl, rewards_hist.png"),
+                        ("filtered/", "the CRAFT training set, crf_report.json, crf_preview.png"),
+                        ("craft-sd15/", "the tuned pipeline, training_config.json, validation grid, model card"),
+                        ("eval_craft/", "rewards_summary.md (tuned vs base), rewards_hist.png"),
+                        ("before_after.png", "base (top) and CRAFT (bottom), same held-out prompts and seeds"),
+                        ("demo_results.md", "the table above")):
+        print(f"  {path(where):34s} {what}")
+    return results, grid
 
 
 if __name__ == "__main__":

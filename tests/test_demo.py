@@ -1,0 +1,51 @@
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+import craft_utils as cu
+from conftest import REPO, run_script
+
+MODEL = os.path.join(REPO, "models", "tiny-shapes-sd15")
+
+
+def test_pretraining_script_is_seeded_and_writes_a_pipeline(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    flags = ("--vae_steps", 2, "--unet_steps", 2, "--batch_size", 4)
+    for name in ("a", "b"):
+        run_script("tools/pretrain_tiny_model.py", tmp_path / name, *flags)
+    a, b = (StableDiffusionPipeline.from_pretrained(tmp_path / name) for name in ("a", "b"))
+    assert all(torch.equal(x, y) for x, y in zip(a.unet.state_dict().values(), b.unet.state_dict().values()))
+    assert a.vae.config.scaling_factor != 0.18215  # fitted to the drawings' latents
+
+
+def test_the_drawings_name_what_they_show():
+    import random
+
+    import craft_rewards as cr
+    from pretrain_tiny_model import draw
+
+    score = cr.REWARDS["color"](None, "cpu", None)
+    image = draw("blue", "star", "on the left", random.Random(0))
+    left, right = image.crop((0, 0, 32, 64)), image.crop((32, 0, 64, 64))
+    assert score([image], ["a blue star"])[0] > 0.03 and score([image], ["a red star"])[0] < 0
+    assert score([left], ["a blue star"])[0] > score([right], ["a blue star"])[0]
+
+
+@pytest.mark.skipif(not os.path.isdir(MODEL), reason="the shipped tiny pretrained model is missing")
+def test_reduced_demo_writes_every_artefact_and_improves_the_filtering_reward(tmp_path):
+    import run_demo
+
+    out = tmp_path / "demo"
+    results, grid = run_demo.main(["--output_dir", str(out), "--num_prompts", 12, "--num_images_per_prompt", 2,
+                                   "--eval_images_per_prompt", 2, "--num_inference_steps", 10, "--train_steps", 30])
+    for artefact in ("candidates/rewards.jsonl", "candidates/rewards_hist.png", "filtered/crf_report.json",
+                     "filtered/crf_preview.png", "craft-sd15/model_index.json", "craft-sd15/training_config.json",
+                     "sft-sd15/model_index.json", "craft-sdxl-lora/pytorch_lora_weights.safetensors",
+                     "eval_craft/rewards_summary.md", "eval_craft/rewards_hist.png", "demo_results.md"):
+        assert (out / artefact).exists(), artefact
+    assert Image.open(grid).size == (2 * 64 * 8, 2 * 128)
+    assert len(cu.read_jsonl(out / "filtered" / "metadata.jsonl")) > 0
+    assert results["craft"]["rewards"]["color"]["mean_delta"] > 0

@@ -1,0 +1,152 @@
+#!/usr/bin/env python
+"""Pretrain the demo's tiny text-to-image model on coloured shapes that it draws itself.
+
+A random tiny pipeline turns every latent into the same noise, so no reward can move on it. This script trains an
+SD1.5-style pipeline (64x64 images) from scratch: first the VAE on the drawings, then the UNet on their latents
+with captions "a {colour} {shape} {place}" (the tiny CLIP text encoder stays frozen and random; 10% empty captions
+keep classifier-free guidance working). Seeded: the same command on the same machine writes the same weights.
+
+    python tools/pretrain_tiny_model.py models/tiny-shapes-sd15            # the shipped weights (a GPU: ~1 min)
+    python tools/pretrain_tiny_model.py /tmp/m --vae_steps 5 --unet_steps 5 # a quick check
+"""
+
+import argparse
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from craft_rewards import NAMED_COLOURS  # noqa: E402
+from make_tiny_models import clip_text_config, make_clip_tokenizer, tiny_scheduler, tiny_vae  # noqa: E402
+
+COLOURS = NAMED_COLOURS
+SHAPES = ("circle", "square", "triangle", "star")
+PLACES = {"on the left": (18, 32), "on the right": (46, 32), "at the top": (32, 18), "at the bottom": (32, 46),
+          "in the center": (32, 32)}
+
+
+def draw(colour, shape, place, rng):
+    """One 64x64 drawing: a shape of the named colour at the named place (jittered), on white."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (64, 64), "white")
+    pen = ImageDraw.Draw(image)
+    x, y = PLACES[place]
+    x, y, r = x + rng.randint(-3, 3), y + rng.randint(-3, 3), rng.randint(9, 13)
+    fill = COLOURS[colour]
+    if shape == "circle":
+        pen.ellipse([x - r, y - r, x + r, y + r], fill=fill)
+    elif shape == "square":
+        pen.rectangle([x - r, y - r, x + r, y + r], fill=fill)
+    elif shape == "triangle":
+        pen.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=fill)
+    else:
+        points = [(x + (r if i % 2 == 0 else r / 2.2) * math.sin(i * math.pi / 5),
+                   y - (r if i % 2 == 0 else r / 2.2) * math.cos(i * math.pi / 5)) for i in range(10)]
+        pen.polygon(points, fill=fill)
+    return image
+
+
+def batch_of(size, rng):
+    """Pixels in [-1, 1] and captions for `size` random drawings."""
+    images, captions = [], []
+    for _ in range(size):
+        colour, shape, place = rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(list(PLACES))
+        images.append(torch.from_numpy(np.asarray(draw(colour, shape, place, rng))))
+        captions.append(f"a {colour} {shape} {place}")
+    pixels = torch.stack(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return pixels, captions
+
+
+def train_vae(vae, steps, batch_size, device, rng, log):
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0)
+    for step in range(steps):
+        pixels, _ = batch_of(batch_size, rng)
+        pixels = pixels.to(device)
+        posterior = vae.encode(pixels).latent_dist
+        reconstruction = vae.decode(posterior.sample()).sample
+        loss = torch.nn.functional.mse_loss(reconstruction, pixels) + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 100 == 0 or step == steps - 1:
+            log(f"vae step {step}: reconstruction MSE {loss.item():.4f}")
+    with torch.no_grad():  # scale latents to unit variance, as SD's scaling_factor does
+        latents = vae.encode(batch_of(256, rng)[0].to(device)).latent_dist.mean
+    vae.register_to_config(scaling_factor=float(1 / latents.std()))
+
+
+def train_unet(unet, vae, text_encoder, tokenizer, scheduler, steps, batch_size, device, rng, log):
+    from diffusers import DDPMScheduler
+
+    noise_scheduler = DDPMScheduler.from_config(scheduler.config)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=1e-2)
+    lr = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 200) * 0.5 * (1 + math.cos(
+        math.pi * s / max(steps, 1))))
+    generator = torch.Generator().manual_seed(rng.randint(0, 2**31))
+    for step in range(steps):
+        pixels, captions = batch_of(batch_size, rng)
+        captions = ["" if rng.random() < 0.1 else c for c in captions]
+        with torch.no_grad():
+            latents = vae.encode(pixels.to(device)).latent_dist.sample(generator=None) * vae.config.scaling_factor
+            ids = tokenizer(captions, padding="max_length", max_length=77, return_tensors="pt").input_ids
+            text = text_encoder(ids.to(device))[0]
+        noise = torch.randn(latents.shape, generator=generator).to(device)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,),
+                                  generator=generator).to(device)
+        prediction = unet(noise_scheduler.add_noise(latents, noise, timesteps), timesteps, text).sample
+        loss = torch.nn.functional.mse_loss(prediction, noise)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        lr.step()
+        if step % 250 == 0 or step == steps - 1:
+            log(f"unet step {step}: loss {loss.item():.4f}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("output_dir")
+    parser.add_argument("--vae_steps", type=int, default=1500)
+    parser.add_argument("--unet_steps", type=int, default=6000)
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    started = time.time()
+
+    def log(message):
+        print(f"[{time.time() - started:6.0f} s] {message}", flush=True)
+
+    rng = random.Random(args.seed)
+    torch.manual_seed(args.seed)
+    tokenizer = make_clip_tokenizer(os.path.join(args.output_dir, "tokenizer"))
+    text_encoder = CLIPTextModel(clip_text_config(len(tokenizer))).to(device).eval().requires_grad_(False)
+    vae = tiny_vae().to(device)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=(2, 4), norm_num_groups=32).to(device)
+    scheduler = tiny_scheduler()
+    train_vae(vae, args.vae_steps, args.batch_size, device, rng, log)
+    vae.eval().requires_grad_(False)
+    train_unet(unet, vae, text_encoder, tokenizer, scheduler, args.unet_steps, args.batch_size, device, rng, log)
+    pipe = StableDiffusionPipeline(unet=unet.eval(), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   image_encoder=None, requires_safety_checker=False)
+    pipe.to("cpu").save_pretrained(args.output_dir)
+    log(f"saved to {args.output_dir}")
+
+
+if __name__ == "__main__":
+    main()
