@@ -70,7 +70,7 @@ def main(argv=None):
     parser.add_argument("--output_dir", default="demo_output")
     parser.add_argument("--num_prompts", type=int, default=24, help="training prompts (and as many held out)")
     parser.add_argument("--num_images_per_prompt", type=int, default=2, help="candidate seeds per prompt text")
-    parser.add_argument("--eval_images_per_prompt", type=int, default=4)
+    parser.add_argument("--eval_images_per_prompt", type=int, default=2)
     parser.add_argument("--num_inference_steps", type=int, default=15)
     parser.add_argument("--train_steps", type=int, default=60)
     parser.add_argument("--model", default=MODEL, help="the pretrained tiny SD1.5-style pipeline")
@@ -79,8 +79,7 @@ def main(argv=None):
 
     if not os.path.isfile(os.path.join(args.model, "model_index.json")):
         raise SystemExit(f"error: the demo's pretrained model {args.model} is missing; make it with "
-                         f"`python tools/pretrain_tiny_model.py {args.model} --vae_steps 300 --batch_size 16 "
-                         "--unet_steps 1500` (~25 min on 2 cores)")
+                         f"`python tools/pretrain_tiny_model.py {args.model}` (~25 min on 2 cores)")
     started = time.time()
     out = args.output_dir
     os.makedirs(out, exist_ok=True)
