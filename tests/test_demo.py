@@ -39,8 +39,9 @@ def test_reduced_demo_writes_every_artefact_and_the_comparison(tmp_path):
     import run_demo
 
     out = tmp_path / "demo"
-    results, grid = run_demo.main(["--output_dir", str(out), "--num_prompts", 6, "--num_images_per_prompt", 2,
-                                   "--eval_images_per_prompt", 1, "--num_inference_steps", 8, "--train_steps", 10])
+    flags = ["--output_dir", out, "--num_prompts", 6, "--num_images_per_prompt", 2, "--eval_images_per_prompt", 1,
+             "--num_inference_steps", 8, "--train_steps", 10]
+    results, grid = run_demo.main([str(flag) for flag in flags])
     for artefact in ("candidates/rewards.jsonl", "candidates/rewards_hist.png", "filtered/crf_report.json",
                      "filtered/crf_preview.png", "craft-sd15/model_index.json", "craft-sd15/training_config.json",
                      "sft-sd15/model_index.json", "craft-sdxl-lora/pytorch_lora_weights.safetensors",

@@ -129,7 +129,7 @@ def test_batching_gives_the_same_scores_as_one_by_one(zoo, images, name):
 
 
 def test_unknown_reward_and_missing_weights_are_clear_errors(zoo, tmp_path):
-    with pytest.raises(SystemExit, match=r"--rewards: unknown reward hps; valid: aesthetic, clip, hpsv2.0, hpsv2.1"):
+    with pytest.raises(SystemExit, match=r"unknown reward hps; valid: aesthetic, clip, color, hpsv2.0, hpsv2.1"):
         cr.parse_reward_names("hps,jpeg")
     args = reward_args(zoo)
     args.hpsv2_checkpoint = str(tmp_path / "HPS_v2.1_compressed.pt")
