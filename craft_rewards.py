@@ -113,8 +113,6 @@ def _normalized(features):
 
 def read_folder(folder, caption_column):
     """Rows of an imagefolder with the text each image is scored against; every bad row is refused up front."""
-    from PIL import Image
-
     metadata = os.path.join(folder, cu.METADATA)
     if not os.path.isdir(folder):
         cu.fail(f"{folder} does not exist")
@@ -129,13 +127,7 @@ def read_folder(folder, caption_column):
         if not isinstance(text, str) or not text.strip():
             cu.fail(f"{metadata}, row {number}: no text (neither original_prompt nor {caption_column}); "
                     "fill it in or set --caption_column")
-        path = os.path.join(folder, str(row.get("file_name", "")))
-        try:
-            with Image.open(path) as image:
-                image.verify()
-        except Exception as error:  # missing, truncated or not an image: PIL raises many types
-            cu.fail(f"{metadata}, row {number}: cannot read image {path} ({type(error).__name__}); "
-                    "fix or remove that row")
+        cu.check_image(os.path.join(folder, str(row.get("file_name", ""))), f"{metadata}, row {number}")
         row["_text"] = text
     return rows
 

@@ -188,23 +188,13 @@ def load_examples(args):
             cu.fail(f"{where}: weight {weight!r} must be a finite number >= 0")
         image = row[args.image_column] if folder is None else os.path.join(folder, str(row.get("file_name")))
         if folder is not None:
-            check_image(image, where)
+            cu.check_image(image, where)
         examples.append(Example(image, caption, float(weight), {"file_name": row.get("file_name")}))
     if not any(e.weight > 0 for e in examples):
         cu.fail(f"{source}: every weight is 0, nothing would train; check crf_filter.py's output")
     note = (f"weights from column '{args.weight_column}' (sum {sum(e.weight for e in examples):.2f})" if has_weights
             else f"no '{args.weight_column}' column: every sample has weight 1 (plain SFT)")
     return examples, note
-
-
-def check_image(path, where):
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            image.verify()
-    except Exception as error:  # missing, truncated, not an image
-        cu.fail(f"{where}: cannot read image {path} ({type(error).__name__}); fix or remove that row")
 
 
 def preprocess(example, resolution, center_crop, flip, crop_seed):

@@ -131,6 +131,17 @@ def process_state():
     return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
+def check_image(path, where):
+    """Refuse a missing, truncated or non-image file up front, naming the row (`where`) that points at it."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception as error:  # PIL raises many types
+        fail(f"{where}: cannot read image {path} ({type(error).__name__}); fix or remove that row")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Prompts and seeds
 

@@ -82,14 +82,19 @@ def test_cached_and_uncached_latents_give_the_same_loss(zoo, data):
     assert losses[0].item() == pytest.approx(losses[1].item(), rel=1e-5)
 
 
+def center_crop_pixels(path):
+    """A training image as the trainer sees it with --center_crop at 64px: [-1, 1], batch of one."""
+    image = Image.open(path).convert("RGB").resize((80, 64)).crop((8, 0, 72, 64))
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+
+
 def fixed_batch_loss(pipe, data):
     """Weighted denoising loss of a pipeline on the training images, with fixed noise and timesteps."""
     rows = cu.read_jsonl(data / "metadata.jsonl")
     generator = torch.Generator().manual_seed(0)
     total = 0.0
     for row in rows:
-        image = Image.open(data / row["file_name"]).convert("RGB").resize((80, 64)).crop((8, 0, 72, 64))
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+        pixels = center_crop_pixels(data / row["file_name"])
         ids = pipe.tokenizer([row["text"]], padding="max_length", max_length=77, return_tensors="pt").input_ids
         with torch.no_grad():
             latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor

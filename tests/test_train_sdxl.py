@@ -15,6 +15,7 @@ import craft_training as ct
 import craft_utils as cu
 from conftest import TWO_PROCESSES, run_script, subprocess_env
 from make_tiny_models import make_training_set
+from test_train_sd15 import center_crop_pixels
 
 
 def train(zoo, data, out, *flags, check=True, launcher=None):
@@ -53,8 +54,7 @@ def fixed_batch_loss(pipe, data):
     generator = torch.Generator().manual_seed(0)
     total = 0.0
     for row in rows:
-        image = Image.open(data / row["file_name"]).convert("RGB").resize((80, 64)).crop((8, 0, 72, 64))
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+        pixels = center_crop_pixels(data / row["file_name"])
         with torch.no_grad():
             latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
             embeds, _, pooled, _ = pipe.encode_prompt(row["text"], device="cpu", do_classifier_free_guidance=False)
