@@ -3,7 +3,7 @@
 
 Both make the same images (same prompts, rewrites, seeds, steps, guidance, size) from the same pipeline object in
 one run, and both save PNGs; the plain loop is what a user writes by hand: one `pipe(prompt, generator)` call per
-image. Prints images/s of each and the ratio.
+image. Prints images/s of each and the ratio (and, on a GPU, the peak memory of our loop).
 
     python benchmarks/bench_generation.py --pretrained_model_name_or_path ZOO/sd15          # tiny, CPU
     python benchmarks/bench_generation.py --real_size sdxl --mixed_precision bf16 --steps 20  # GPU, random weights
@@ -90,6 +90,8 @@ def main():
         plain_loop(planned, plain)
         sync()
         plain_seconds = time.perf_counter() - started
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
         started = time.perf_counter()
         cu.generate_images(pipe, planned, ours, settings, state)
         sync()
@@ -102,6 +104,8 @@ def main():
     print(f"plain loop:          {n / plain_seconds:8.3f} img/s")
     print(f"generate_candidates: {n / ours_seconds:8.3f} img/s")
     print(f"ratio (ours / plain): {plain_seconds / ours_seconds:.2f}x")
+    if torch.cuda.is_available():
+        print(f"peak GPU memory (generate_candidates): {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
 
 
 if __name__ == "__main__":

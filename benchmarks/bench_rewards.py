@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Reward scoring throughput: images/s per reward at batch 1 vs --batch_size, in one run; prints the ratio.
+"""Reward scoring throughput: images/s per reward at batch 1 vs --batch_size, in one run; prints the ratio (and, on
+a GPU, the peak memory of the batched run, the reward model included).
 
 Rewards load through craft_rewards from files in the real formats: the tiny zoo (--zoo DIR), or the real
 architectures with random weights (--real_size; written to a temp folder first: HPSv2.1 = open_clip ViT-H-14,
@@ -96,10 +97,14 @@ def main():
     name_of_device = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({os.cpu_count()} cores)"
     print(f"device: {name_of_device}; {'real-size' if args.real_size else 'tiny zoo'} models, "
           f"{args.num_images} images {args.image_size}px, precision {args.reward_precision}")
-    print(f"{'reward':12s} {'batch 1 img/s':>14s} {f'batch {args.batch_size} img/s':>16s} {'ratio':>7s}")
+    print(f"{'reward':12s} {'batch 1 img/s':>14s} {f'batch {args.batch_size} img/s':>16s} {'ratio':>7s}"
+          + ("  peak GiB" if device == "cuda" else ""))
     for name in cr.parse_reward_names(args.rewards):
         rates = []
         for batch_size in (1, args.batch_size):
+            if device == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
             reward_args = reward_parser.parse_args(flags + ["--reward_batch_size", str(batch_size),
                                                             "--reward_precision", args.reward_precision])
             reward = cr.load_reward(name, reward_args, device)
@@ -112,7 +117,8 @@ def main():
                 torch.cuda.synchronize()
             rates.append(args.num_images / (time.perf_counter() - started))
             del reward
-        print(f"{name:12s} {rates[0]:14.2f} {rates[1]:16.2f} {rates[1] / rates[0]:6.2f}x")
+        peak = f"  {torch.cuda.max_memory_allocated() / 2**30:8.2f}" if device == "cuda" else ""
+        print(f"{name:12s} {rates[0]:14.2f} {rates[1]:16.2f} {rates[1] / rates[0]:6.2f}x{peak}", flush=True)
 
 
 if __name__ == "__main__":

@@ -6,11 +6,13 @@ same small training set; the trainer records seconds per step (first step exclud
 allocation, or the process's peak RSS on a CPU) in training_config.json.
 
   SD1.5 full fine-tune:  ours (cached latents + text) vs encoding every step; 8-bit vs 32-bit AdamW
+  SD1.5 LoRA r16:        cached, AdamW (its optimizer state is a few MB, so 8-bit Adam changes nothing)
   SDXL LoRA:             ours (cached latents + both encoders' embeddings, VAE/encoders off the GPU) vs the
                          diffusers way (VAE and both text encoders run every step)
 
     python benchmarks/bench_training.py --zoo /tmp/zoo                 # tiny models, CPU
     python benchmarks/bench_training.py --real_size                    # GPU: real architectures, random weights
+    python benchmarks/bench_training.py --real_size --configs "sd15 LoRA"   # only the configurations named so
 """
 
 import argparse
@@ -26,7 +28,7 @@ sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 sys.path.insert(0, os.path.join(REPO, "tools"))
 
 
-def write_real_size_pipelines(folder):
+def write_real_size_pipelines(folder, kinds):
     import torch
 
     from make_tiny_models import make_clip_tokenizer
@@ -35,6 +37,8 @@ def write_real_size_pipelines(folder):
     tokenizer = make_clip_tokenizer(os.path.join(folder, "tokenizer"))  # padded to 77 tokens like the real one
     paths = {}
     for kind, dtype in (("sd15", torch.float32), ("sdxl", torch.bfloat16)):  # SD1.5 fine-tunes fp32 weights
+        if kind not in kinds:
+            continue
         pipe = real_size_pipeline(kind, tokenizer, "cuda" if torch.cuda.is_available() else "cpu", dtype)
         paths[kind] = os.path.join(folder, kind)
         pipe.save_pretrained(paths[kind])
@@ -59,46 +63,56 @@ def main():
     parser.add_argument("--zoo", help="the tiny zoo (tools/make_tiny_models.py), for the tiny runs")
     parser.add_argument("--real_size", action="store_true", help="real SD1.5/SDXL architectures, random weights")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--configs", help="comma-separated prefixes: run only the configurations they start")
     args = parser.parse_args()
 
     from make_tiny_models import make_training_set  # coloured squares with CRAFT weights
 
-    work = tempfile.mkdtemp()
-    data = make_training_set(__import__("pathlib").Path(work) / "data", n=8)
     if args.real_size:
-        models = write_real_size_pipelines(work)
         sd15 = ["--resolution", 512, "--train_batch_size", 1, "--mixed_precision", "bf16", "--gradient_checkpointing"]
         sdxl = ["--resolution", 1024, "--train_batch_size", 1, "--mixed_precision", "bf16", "--gradient_checkpointing",
                 "--use_8bit_adam", "--rank", 16]
-    else:
-        if not args.zoo:
-            parser.error("--zoo is needed without --real_size")
-        models = {kind: os.path.join(args.zoo, kind) for kind in ("sd15", "sdxl")}
+    elif args.zoo:
         sd15 = ["--resolution", 64, "--train_batch_size", 2]
         sdxl = ["--resolution", 64, "--train_batch_size", 2, "--use_8bit_adam"]
-    steps = ["--max_train_steps", args.steps]
+    else:
+        parser.error("--zoo is needed without --real_size")
     configs = {
         "sd15 full, cached, 8-bit Adam": ("train_craft_sd15.py", "sd15", sd15 + ["--use_8bit_adam"]),
         "sd15 full, encoded each step, 8-bit Adam": ("train_craft_sd15.py", "sd15",
                                                      sd15 + ["--use_8bit_adam", "--cache_latents", "no"]),
         "sd15 full, cached, 32-bit AdamW": ("train_craft_sd15.py", "sd15", sd15),
+        "sd15 LoRA r16, cached, AdamW": ("train_craft_sd15.py", "sd15",
+                                              sd15 + ["--use_lora", "--rank", 16]),
         "sdxl LoRA, cached (ours)": ("train_craft_sdxl_lora.py", "sdxl", sdxl),
         "sdxl LoRA, encoded each step (diffusers way)": ("train_craft_sdxl_lora.py", "sdxl",
                                                          sdxl + ["--cache_latents", "no"]),
     }
+    if args.configs:
+        configs = {name: c for name, c in configs.items() if name.startswith(tuple(args.configs.split(",")))}
+    work = tempfile.mkdtemp()
+    data = make_training_set(__import__("pathlib").Path(work) / "data", n=8)
+    if args.real_size:
+        models = write_real_size_pipelines(work, {kind for _, kind, _ in configs.values()})
+    else:
+        models = {kind: os.path.join(args.zoo, kind) for kind in ("sd15", "sdxl")}
     results = {}
     for name, (script, kind, flags) in configs.items():
-        results[name] = run(script, models[kind], str(data), os.path.join(work, name.replace(" ", "_")), flags + steps)
+        results[name] = run(script, models[kind], str(data), os.path.join(work, name.replace(" ", "_")),
+                            flags + ["--max_train_steps", args.steps])
         r = results[name]
         print(f"{name:48s} {r['seconds_per_step']:8.3f} s/step  {r['memory']}", flush=True)
 
     def ratio(a, b, key):
         return results[b][key] / results[a][key]
 
-    print("ratios (baseline / ours):")
-    for ours, baseline in (("sd15 full, cached, 8-bit Adam", "sd15 full, encoded each step, 8-bit Adam"),
-                           ("sd15 full, cached, 8-bit Adam", "sd15 full, cached, 32-bit AdamW"),
-                           ("sdxl LoRA, cached (ours)", "sdxl LoRA, encoded each step (diffusers way)")):
+    pairs = [(ours, baseline) for ours, baseline in (
+        ("sd15 full, cached, 8-bit Adam", "sd15 full, encoded each step, 8-bit Adam"),
+        ("sd15 full, cached, 8-bit Adam", "sd15 full, cached, 32-bit AdamW"),
+        ("sdxl LoRA, cached (ours)", "sdxl LoRA, encoded each step (diffusers way)")) if {ours, baseline} <= set(results)]
+    if pairs:
+        print("ratios (baseline / ours):")
+    for ours, baseline in pairs:
         print(f"  {baseline} vs {ours}: step time {ratio(ours, baseline, 'seconds_per_step'):.2f}x, "
               f"peak memory {ratio(ours, baseline, 'peak_memory_gib'):.2f}x")
 
