@@ -317,9 +317,9 @@ NAMED_COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 
 
 @register("color")
 def colour_match(args, device, dtype):
-    """Prompt alignment without weights, for drawings of coloured shapes (the demo): the share of pixels near the
-    colour the prompt names minus the share near the palette's other colours (within RGB distance 60); in [-1, 1],
-    0 for a prompt that names no palette colour."""
+    """Prompt alignment without weights, for drawings of coloured shapes (the demo): of the image's coloured pixels
+    (max - min channel > 60, so white, grey and black do not count), the share whose nearest palette colour is the
+    one the prompt names; in [0, 1], 0 when nothing is coloured or the prompt names no palette colour."""
     import numpy as np
 
     palette = np.array(list(NAMED_COLOURS.values()), dtype=np.float32)
@@ -329,12 +329,13 @@ def colour_match(args, device, dtype):
         scores = []
         for image, prompt in zip(_rgb(images), prompts):
             named = [i for i, name in enumerate(names) if name in prompt.lower().split()]
-            if not named:
+            pixels = np.asarray(image, dtype=np.float32).reshape(-1, 3)
+            coloured = pixels[pixels.max(axis=1) - pixels.min(axis=1) > 60]
+            if not named or len(coloured) == 0:
                 scores.append(0.0)
                 continue
-            pixels = np.asarray(image, dtype=np.float32).reshape(-1, 1, 3)
-            near = (np.linalg.norm(pixels - palette[None], axis=-1) < 60).mean(axis=0)  # share per palette colour
-            scores.append(float(near[named[0]] - np.delete(near, named[0]).sum()))
+            nearest = np.linalg.norm(coloured[:, None] - palette[None], axis=-1).argmin(axis=1)
+            scores.append(float((nearest == named[0]).mean()))
         return scores
 
     return score

@@ -29,9 +29,9 @@ def test_the_drawings_name_what_they_show():
 
     score = cr.REWARDS["color"](None, "cpu", None)
     image = draw("blue", "star", "on the left", random.Random(0))
-    left, right = image.crop((0, 0, 32, 64)), image.crop((32, 0, 64, 64))
-    assert score([image], ["a blue star"])[0] > 0.03 and score([image], ["a red star"])[0] < 0
-    assert score([left], ["a blue star"])[0] > score([right], ["a blue star"])[0]
+    left, right = image.crop((0, 0, 40, 64)), image.crop((40, 0, 64, 64))  # the star spans x = 5..34 at most
+    assert score([image, image], ["a blue star", "a red star"]) == [1.0, 0.0]  # drawn in the palette's own blue
+    assert score([left, right], ["a blue star", "a blue star"]) == [1.0, 0.0]  # nothing drawn right of x = 40
 
 
 @pytest.mark.skipif(not os.path.isdir(MODEL), reason="the shipped tiny pretrained model is missing")

@@ -140,12 +140,16 @@ def test_unknown_reward_and_missing_weights_are_clear_errors(zoo, tmp_path):
         cr.load_reward("hpsv2.1", args, "cpu")
 
 
-def test_color_is_the_named_colour_share_minus_the_other_colours(zoo):
+def test_color_is_the_share_of_coloured_pixels_nearest_the_named_colour(zoo):
     image = Image.new("RGB", (10, 10), "white")
     pixels = image.load()
     for i in range(30):
-        pixels[i % 10, i // 10] = (225, 45, 35)  # near red
+        pixels[i % 10, i // 10] = (225, 45, 35)  # nearest red
     for i in range(10):
-        pixels[i, 5] = (40, 80, 220)  # blue
+        pixels[i, 5] = (60, 90, 200)  # nearest blue
+    for i in range(20):
+        pixels[i % 10, 7 + i // 10] = (120, 130, 140)  # grey: not coloured, does not count
     score = cr.load_reward("color", reward_args(zoo), "cpu")
-    assert score([image, image, image], ["a red circle", "a blue star", "a cat"]) == pytest.approx([0.2, -0.2, 0.0])
+    blank = Image.new("RGB", (10, 10), "white")
+    assert score([image, image, image, blank], ["a red circle", "a blue star", "a cat", "a red circle"]) == \
+        pytest.approx([30 / 40, 10 / 40, 0.0, 0.0])
