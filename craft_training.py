@@ -518,7 +518,8 @@ def train(args, accelerator, unet, vae, noise_scheduler, seam, examples, weights
     rewards = co.load_validation_rewards(args, accelerator)
     accelerator.print(f"{len(examples)} training images ({weights_note}); latents {'cached' if cache else 'encoded'}"
                       f", text {'cached' if conditioner.cache_text else 'encoded each step'}"
-                      + (" (the text encoders train)" if text_encoders else "") + f"; {max_steps} steps of {args.train_batch_size} x {args.gradient_accumulation_steps}"
+                      + (" (the text encoders train)" if text_encoders else "")
+                      + f"; {max_steps} steps of {args.train_batch_size} x {args.gradient_accumulation_steps}"
                       f" x {accelerator.num_processes} images")
     progress = tqdm(range(max_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
     started, losses, first_step_done, first_step = time.time(), [], None, 0

@@ -109,7 +109,8 @@ def main():
     pairs = [(ours, baseline) for ours, baseline in (
         ("sd15 full, cached, 8-bit Adam", "sd15 full, encoded each step, 8-bit Adam"),
         ("sd15 full, cached, 8-bit Adam", "sd15 full, cached, 32-bit AdamW"),
-        ("sdxl LoRA, cached (ours)", "sdxl LoRA, encoded each step (diffusers way)")) if {ours, baseline} <= set(results)]
+        ("sdxl LoRA, cached (ours)", "sdxl LoRA, encoded each step (diffusers way)"))
+        if {ours, baseline} <= set(results)]
     if pairs:
         print("ratios (baseline / ours):")
     for ours, baseline in pairs:

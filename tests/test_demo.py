@@ -3,6 +3,7 @@ import os
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 import craft_utils as cu
 from conftest import REPO, run_script
@@ -43,14 +44,21 @@ def test_reduced_demo_writes_every_artefact_and_the_comparison(tmp_path):
              "--num_inference_steps", 8, "--train_steps", 10]
     results, grid = run_demo.main([str(flag) for flag in flags])
     for artefact in ("candidates/rewards.jsonl", "candidates/rewards_hist.png", "filtered/crf_report.json",
-                     "filtered/crf_preview.png", "craft-sd15/model_index.json", "craft-sd15/training_config.json",
-                     "sft-sd15/model_index.json", "craft-sdxl-lora/pytorch_lora_weights.safetensors",
+                     "filtered/crf_preview.png", "craft-sd15-lora/training_config.json",
+                     "sft-sd15-lora/pytorch_lora_weights.safetensors",
+                     "craft-sdxl-lora/pytorch_lora_weights.safetensors",
                      "eval_craft/rewards_summary.md", "eval_craft/rewards_hist.png", "demo_results.md"):
         assert (out / artefact).exists(), artefact
     assert Image.open(grid).size == (2 * 64 * 6, 2 * 128)
     assert len(cu.read_jsonl(out / "filtered" / "metadata.jsonl")) > 0
+    # the candidates of the first prompt come from the prompt and its three colour-stressing rewrites
+    texts = {r["variant_id"]: r["text"] for r in cu.read_jsonl(out / "candidates" / "metadata.jsonl")
+             if r["group_id"] == 0}
+    assert texts == {0: "a red circle on the left", 1: "a red red circle on the left",
+                     2: "a red circle on the left, red", 3: "a red red circle on the left, red"}
     for name in ("craft", "sft"):  # both tuned models compared with the base on the same 6 (prompt, seed) pairs
         assert results[name]["pairs"] == 6 and set(results[name]["rewards"]) == {"color", "jpeg"}
-    # the tuned weights differ from the base (an improvement of the reward is not yet shown: see the README)
-    assert (out / "craft-sd15" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() != \
-        open(os.path.join(MODEL, "unet", "diffusion_pytorch_model.safetensors"), "rb").read()
+    # the LoRA trained: its up-projections start at zero and are not zero any more
+    lora = load_file(out / "craft-sd15-lora" / "pytorch_lora_weights.safetensors")
+    ups = [t for key, t in lora.items() if "lora_B" in key or "lora.up" in key]
+    assert ups and any(t.abs().sum() > 0 for t in ups)

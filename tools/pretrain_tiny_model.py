@@ -2,9 +2,11 @@
 """Pretrain the demo's tiny text-to-image model on coloured shapes that it draws itself.
 
 A random tiny pipeline turns every latent into the same noise, so no reward can move on it. This script trains an
-SD1.5-style pipeline (64x64 images) from scratch: first the VAE on the drawings, then the UNet on their latents
-with captions "a {colour} {shape} {place}" (the tiny CLIP text encoder stays frozen and random; 10% empty captions
-keep classifier-free guidance working). Seeded: the same command on the same machine writes the same weights.
+SD1.5-style pipeline (64x64 images) from scratch: first the VAE on the drawings, then the UNet together with the
+tiny CLIP text encoder on their latents with captions "a {colour} {shape} {place}" (10% empty captions keep
+classifier-free guidance working). The text encoder trains here because a frozen random one binds colour words to
+colours very slowly; CRAFT's fine-tunes keep it frozen, as the paper does. Seeded: the same command on the same
+machine writes the same weights.
 
     python tools/pretrain_tiny_model.py models/tiny-shapes-sd15             # the shipped weights: ~25 min, 2 cores
     python tools/pretrain_tiny_model.py /tmp/m --vae_steps 5 --unet_steps 5  # a quick check
@@ -86,7 +88,8 @@ def train_unet(unet, vae, text_encoder, tokenizer, scheduler, steps, batch_size,
     from diffusers import DDPMScheduler
 
     noise_scheduler = DDPMScheduler.from_config(scheduler.config)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=1e-2)
+    params = [*unet.parameters(), *text_encoder.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-2)
     lr = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 200) * 0.5 * (1 + math.cos(
         math.pi * s / max(steps, 1))))
     generator = torch.Generator().manual_seed(rng.randint(0, 2**31))
@@ -95,8 +98,8 @@ def train_unet(unet, vae, text_encoder, tokenizer, scheduler, steps, batch_size,
         captions = ["" if rng.random() < 0.1 else c for c in captions]
         with torch.no_grad():
             latents = vae.encode(pixels.to(device)).latent_dist.sample(generator=None) * vae.config.scaling_factor
-            ids = tokenizer(captions, padding="max_length", max_length=77, return_tensors="pt").input_ids
-            text = text_encoder(ids.to(device))[0]
+        ids = tokenizer(captions, padding="max_length", max_length=77, return_tensors="pt").input_ids
+        text = text_encoder(ids.to(device))[0]
         noise = torch.randn(latents.shape, generator=generator).to(device)
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,),
                                   generator=generator).to(device)
@@ -104,7 +107,7 @@ def train_unet(unet, vae, text_encoder, tokenizer, scheduler, steps, batch_size,
         loss = torch.nn.functional.mse_loss(prediction, noise)
         optimizer.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         lr.step()
         if step % 250 == 0 or step == steps - 1:
@@ -131,7 +134,7 @@ def main(argv=None):
     rng = random.Random(args.seed)
     torch.manual_seed(args.seed)
     tokenizer = make_clip_tokenizer(os.path.join(args.output_dir, "tokenizer"))
-    text_encoder = CLIPTextModel(clip_text_config(len(tokenizer))).to(device).eval().requires_grad_(False)
+    text_encoder = CLIPTextModel(clip_text_config(len(tokenizer))).to(device)
     vae = tiny_vae().to(device)
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
@@ -141,7 +144,7 @@ def main(argv=None):
     train_vae(vae, args.vae_steps, args.batch_size, device, rng, log)
     vae.eval().requires_grad_(False)
     train_unet(unet, vae, text_encoder, tokenizer, scheduler, args.unet_steps, args.batch_size, device, rng, log)
-    pipe = StableDiffusionPipeline(unet=unet.eval(), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+    pipe = StableDiffusionPipeline(unet=unet.eval(), vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    image_encoder=None, requires_safety_checker=False)
     pipe.to("cpu").save_pretrained(args.output_dir)
