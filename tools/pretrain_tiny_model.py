@@ -8,7 +8,7 @@ classifier-free guidance working). The text encoder trains here because a frozen
 colours very slowly; CRAFT's fine-tunes keep it frozen, as the paper does. Seeded: the same command on the same
 machine writes the same weights.
 
-    python tools/pretrain_tiny_model.py models/tiny-shapes-sd15             # the shipped weights: ~25 min, 2 cores
+    python tools/pretrain_tiny_model.py models/tiny-shapes-sd15             # the shipped weights: 3 min on an H100
     python tools/pretrain_tiny_model.py /tmp/m --vae_steps 5 --unet_steps 5  # a quick check
 """
 

@@ -120,7 +120,7 @@ def main(argv=None):
          path("candidates"), "--output_dir", path("unfiltered"), "--filter_rewards", "color,jpeg", "--mode", "none",
          "--overwrite")
     # A LoRA (rank 8, lr 5e-4) rather than the full UNet: full fine-tunes of this tiny model on its own samples
-    # lowered `color` at every learning rate tried (README, "The demo").
+    # lowered `color` at every learning rate tried (README, "The demo, measured").
     training = ["--pretrained_model_name_or_path", args.model, "--use_lora", "--rank", 8, "--resolution", 64,
                 "--train_batch_size", 8, "--max_train_steps", args.train_steps, "--learning_rate", 5e-4,
                 "--lr_warmup_steps", 5,
@@ -146,7 +146,8 @@ def main(argv=None):
     results = {}
     for name in ("craft", "sft"):
         step(f"8. {name} model, same prompts and seeds", "eval_rewards.py", "--pretrained_model_name_or_path",
-             args.model, "--lora_path", path(f"{name}-sd15-lora"), "--output_dir", path(f"eval_{name}"), "--compare_to", path("eval_base"), *heldout)
+             args.model, "--lora_path", path(f"{name}-sd15-lora"), "--output_dir", path(f"eval_{name}"),
+             "--compare_to", path("eval_base"), *heldout)
         with open(path(f"eval_{name}", "rewards_summary.json")) as f:
             results[name] = json.load(f)["comparison"]
     grid = before_after(out, path("eval_base"), path("eval_craft"), 8)
