@@ -9,6 +9,7 @@ import sys
 
 from PIL import Image
 
+import craft_utils as cu
 from conftest import REPO, subprocess_env
 
 SECTION = "## Every stage by hand, on the tiny models"
@@ -23,11 +24,6 @@ def readme_commands():
     return blocks[0]
 
 
-def rows(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def test_tiny_walkthrough_runs_as_written(tmp_path):
     # A working copy of the repository root: the commands use paths relative to it.
     for name in os.listdir(REPO):
@@ -40,9 +36,9 @@ def test_tiny_walkthrough_runs_as_written(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     tiny = tmp_path / "tiny"
 
-    candidates = rows(tiny / "candidates" / "metadata.jsonl")
+    candidates = cu.read_jsonl(tiny / "candidates" / "metadata.jsonl")
     assert len(candidates) == 3 * 3 * 2  # prompts x (original + 2 rewrites) x seeds
-    scores = {r["file_name"]: r for r in rows(tiny / "candidates" / "rewards.jsonl")}
+    scores = {r["file_name"]: r for r in cu.read_jsonl(tiny / "candidates" / "rewards.jsonl")}
     assert set(scores) == {r["file_name"] for r in candidates}
     assert all({"color", "jpeg", "aesthetic"} <= set(s) for s in scores.values())
 
@@ -62,7 +58,8 @@ def test_tiny_walkthrough_runs_as_written(tmp_path):
         for r, s, advantage in zip(members, group_scores, z(totals)):
             if r["variant_id"] > 0 and all(s[k] > reference[k] for k in reference) and advantage > 0:
                 expected[r["file_name"]] = advantage
-    kept = {os.path.basename(r["source_file"]): r["weight"] for r in rows(tiny / "filtered" / "metadata.jsonl")}
+    filtered = cu.read_jsonl(tiny / "filtered" / "metadata.jsonl")
+    kept = {os.path.basename(r["source_file"]): r["weight"] for r in filtered}
     assert set(kept) == set(expected) and kept
     assert all(abs(kept[f] - expected[f]) < 1e-6 for f in kept)
 
