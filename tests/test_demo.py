@@ -14,12 +14,33 @@ MODEL = os.path.join(REPO, "models", "tiny-shapes-sd15")
 def test_pretraining_script_is_seeded_and_writes_a_pipeline(tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    flags = ("--vae_steps", 2, "--unet_steps", 2, "--batch_size", 4)
+    flags = ("--vae_steps", 2, "--unet_steps", 2, "--decoder_steps", 2, "--batch_size", 4)
     for name in ("a", "b"):
         run_script("tools/pretrain_tiny_model.py", tmp_path / name, *flags)
     a, b = (StableDiffusionPipeline.from_pretrained(tmp_path / name) for name in ("a", "b"))
-    assert all(torch.equal(x, y) for x, y in zip(a.unet.state_dict().values(), b.unet.state_dict().values()))
+    for module in ("unet", "vae", "text_encoder"):
+        assert all(torch.equal(x, y) for x, y in zip(getattr(a, module).state_dict().values(),
+                                                     getattr(b, module).state_dict().values())), module
     assert a.vae.config.scaling_factor != 0.18215  # fitted to the drawings' latents
+
+
+def test_decoder_stage_from_a_pipeline_moves_only_the_decoder(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    run_script("tools/pretrain_tiny_model.py", tmp_path / "a", "--vae_steps", 2, "--unet_steps", 2,
+               "--decoder_steps", 0, "--batch_size", 4)
+    run_script("tools/pretrain_tiny_model.py", tmp_path / "b", "--init_from", tmp_path / "a", "--vae_steps", 0,
+               "--unet_steps", 0, "--decoder_steps", 2, "--batch_size", 4)
+    a, b = (StableDiffusionPipeline.from_pretrained(tmp_path / name) for name in ("a", "b"))
+    vae_a, vae_b = a.vae.state_dict(), b.vae.state_dict()
+    decoder = [k for k in vae_a if k.startswith(("decoder.", "post_quant_conv."))]
+    assert decoder and all(not torch.equal(vae_a[k], vae_b[k]) for k in decoder if k.endswith("weight"))
+    # the encoder, so the latent space the UNet learned, and its scaling factor stay as they were
+    assert all(torch.equal(vae_a[k], vae_b[k]) for k in vae_a if k not in decoder)
+    assert a.vae.config.scaling_factor == b.vae.config.scaling_factor
+    for module in ("unet", "text_encoder"):
+        assert all(torch.equal(x, y) for x, y in zip(getattr(a, module).state_dict().values(),
+                                                     getattr(b, module).state_dict().values())), module
 
 
 def test_the_drawings_name_what_they_show():
@@ -58,6 +79,10 @@ def test_reduced_demo_writes_every_artefact_and_the_comparison(tmp_path):
                      2: "a red circle on the left, red", 3: "a red red circle on the left, red"}
     for name in ("craft", "sft"):  # both tuned models compared with the base on the same 6 (prompt, seed) pairs
         assert results[name]["pairs"] == 6 and set(results[name]["rewards"]) == {"color", "jpeg"}
+    for reward, versus in results["craft_vs_sft"]["rewards"].items():  # paired: the mean delta is the means' gap
+        gap = results["craft"]["rewards"][reward]["mean"] - results["sft"]["rewards"][reward]["mean"]
+        assert versus["mean_delta"] == pytest.approx(gap)
+    assert "CRAFT vs plain SFT, same pairs: color" in (out / "demo_results.md").read_text()
     # the LoRA trained: its up-projections start at zero and are not zero any more
     lora = load_file(out / "craft-sd15-lora" / "pytorch_lora_weights.safetensors")
     ups = [t for key, t in lora.items() if "lora_B" in key or "lora.up" in key]
