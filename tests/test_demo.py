@@ -56,6 +56,24 @@ def test_the_drawings_name_what_they_show():
     assert score([left, right], ["a blue star", "a blue star"]) == [1.0, 0.0]  # nothing drawn right of x = 40
 
 
+def test_short_captions_are_noisy_and_detailed_ones_always_right():
+    import random
+
+    from pretrain_tiny_model import caption, detailed_captions
+
+    rng = random.Random(0)
+    captions = [caption("red", "circle", "on the left", rng, 0.55) for _ in range(4000)]
+    detailed = [c for c in captions if "," in c or "red red" in c]
+    short = [c for c in captions if c not in detailed]
+    assert set(detailed) == set(detailed_captions("a red circle on the left"))  # every detailed form, all red
+    assert abs(len(short) / len(captions) - 0.5) < 0.03
+    wrong = [c for c in short if c != "a red circle on the left"]
+    assert abs(len(wrong) / len(short) - 0.55) < 0.04
+    assert {c.split()[1] for c in wrong} == {"green", "blue", "yellow", "purple", "orange"}
+    clean = [caption("red", "circle", "on the left", rng, 0.0) for _ in range(200)]
+    assert all(c.split()[1] == "red" for c in clean)
+
+
 @pytest.mark.skipif(not os.path.isdir(MODEL), reason="the shipped tiny pretrained model is missing")
 def test_reduced_demo_writes_every_artefact_and_the_comparison(tmp_path):
     import run_demo

@@ -4,11 +4,11 @@
     python tools/run_demo.py [--output_dir demo_output]
 
 The model is models/tiny-shapes-sd15, pretrained by tools/pretrain_tiny_model.py to draw "a {colour} {shape}
-{place}" (shipped, so nothing trains it here). The rewards need no weights: `color` (does the image show the colour
-the prompt names) and `jpeg` (compressibility). The rewrites are written here in the model's own words, stressing
-the colour ("a red red circle on the left", "..., red") as an LLM's rewrites add detail for a real model; the
-template suffixes ("cinematic lighting", ...) name styles this model never saw, and lower its colour accuracy.
-Stages:
+{place}" (shipped, so nothing trains it here). Like a real model it follows detailed prompts better than short ones
+(its short training captions were noisy). The rewards need no weights: `color` (does the image show the colour the
+prompt names) and `jpeg` (compressibility). The rewrites are the model's detailed captions, which stress the colour
+("a red red circle on the left", "..., red"), as an LLM's rewrites add detail for a real model; the template
+suffixes ("cinematic lighting", ...) name styles this model never saw. Stages:
 
   generate_candidates.py (rewrites from a file, several seeds) -> eval_rewards.py -> crf_filter.py
   -> train_craft_sd15.py (a LoRA) -> eval_rewards.py on held-out prompts, tuned vs base on the same seeds
@@ -28,9 +28,9 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tools"))
 sys.path.insert(0, REPO)
+from pretrain_tiny_model import PLACES, SHAPES, detailed_captions  # noqa: E402
+
 MODEL = os.path.join(REPO, "models", "tiny-shapes-sd15")
-SHAPES = ("circle", "square", "triangle", "star")
-PLACES = ("on the left", "on the right", "at the top", "at the bottom", "in the center")
 
 
 def prompt_sets(count):
@@ -38,19 +38,15 @@ def prompt_sets(count):
     from craft_rewards import NAMED_COLOURS
 
     pairs = [(colour, shape) for shape in SHAPES for colour in NAMED_COLOURS][:count]
-    train = [f"a {c} {s} {PLACES[i % 5]}" for i, (c, s) in enumerate(pairs)]
-    heldout = [f"a {c} {s} {PLACES[(i + 2) % 5]}" for i, (c, s) in enumerate(pairs)]
+    places = list(PLACES)
+    train = [f"a {c} {s} {places[i % 5]}" for i, (c, s) in enumerate(pairs)]
+    heldout = [f"a {c} {s} {places[(i + 2) % 5]}" for i, (c, s) in enumerate(pairs)]
     return train, heldout
 
 
 def colour_rewrites(prompts):
-    """generate_candidates.py's --expansion_file rows: three rewrites per prompt that stress its colour word."""
-    rows = []
-    for prompt in prompts:
-        colour = prompt.split()[1]
-        stressed = prompt.replace(f" {colour} ", f" {colour} {colour} ", 1)
-        rows.append({"prompt": prompt, "variants": [stressed, f"{prompt}, {colour}", f"{stressed}, {colour}"]})
-    return rows
+    """generate_candidates.py's --expansion_file rows: each prompt's three detailed forms, which stress its colour."""
+    return [{"prompt": prompt, "variants": detailed_captions(prompt)} for prompt in prompts]
 
 
 def step(title, script, *args):
@@ -96,9 +92,9 @@ def main(argv=None):
     parser.add_argument("--output_dir", default="demo_output")
     parser.add_argument("--num_prompts", type=int, default=24, help="training prompts (and as many held out)")
     parser.add_argument("--num_images_per_prompt", type=int, default=2, help="candidate seeds per prompt text")
-    parser.add_argument("--eval_images_per_prompt", type=int, default=2)
+    parser.add_argument("--eval_images_per_prompt", type=int, default=8)
     parser.add_argument("--num_inference_steps", type=int, default=15)
-    parser.add_argument("--train_steps", type=int, default=100)
+    parser.add_argument("--train_steps", type=int, default=200)
     parser.add_argument("--model", default=MODEL, help="the pretrained tiny SD1.5-style pipeline")
     parser.add_argument("--seed", type=int, default=0, help="every stage's seed (candidates, training, evaluation)")
     args = parser.parse_args(argv)
@@ -106,8 +102,8 @@ def main(argv=None):
 
     if not os.path.isfile(os.path.join(args.model, "model_index.json")):
         raise SystemExit(f"error: the demo's pretrained model {args.model} is missing; make it with "
-                         f"`python tools/pretrain_tiny_model.py {args.model}` (3 min on a GPU, about half an hour "
-                         f"on 2 CPU cores)")
+                         f"`python tools/pretrain_tiny_model.py {args.model}` (6 min on a GPU, far longer on a "
+                         f"CPU)")
     started = time.time()
     out = args.output_dir
     os.makedirs(out, exist_ok=True)
@@ -118,7 +114,8 @@ def main(argv=None):
     with open(os.path.join(out, "rewrites.jsonl"), "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in colour_rewrites(train_prompts))
     path = lambda *parts: os.path.join(out, *parts)  # noqa: E731
-    sampling = ["--num_inference_steps", args.num_inference_steps, "--guidance_scale", 3, "--seed", args.seed]
+    sampling = ["--num_inference_steps", args.num_inference_steps, "--guidance_scale", 3, "--seed", args.seed,
+                "--batch_size", 16]
     rewards = ["--rewards", "color,jpeg"]
 
     step("1-3. candidates: each prompt and 3 rewrites, several seeds", "generate_candidates.py",
@@ -133,10 +130,10 @@ def main(argv=None):
     step("   ablation: every candidate, weight 1 (plain SFT)", "crf_filter.py", "--candidates_dir",
          path("candidates"), "--output_dir", path("unfiltered"), "--filter_rewards", "color,jpeg", "--mode", "none",
          "--overwrite")
-    # A LoRA (rank 8, lr 5e-4) rather than the full UNet: full fine-tunes of this tiny model on its own samples
+    # A LoRA rather than the full UNet: full fine-tunes of an earlier version of this model on its own samples
     # lowered `color` at every learning rate tried (README, "The demo, measured").
     training = ["--pretrained_model_name_or_path", args.model, "--use_lora", "--rank", 8, "--resolution", 64,
-                "--train_batch_size", 8, "--max_train_steps", args.train_steps, "--learning_rate", 5e-4,
+                "--train_batch_size", 8, "--max_train_steps", args.train_steps, "--learning_rate", 1e-3,
                 "--lr_warmup_steps", 5, "--seed", args.seed,
                 "--report_to", "none", "--checkpointing_steps", 100000, "--overwrite_output_dir", "--center_crop",
                 "--validation_prompt", heldout_prompts[0], "--num_validation_images", 4,
