@@ -7,19 +7,20 @@ tiny CLIP text encoder on their latents (10% empty captions keep classifier-free
 decoder alone. The text encoder trains here because a frozen random one binds colour words to colours very slowly;
 CRAFT's fine-tunes keep it frozen, as the paper does.
 
-The captions are made like web-scale data, so that the model has what CRAFT fixes in real ones: half are short,
-"a {colour} {shape} {place}", and name a wrong colour 55% of the time (`--short_caption_noise`), as alt-text is
-noisy; the other half are detailed, repeat the colour ("a red red circle on the left", "a red circle on the left,
-red") and are always right, as recaptioned data is. So, like Stable Diffusion, the model follows detailed prompts
-better than short ones (`color` at guidance 3 on the demo's prompts: 0.37 for the short prompt, 0.57 for "a red red
-circle on the left, red"), and rewrites of a short prompt find the images it seldom gets right. A model pretrained on clean captions drew the
-named colour 0.8 of the time, and no fine-tune on its own images, CRAFT's or plain SFT, raised that (README).
+The captions are made like web-scale data, so that the model has what CRAFT fixes in real ones: half are short, "a
+{colour} {shape} {place}", and name a wrong colour 55% of the time (`--short_caption_noise`), as alt-text is noisy;
+the other half are detailed, repeat the colour ("a red red circle on the left", "a red circle on the left, red") and
+are always right, as recaptioned data is. So, like Stable Diffusion, the model follows detailed prompts better than
+short ones (`color` at guidance 3 on the demo's prompts: 0.37 for the short prompt, 0.57 for "a red red circle on
+the left, red"), and rewrites of a short prompt find the images it seldom gets right. A model pretrained on clean
+captions drew the named colour 0.8 of the time, and no fine-tune on its own images, CRAFT's or plain SFT, reliably
+raised that (README).
 
 The decoder stage is for self-training: a fine-tune on the model's own images learns their re-encoded latents, so
 what one VAE round trip loses (encode with a posterior sample, as the fine-tunes do, then decode) lands in the tuned
 model. In an earlier version of this model a round trip kept 0.89 of the drawings' `color` (yellows turned orange)
-without it, 0.98 with it (0.98 in this one too). The encoder stays frozen there, so the latent space the UNet learned does not move. Seeded: the same command on the
-same machine writes the same weights.
+without it, 0.98 with it (0.98 in this one too). The encoder stays frozen there, so the latent space the UNet
+learned does not move. Seeded: the same command on the same machine writes the same weights.
 
     python tools/pretrain_tiny_model.py /tmp/m --vae_steps 5 --unet_steps 5 --decoder_steps 5  # a quick check
 
