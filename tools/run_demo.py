@@ -94,7 +94,7 @@ def main(argv=None):
     parser.add_argument("--num_images_per_prompt", type=int, default=2, help="candidate seeds per prompt text")
     parser.add_argument("--eval_images_per_prompt", type=int, default=8)
     parser.add_argument("--num_inference_steps", type=int, default=15)
-    parser.add_argument("--train_steps", type=int, default=200)
+    parser.add_argument("--train_steps", type=int, default=400)
     parser.add_argument("--model", default=MODEL, help="the pretrained tiny SD1.5-style pipeline")
     parser.add_argument("--seed", type=int, default=0, help="every stage's seed (candidates, training, evaluation)")
     args = parser.parse_args(argv)
