@@ -124,9 +124,9 @@ def train_vae(vae, steps, batch_size, device, rng, log):
 
 def train_decoder(vae, steps, batch_size, device, rng, log):
     vae.requires_grad_(False)
+    vae.post_quant_conv.requires_grad_(True)
+    vae.decoder.requires_grad_(True)
     params = [*vae.post_quant_conv.parameters(), *vae.decoder.parameters()]
-    for param in params:
-        param.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=DECODER_LR, weight_decay=0)
     for step in range(steps):
         pixels, _ = batch_of(batch_size, rng)
