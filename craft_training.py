@@ -348,6 +348,16 @@ def add_lora(unet, args):
                                 target_modules=args.lora_target_modules.split(",")))
 
 
+def add_text_encoder_lora(encoders, args):
+    from peft import LoraConfig, inject_adapter_in_model
+
+    # peft's own injection: transformers 5.2x's add_adapter asks for a peft (>= 0.22) not released yet
+    config = LoraConfig(r=args.rank, lora_alpha=args.lora_alpha or args.rank, init_lora_weights="gaussian",
+                        target_modules=["q_proj", "k_proj", "v_proj", "out_proj"])
+    for encoder in encoders:
+        inject_adapter_in_model(config, encoder)
+
+
 def trainable_text_encoders(seam):
     return {name: module for name, module in seam.components.items() if getattr(module, "peft_config", None)}
 

@@ -11,7 +11,8 @@ The loss is the standard denoising MSE (epsilon or v-prediction target) per samp
 
 with s_i the min-SNR factor under --snr_gamma (else 1). No reference model, no KL: the short schedule and the small
 learning rate keep the model close to the base. The paper's SD1.5 recipe: full UNet, AdamW, lr 5e-5, batch 128
-(e.g. --train_batch_size 8 --gradient_accumulation_steps 16), 120 steps; the text encoder and VAE stay frozen.
+(e.g. --train_batch_size 8 --gradient_accumulation_steps 16), 120 steps; the text encoder and VAE stay frozen
+(--use_lora --train_text_encoder gives the text encoder a LoRA too).
 
 Output: a full pipeline folder (full fine-tune) or pytorch_lora_weights.safetensors (--use_lora; with
 --output_kohya_format also a kohya file), training_config.json, validation grids and a model card.
@@ -27,11 +28,15 @@ def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ct.add_training_args(parser, resolution=512)
     parser.add_argument("--use_lora", action="store_true", help="train a LoRA instead of the full UNet")
+    parser.add_argument("--train_text_encoder", action="store_true",
+                        help="with --use_lora: a LoRA on the text encoder too (captions are then encoded every step)")
     parser.add_argument("--use_ema", action="store_true", help="full fine-tune: keep an EMA of the UNet weights")
     parser.add_argument("--ema_decay", type=float, default=0.9999)
     args = ct.parse_training_args(parser, input_args)
     if args.use_ema and args.use_lora:
         parser.error("--use_ema applies to full fine-tuning, not --use_lora")
+    if args.train_text_encoder and not args.use_lora:
+        parser.error("--train_text_encoder adds a LoRA to the text encoder; use it with --use_lora")
     return args
 
 
@@ -68,6 +73,8 @@ def main(args):
     vae.to(accelerator.device, ct.weight_dtype_of(accelerator))
     if args.use_lora:
         ct.add_lora(unet, args)
+        if args.train_text_encoder:
+            ct.add_text_encoder_lora((text_encoder,), args)
     else:
         unet.requires_grad_(True)
     ema = EMAModel(unet.parameters(), decay=args.ema_decay, model_cls=UNet2DConditionModel,

@@ -74,7 +74,6 @@ def time_ids(sizes, resolution):
 def main(args):
     import torch
     from diffusers import StableDiffusionXLPipeline
-    from peft import LoraConfig, inject_adapter_in_model
 
     accelerator = ct.make_accelerator(args)
     torch.manual_seed(args.seed)  # LoRA's initial weights
@@ -87,11 +86,7 @@ def main(args):
     vae.to(accelerator.device, vae_dtype)
     ct.add_lora(unet, args)
     if args.train_text_encoder:
-        # peft's own injection: transformers 5.2x's add_adapter asks for a peft (>= 0.22) not released yet
-        config = LoraConfig(r=args.rank, lora_alpha=args.lora_alpha or args.rank, init_lora_weights="gaussian",
-                            target_modules=["q_proj", "k_proj", "v_proj", "out_proj"])
-        for encoder in (text_encoder, text_encoder_2):
-            inject_adapter_in_model(config, encoder)
+        ct.add_text_encoder_lora((text_encoder, text_encoder_2), args)
 
     def encode_prompts(components, captions):
         """Penultimate hidden states of both encoders, concatenated; the pooled embedding of the second."""

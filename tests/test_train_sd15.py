@@ -155,6 +155,29 @@ def test_lora_reduces_the_loss_and_its_files_load_in_fresh_pipelines(zoo, data, 
     assert "lora" in (out / "README.md").read_text()
 
 
+def test_text_encoder_lora_trains_and_loads_into_the_pipelines_text_encoder(zoo, data, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    out = tmp_path / "lora"
+    result = train(zoo, data, out, "--use_lora", "--train_text_encoder", "--learning_rate", 1e-2,
+                   "--max_train_steps", 4, "--output_kohya_format", "--checkpointing_steps", 1000)
+    assert "text encoded each step (the text encoders train)" in result.stdout + result.stderr
+    lora = load_file(out / co.LORA_FILE)
+    assert {k.split(".")[0] for k in lora} == {"unet", "text_encoder"}
+    assert {k.split("_")[1] for k in load_file(out / co.KOHYA_FILE)} == {"unet", "te"}  # kohya's SD1.x names
+    pipe = StableDiffusionPipeline.from_pretrained(zoo / "sd15")
+    ids = pipe.tokenizer(["a red circle"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        before = pipe.text_encoder(ids)[0]
+        pipe.load_lora_weights(out, weight_name=co.LORA_FILE)
+        after = pipe.text_encoder(ids)[0]
+    assert (after - before).abs().max() > 1e-3
+    result = run_script("train_craft_sd15.py", "--pretrained_model_name_or_path", zoo / "sd15", "--train_data_dir",
+                        data, "--output_dir", tmp_path / "full", "--train_text_encoder", check=False)
+    assert result.returncode != 0 and "use it with --use_lora" in result.stderr
+
+
 def test_full_fine_tune_with_ema_and_8bit_adam_resumes_exactly(zoo, data, tmp_path):
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
