@@ -248,12 +248,27 @@ def add_generation_args(parser, model_required=True):
     group.add_argument("--seed", type=int, default=0, help="base seed; each image's seed derives from it")
 
 
+def local_model_configs_sha256(path):
+    """A local pipeline folder's JSON configs, hashed: a model retrained or replaced at the same path changes them
+    (architecture, the VAE's fitted scaling factor). None for a Hub id, which --revision pins."""
+    if not os.path.isdir(path):
+        return None
+    configs = {}
+    for root, _, files in os.walk(path):
+        for name in files:
+            if name.endswith(".json"):
+                with open(os.path.join(root, name), "rb") as f:
+                    configs[os.path.relpath(os.path.join(root, name), path)] = hashlib.sha256(f.read()).hexdigest()
+    return sha256_of(sorted(configs.items()))
+
+
 def generation_settings(args):
-    """Every flag that changes the images; a folder is only resumed with the same ones."""
+    """Every flag that changes the images, and the local model's configs; a folder is only resumed with the same."""
     names = ["pretrained_model_name_or_path", "revision", "variant", "pretrained_vae_model_name_or_path",
              "lora_path", "scheduler", "num_inference_steps", "guidance_scale", "height", "width",
              "num_images_per_prompt", "batch_size", "mixed_precision", "seed"]
-    return {name: getattr(args, name) for name in names}
+    return {**{name: getattr(args, name) for name in names},
+            "model_configs_sha256": local_model_configs_sha256(args.pretrained_model_name_or_path)}
 
 
 def check_generation_folder(output_dir, settings, overwrite):

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -195,6 +196,16 @@ def test_other_settings_are_refused_and_overwrite_starts_over(zoo, tmp_path):
     assert folder_files(out) == before
     generate(zoo, prompts, out, "--seed", 1, "--overwrite")
     assert cu.read_jsonl(out / "metadata.jsonl")[0]["seed"] == cu.derive_seed(1, 0, 0, 0)
+
+    # the same local path holding another model (retrained: a new VAE scaling factor) is other settings too
+    retrained = tmp_path / "model"
+    shutil.copytree(zoo / "sd15", retrained)
+    made = generate(zoo, prompts, tmp_path / "same_path", model=retrained)
+    config = json.loads((retrained / "vae" / "config.json").read_text())
+    (retrained / "vae" / "config.json").write_text(json.dumps(dict(config, scaling_factor=0.5)))
+    result = generate(zoo, prompts, tmp_path / "same_path", model=retrained, check=False)
+    assert made.returncode == 0 and result.returncode != 0
+    assert "holds images made with other settings (model_configs_sha256: " in result.stderr
 
     foreign = tmp_path / "foreign"
     foreign.mkdir()
