@@ -2,29 +2,29 @@
 """Pretrain the demo's tiny text-to-image model on coloured shapes that it draws itself.
 
 A random tiny pipeline turns every latent into the same noise, so no reward can move on it. This script trains an
-SD1.5-style pipeline (64x64 images) from scratch: first the VAE on the drawings, then the UNet together with the
-tiny CLIP text encoder on their latents (10% empty captions keep classifier-free guidance working), then the VAE
-decoder alone. The text encoder trains here because a frozen random one binds colour words to colours very slowly;
-CRAFT's fine-tunes keep it frozen, as the paper does.
+SD1.5-style pipeline (64x64 images, 16x16 latents) from scratch: first the VAE on the drawings, then the UNet
+together with the tiny CLIP text encoder on their latents (10% empty captions keep classifier-free guidance
+working), then the VAE decoder alone. The text encoder trains here because a frozen random one binds colour words to
+colours very slowly (the paper's fine-tunes keep it frozen; the demo's gives it a LoRA).
 
 The captions are made like web-scale data, so that the model has what CRAFT fixes in real ones: half are short, "a
 {colour} {shape} {place}", and name a wrong colour 55% of the time (`--short_caption_noise`), as alt-text is noisy;
 the other half are detailed, repeat the colour ("a red red circle on the left", "a red circle on the left, red") and
 are always right, as recaptioned data is. So, like Stable Diffusion, the model follows detailed prompts better than
-short ones (`color` at guidance 3 on the demo's prompts: 0.37 for the short prompt, 0.57 for "a red red circle on
-the left, red"), and rewrites of a short prompt find the images it seldom gets right. A model pretrained on clean
-captions drew the named colour 0.8 of the time, and no fine-tune on its own images, CRAFT's or plain SFT, reliably
-raised that (README).
+short ones (`color` at guidance 3 on the demo's prompts: 0.36 to 0.47 for the short prompt, 0.60 to 0.75 for its
+detailed forms, over three `make demo` seeds), and rewrites of a short prompt find the images it seldom gets right.
+A model pretrained on clean captions drew the named colour 0.8 of the time, and no fine-tune on its own images,
+CRAFT's or plain SFT, reliably raised that (README).
 
 The decoder stage is for self-training: a fine-tune on the model's own images learns their re-encoded latents, so
 what one VAE round trip loses (encode with a posterior sample, as the fine-tunes do, then decode) lands in the tuned
 model. In an earlier version of this model a round trip kept 0.89 of the drawings' `color` (yellows turned orange)
-without it, 0.98 with it (0.98 in this one too). The encoder stays frozen there, so the latent space the UNet
-learned does not move. Seeded: the same command on the same machine writes the same weights.
+without it, 0.98 with it (0.94 in this one, whose latents are 4x smaller). The encoder stays frozen there, so the
+latent space the UNet learned does not move. Seeded: the same command on the same machine writes the same weights.
 
     python tools/pretrain_tiny_model.py /tmp/m --vae_steps 5 --unet_steps 5 --decoder_steps 5  # a quick check
 
-The shipped models/tiny-shapes-sd15 is this script's defaults on an H200 (6 minutes):
+The shipped models/tiny-shapes-sd15 is this script's defaults, run on 2 CPU cores (42 minutes):
 
     python tools/pretrain_tiny_model.py models/tiny-shapes-sd15
 """
@@ -42,7 +42,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from craft_rewards import NAMED_COLOURS  # noqa: E402
-from make_tiny_models import clip_text_config, make_clip_tokenizer, tiny_scheduler, tiny_vae  # noqa: E402
+from make_tiny_models import clip_text_config, make_clip_tokenizer, tiny_scheduler  # noqa: E402
 
 COLOURS = NAMED_COLOURS
 SHAPES = ("circle", "square", "triangle", "star")
@@ -185,7 +185,7 @@ def main(argv=None):
     parser.add_argument("--init_from", help="start from this pipeline's weights instead of random ones")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -203,9 +203,12 @@ def main(argv=None):
     else:
         tokenizer = make_clip_tokenizer(os.path.join(args.output_dir, "tokenizer"))
         text_encoder = CLIPTextModel(clip_text_config(len(tokenizer)))
-        vae = tiny_vae()
+        # Three VAE levels (64x64 pixels -> 16x16 latents): a quarter of the UNet's work per step of a 2-level one.
+        vae = AutoencoderKL(
+            block_out_channels=(32, 64, 64), in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
+            down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3)
         unet = UNet2DConditionModel(
-            block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+            block_out_channels=(32, 64), layers_per_block=2, sample_size=16, in_channels=4, out_channels=4,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32, attention_head_dim=(2, 4),
             norm_num_groups=32)
