@@ -186,7 +186,7 @@ def save_outputs(args, unet, vae, seam, is_lora, text_encoders):
             peft_state = {f"{name}.{k}": v for name, module in {"unet": unet, **text_encoders}.items()
                           for k, v in get_peft_model_state_dict(module).items()}
             kohya = convert_state_dict_to_kohya(peft_state)
-            if "text_encoder_2" not in text_encoders:  # kohya names SD1.x's one encoder lora_te_, SDXL's te1/te2
+            if "text_encoder_2" not in seam.components:  # kohya names SD1.x's one encoder lora_te_, SDXL's te1/te2
                 kohya = {k.replace("lora_te1_", "lora_te_", 1): v for k, v in kohya.items()}
             alpha = float(args.lora_alpha or args.rank)  # the converter assumes alpha = rank
             kohya = {k: torch.tensor(alpha) if k.endswith(".alpha") else v.contiguous() for k, v in kohya.items()}
