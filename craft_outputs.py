@@ -1,74 +1,103 @@
-"""What the CRAFT trainers write: checkpoints in diffusers' formats (for exact resume), validation grids with reward
-curves, the LoRA / kohya / pipeline outputs, training_config.json, the model card and the Hub upload."""
+"""What the CRAFT trainers write, for any model family: checkpoints in diffusers' formats with exact-resume
+bookkeeping, validation grids with reward curves, the LoRA and kohya files, training_config.json, the model card
+and the Hub upload. The trainer scripts build the models and pipelines and hand them in."""
 
 import json
 import math
 import os
 import shutil
 import statistics
+import time
 
-import craft_training as ct
 import craft_utils as cu
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
 
 
-def save_lora(pipeline_class, folder, unet, text_encoders):
-    """pytorch_lora_weights.safetensors in diffusers' format: what load_lora_weights reads."""
+# ----------------------------------------------------------------------------------------------------------------
+# LoRA files
+
+
+def save_lora(pipeline_class, folder, models):
+    """pytorch_lora_weights.safetensors in diffusers' format, what load_lora_weights reads. `models`: name ->
+    LoRA'd module, named as the pipeline names it (unet / transformer, text_encoder, text_encoder_2)."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import get_peft_model_state_dict
 
     layers = {f"{name}_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
-              for name, module in {"unet": unet, **text_encoders}.items()}
+              for name, module in models.items()}
     pipeline_class.save_lora_weights(folder, **layers)
 
 
-def register_checkpoint_hooks(accelerator, unet, seam, is_lora, ema):
-    """Checkpoints hold the trainable weights in diffusers' own formats (LoRA file / unet folder), not a pickle."""
+def save_kohya(folder, models, alpha, one_text_encoder):
+    """pytorch_lora_weights_kohya.safetensors for A1111/ComfyUI: prefixes unet. / text_encoder. / text_encoder_2.
+    become lora_unet_ / lora_te1_ / lora_te2_; kohya names an SD1.x model's only encoder lora_te_."""
+    import torch
+    from diffusers.utils import convert_state_dict_to_kohya
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    peft_state = {f"{name}.{key}": value for name, module in models.items()
+                  for key, value in get_peft_model_state_dict(module).items()}
+    kohya = convert_state_dict_to_kohya(peft_state)
+    if one_text_encoder:
+        kohya = {k.replace("lora_te1_", "lora_te_", 1): v for k, v in kohya.items()}
+    # the converter writes alpha = rank; the LoRA's own alpha is what scales it
+    kohya = {k: torch.tensor(float(alpha)) if k.endswith(".alpha") else v.contiguous() for k, v in kohya.items()}
+    save_file(kohya, os.path.join(folder, KOHYA_FILE))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints and exact resume
+
+
+def register_checkpoint_hooks(accelerator, pipeline_class, models, is_lora, ema=None):
+    """Checkpoints hold the trainable weights in diffusers' own formats (a LoRA file, or the denoiser's folder)
+    instead of a pickle. `models`: name -> trained module, the denoiser first (unet or transformer)."""
     import torch
 
-    names = {id(unet): "unet", **{id(m): n for n, m in ct.trainable_text_encoders(seam).items()}}
+    denoiser_name = next(iter(models))
+    names = {id(module): name for name, module in models.items()}
 
-    def save(models, weights, folder):
+    def unwrapped(modules):
+        return {names[id(accelerator.unwrap_model(m))]: accelerator.unwrap_model(m) for m in modules}
+
+    def save(modules, weights, folder):
         if accelerator.is_main_process:
-            inner = {names[id(accelerator.unwrap_model(m))]: accelerator.unwrap_model(m) for m in models}
+            trained = unwrapped(modules)
             if is_lora:
-                save_lora(seam.pipeline_class, folder, inner.pop("unet"), inner)
+                save_lora(pipeline_class, folder, trained)
             else:
-                inner["unet"].save_pretrained(os.path.join(folder, "unet"))
+                trained[denoiser_name].save_pretrained(os.path.join(folder, denoiser_name))
             if ema is not None:
-                ema.save_pretrained(os.path.join(folder, "unet_ema"))
-        while weights:
-            weights.pop()
+                ema.save_pretrained(os.path.join(folder, f"{denoiser_name}_ema"))
+        weights.clear()  # accelerate would pickle them too
 
-    def load(models, folder):
-        from diffusers import UNet2DConditionModel
-        from diffusers.training_utils import _set_state_dict_into_text_encoder
+    def load(modules, folder):
+        from diffusers.training_utils import EMAModel, _set_state_dict_into_text_encoder
         from diffusers.utils import convert_unet_state_dict_to_peft
         from peft import set_peft_model_state_dict
 
-        inner = {}
-        while models:
-            model = accelerator.unwrap_model(models.pop())
-            inner[names[id(model)]] = model
+        trained = unwrapped(modules)
+        modules.clear()  # loaded here, not by accelerate
+        denoiser = trained[denoiser_name]
         if is_lora:
-            state = seam.pipeline_class.lora_state_dict(folder)[0]
-            unet_state = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
-            set_peft_model_state_dict(inner["unet"], convert_unet_state_dict_to_peft(unet_state), adapter_name="default")
-            for name, module in inner.items():
-                if name != "unet":
+            state = pipeline_class.lora_state_dict(folder)[0]
+            prefix = f"{denoiser_name}."
+            own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            set_peft_model_state_dict(denoiser, convert_unet_state_dict_to_peft(own), adapter_name="default")
+            for name, module in trained.items():
+                if name != denoiser_name:
                     _set_state_dict_into_text_encoder(state, prefix=f"{name}.", text_encoder=module)
-            for parameter in (p for module in inner.values() for p in module.parameters() if p.requires_grad):
+            for parameter in (p for module in trained.values() for p in module.parameters() if p.requires_grad):
                 parameter.data = parameter.data.to(torch.float32)
         else:
-            saved = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
-            inner["unet"].load_state_dict(saved.state_dict())
+            saved = type(denoiser).from_pretrained(folder, subfolder=denoiser_name)
+            denoiser.load_state_dict(saved.state_dict())
         if ema is not None:
-            from diffusers.training_utils import EMAModel
-
-            ema.load_state_dict(EMAModel.from_pretrained(os.path.join(folder, "unet_ema"),
-                                                         UNet2DConditionModel).state_dict())
+            ema.load_state_dict(EMAModel.from_pretrained(os.path.join(folder, f"{denoiser_name}_ema"),
+                                                         type(denoiser)).state_dict())
 
     accelerator.register_save_state_pre_hook(save)
     accelerator.register_load_state_pre_hook(load)
@@ -86,7 +115,23 @@ def find_checkpoint(args):
     cu.fail(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such folder (absolute, or in {args.output_dir})")
 
 
+def resume(accelerator, args):
+    """--resume_from_checkpoint: load the saved state; -> the optimizer steps it had done (0 for a new run). With
+    the seeded order and per-step seeds, the run then continues exactly as if it had never stopped."""
+    if not args.resume_from_checkpoint:
+        return 0
+    checkpoint = find_checkpoint(args)
+    if checkpoint is None:  # 'latest' in an empty or new folder: a preemptible job's first start
+        accelerator.print(f"no checkpoint in {args.output_dir}: starting a new run")
+        return 0
+    accelerator.load_state(checkpoint)
+    step = int(os.path.basename(os.path.normpath(checkpoint)).split("-")[1])
+    accelerator.print(f"resumed from {checkpoint} at step {step}")
+    return step
+
+
 def save_checkpoint(accelerator, args, step):
+    """checkpoint-N in output_dir; with --checkpoints_total_limit the oldest go first."""
     if args.checkpoints_total_limit is not None and accelerator.is_main_process:
         old = sorted((d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-")),
                      key=lambda d: int(d.split("-")[1]))
@@ -95,50 +140,31 @@ def save_checkpoint(accelerator, args, step):
     accelerator.save_state(os.path.join(args.output_dir, f"checkpoint-{step}"))
 
 
-def load_validation_rewards(args, accelerator):
+# ----------------------------------------------------------------------------------------------------------------
+# Validation
+
+
+def load_validation_rewards(args, device):
     if not args.validation_rewards:
         return {}
     import craft_rewards
 
-    return {name: craft_rewards.load_reward(name, args, accelerator.device) for name in args.validation_reward_names}
+    return {name: craft_rewards.load_reward(name, args, device) for name in args.validation_reward_names}
 
 
-def validation_pipeline(args, accelerator, unet, vae, seam):
-    pipe = seam.pipeline_class.from_pretrained(
-        args.pretrained_model_name_or_path, unet=accelerator.unwrap_model(unet), vae=vae, revision=args.revision,
-        variant=args.variant, **seam.components, **seam.pipeline_kwargs)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(accelerator.device)
-
-
-def validate(args, accelerator, unet, vae, seam, rewards, step, ema=None):
-    """Images for every validation prompt from fixed seeds -> validation/step-N.png, tracker, reward means."""
+def log_validation(pipeline, args, accelerator, rewards, step):
+    """Images for every validation prompt from fixed seeds -> validation/step-N.png, the trackers, reward means."""
     import torch
 
-    if not accelerator.is_main_process:
-        return
-    ct.offload(seam, vae, accelerator.device)
-    model = accelerator.unwrap_model(unet)
-    if ema is not None:
-        ema.store(model.parameters())
-        ema.copy_to(model.parameters())
-    model.eval()
-    for module in ct.trainable_text_encoders(seam).values():
-        module.eval()
-    pipe = validation_pipeline(args, accelerator, unet, vae, seam)
+    pipeline.set_progress_bar_config(disable=True)
     images, prompts = [], []
     with torch.no_grad(), accelerator.autocast():
         for p, prompt in enumerate(args.validation_prompt):
             for i in range(args.num_validation_images):
-                generator = torch.Generator().manual_seed(ct.derive(args.seed, "validation", p, i))
-                images += pipe(prompt, num_inference_steps=args.validation_inference_steps,
-                               generator=generator).images
+                generator = torch.Generator().manual_seed(cu.derive(args.seed, "validation", p, i))
+                images += pipeline(prompt, num_inference_steps=args.validation_inference_steps,
+                                   generator=generator).images
                 prompts.append(prompt)
-    if ema is not None:
-        ema.restore(model.parameters())
-    model.train()
-    for module in ct.trainable_text_encoders(seam).values():
-        module.train()
     folder = os.path.join(args.output_dir, "validation")
     os.makedirs(folder, exist_ok=True)
     cu.save_image_atomic(image_grid(images, args.num_validation_images), os.path.join(folder, f"step-{step:06d}.png"))
@@ -156,9 +182,6 @@ def validate(args, accelerator, unet, vae, seam, rewards, step, ema=None):
             tracker.log({"validation": [wandb.Image(im, caption=pr) for im, pr in zip(images, prompts)]}, step=step)
     if logs:
         accelerator.print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in logs.items()))
-    del pipe
-    if args.cache_latents != "no":
-        ct.offload(seam, vae, "cpu")
 
 
 def image_grid(images, columns):
@@ -172,42 +195,53 @@ def image_grid(images, columns):
     return grid
 
 
-def save_outputs(args, unet, vae, seam, is_lora, text_encoders):
-    if is_lora:
-        save_lora(seam.pipeline_class, args.output_dir, unet, text_encoders)
-        if args.output_kohya_format:
-            from diffusers.utils import convert_state_dict_to_kohya
-            from peft import get_peft_model_state_dict
-            from safetensors.torch import save_file
+# ----------------------------------------------------------------------------------------------------------------
+# The run's record: timing, training_config.json, model card, Hub
 
-            import torch
 
-            # prefixes unet. / text_encoder. / text_encoder_2. become lora_unet_ / lora_te1_ / lora_te2_
-            peft_state = {f"{name}.{k}": v for name, module in {"unet": unet, **text_encoders}.items()
-                          for k, v in get_peft_model_state_dict(module).items()}
-            kohya = convert_state_dict_to_kohya(peft_state)
-            if "text_encoder_2" not in seam.components:  # kohya names SD1.x's one encoder lora_te_, SDXL's te1/te2
-                kohya = {k.replace("lora_te1_", "lora_te_", 1): v for k, v in kohya.items()}
-            alpha = float(args.lora_alpha or args.rank)  # the converter assumes alpha = rank
-            kohya = {k: torch.tensor(alpha) if k.endswith(".alpha") else v.contiguous() for k, v in kohya.items()}
-            save_file(kohya, os.path.join(args.output_dir, KOHYA_FILE))
-    else:
-        pipe = seam.pipeline_class.from_pretrained(
-            args.pretrained_model_name_or_path, unet=unet, vae=vae, revision=args.revision, variant=args.variant,
-            **seam.components, **seam.pipeline_kwargs)
-        pipe.save_pretrained(args.output_dir)
+def peak_memory():
+    """(GiB, label): the accelerator's peak allocation, or the process's peak RSS on a CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30, "peak GPU memory"
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "peak RSS (CPU)"
+
+
+class StepClock:
+    """The loop's wall time and seconds per optimizer step, the first step (warm-up, allocation) left out."""
+
+    def __init__(self):
+        self.started, self.first_done, self.first_step = time.time(), None, 0
+
+    def step_done(self, global_step):
+        if self.first_done is None:
+            self.first_done, self.first_step = time.time(), global_step
+
+    def summary(self, global_step):
+        ended = time.time()
+        memory_gib, memory_kind = peak_memory()
+        per_step = (ended - self.first_done) / max(global_step - self.first_step, 1) if self.first_done else None
+        return {"steps": global_step, "seconds": round(ended - self.started, 1), "seconds_per_step": per_step,
+                "memory": f"{memory_kind} {memory_gib:.2f} GiB", "peak_memory_gib": memory_gib}
+
+
+def crf_report(args):
+    path = os.path.join(args.train_data_dir or "", "crf_report.json")
+    if not (args.train_data_dir and os.path.isfile(path)):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def write_training_config(args, stats):
     import diffusers
     import torch
 
-    report = None
-    if args.train_data_dir and os.path.isfile(os.path.join(args.train_data_dir, "crf_report.json")):
-        with open(os.path.join(args.train_data_dir, "crf_report.json")) as f:
-            report = json.load(f)
     cu.write_json_atomic(os.path.join(args.output_dir, "training_config.json"), {
-        "args": {k: v for k, v in vars(args).items() if k != "hub_token"}, "data": stats, "crf_report": report,
+        "args": {k: v for k, v in vars(args).items() if k != "hub_token"}, "data": stats, "crf_report": crf_report(args),
         "versions": {"diffusers": diffusers.__version__, "torch": torch.__version__}})
 
 
@@ -225,10 +259,8 @@ def write_model_card(args, is_lora, stats):
         f"- training images: {stats['num_images']} ({stats['weights']})\n"
         f"- steps: {stats['steps']}, batch {args.train_batch_size} x {args.gradient_accumulation_steps} accumulation, "
         f"learning rate {args.learning_rate}, resolution {args.resolution}\n")
-    crf = os.path.join(args.train_data_dir or "", "crf_report.json")
-    if args.train_data_dir and os.path.isfile(crf):
-        with open(crf) as f:
-            report = json.load(f)
+    report = crf_report(args)
+    if report:
         description += (f"- filter: {report['settings']['mode']} on {report['settings']['filter_rewards']}; kept "
                         f"{report['kept']} of {report['candidates']} candidates from {report['kept_groups']} prompts\n")
     grids = sorted(os.listdir(os.path.join(args.output_dir, "validation"))) \
@@ -257,3 +289,11 @@ def push_to_hub(args):
                   ignore_patterns=["checkpoint-*", "checkpoint-*/**", f"{args.logging_dir}/**", "*.tmp", ".tmp-*"],
                   token=args.hub_token)
     return repo_id
+
+
+def finish(args, is_lora, stats):
+    """training_config.json, the model card, and the Hub upload with --push_to_hub."""
+    write_training_config(args, stats)
+    write_model_card(args, is_lora, stats)
+    if args.push_to_hub:
+        push_to_hub(args)

@@ -206,10 +206,14 @@ def sha256_of(obj):
     return hashlib.sha256(json.dumps(obj, ensure_ascii=False).encode()).hexdigest()
 
 
+def derive(*parts):
+    """A 31-bit seed from any tuple: the randomness of a sample or a step depends only on what it is."""
+    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:4], "little") & 0x7FFFFFFF
+
+
 def derive_seed(seed, group_id, variant_id, image_index):
     """An image's seed depends only on what the image is, never on batching or on the process that makes it."""
-    digest = hashlib.sha256(f"{seed}/{group_id}/{variant_id}/{image_index}".encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+    return derive(seed, group_id, variant_id, image_index)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -19,7 +19,11 @@ Output: a full pipeline folder (full fine-tune) or pytorch_lora_weights.safetens
 """
 
 import argparse
+import math
+import os
+import statistics
 
+import craft_outputs as co
 import craft_training as ct
 import craft_utils as cu
 
@@ -62,37 +66,226 @@ def load_models(args):
 def main(args):
     import torch
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-    from diffusers.training_utils import EMAModel
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel, cast_training_params, free_memory
+    from peft import LoraConfig, inject_adapter_in_model
+    from tqdm.auto import tqdm
 
     accelerator = ct.make_accelerator(args)
     torch.manual_seed(args.seed)  # LoRA's initial weights
     examples, weights_note = ct.load_examples(args)  # every bad row is refused before a model loads
-    scheduler, tokenizer, text_encoder, vae, unet = load_models(args)
+    noise_scheduler, tokenizer, text_encoder, vae, unet = load_models(args)
+    if args.prediction_type:
+        noise_scheduler.register_to_config(prediction_type=args.prediction_type)
     for frozen in (text_encoder, vae, unet):
         frozen.requires_grad_(False)
-    vae.to(accelerator.device, ct.weight_dtype_of(accelerator))
+    weight_dtype = ct.weight_dtype_of(accelerator)
+
+    # What trains: LoRAs on the UNet's attention (and the text encoder's), or the whole UNet.
+    lora_alpha = args.lora_alpha or args.rank
     if args.use_lora:
-        ct.add_lora(unet, args)
+        unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=lora_alpha, init_lora_weights="gaussian",
+                                    target_modules=args.lora_target_modules.split(",")))
         if args.train_text_encoder:
-            ct.add_text_encoder_lora((text_encoder,), args)
+            # peft's own injection: transformers 5.2x's add_adapter asks for a peft (>= 0.22) not released yet
+            inject_adapter_in_model(LoraConfig(r=args.rank, lora_alpha=lora_alpha, init_lora_weights="gaussian",
+                                               target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]), text_encoder)
     else:
         unet.requires_grad_(True)
-    ema = EMAModel(unet.parameters(), decay=args.ema_decay, model_cls=UNet2DConditionModel,
-                   model_config=unet.config) if args.use_ema else None
+    ema_unet = EMAModel(unet.parameters(), decay=args.ema_decay, model_cls=UNet2DConditionModel,
+                        model_config=unet.config) if args.use_ema else None
+    trained = {"unet": unet, **({"text_encoder": text_encoder} if args.train_text_encoder else {})}
 
-    def encode_prompts(components, captions):
+    def encode_images(pixels):
+        """-> the VAE posterior's mean and std; the loop draws a new sample from it at every step."""
+        dist = vae.encode(pixels.to(accelerator.device, vae.dtype)).latent_dist
+        return dist.mean.float(), dist.std.float()
+
+    def encode_prompt(captions, text_encoder):
         ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt").input_ids
-        return {"prompt_embeds": components["text_encoder"](ids.to(accelerator.device))[0]}
+        return {"prompt_embeds": text_encoder(ids.to(accelerator.device))[0]}
 
-    def unet_inputs(text, sizes, latents):
-        return {"encoder_hidden_states": text["prompt_embeds"].to(latents.device)}
+    def move_frozen(device):
+        vae.to(device)
+        if not args.train_text_encoder:
+            text_encoder.to(device)
+        free_memory()
 
-    seam = ct.ModelSeam(
-        pipeline_class=StableDiffusionPipeline, components={"text_encoder": text_encoder, "tokenizer": tokenizer},
-        encode_prompts=encode_prompts, unet_inputs=unet_inputs,
-        pipeline_kwargs={"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False})
-    ct.train(args, accelerator, unet, vae, scheduler, seam, examples, weights_note, ema)
+    # CRAFT's sets are tiny: encode every image (both flips) and caption once, then free the VAE and the frozen text
+    # encoder before the UNet arrives, for a lower peak. A text encoder that trains encodes the captions every step.
+    vae.to(accelerator.device, weight_dtype)
+    text_encoder.to(accelerator.device, weight_dtype)
+    cache = ct.should_cache(args, examples)
+    encodings = ct.Encodings(examples, args, encode_images,
+                             None if args.train_text_encoder else lambda captions: encode_prompt(captions, text_encoder),
+                             cache, show_progress=accelerator.is_local_main_process)
+    if cache:
+        move_frozen("cpu")
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if args.train_text_encoder:
+            text_encoder.gradient_checkpointing_enable()
+    if args.enable_xformers_memory_efficient_attention:
+        unet.enable_xformers_memory_efficient_attention()
+    unet.to(accelerator.device, weight_dtype if args.use_lora else torch.float32)
+    cast_training_params(list(trained.values()), torch.float32)  # no "Attempting to unscale FP16 gradients"
+    if ema_unet is not None:
+        ema_unet.to(accelerator.device)
+
+    params_to_optimize = [p for module in trained.values() for p in module.parameters() if p.requires_grad]
+    optimizer = ct.make_optimizer(params_to_optimize, args, accelerator.num_processes)
+    train_dataset, train_dataloader = ct.make_dataloader(examples, args, cached=cache)
+    num_update_steps_per_epoch = math.ceil(
+        len(train_dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps or args.num_train_epochs * num_update_steps_per_epoch
+    num_train_epochs = math.ceil(max_train_steps / num_update_steps_per_epoch)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=max_train_steps * accelerator.num_processes)
+    co.register_checkpoint_hooks(accelerator, StableDiffusionPipeline, trained, args.use_lora, ema_unet)
+    if args.train_text_encoder:
+        unet, text_encoder, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+            unet, text_encoder, optimizer, train_dataloader, lr_scheduler)
+    else:
+        unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+            unet, optimizer, train_dataloader, lr_scheduler)
+    models_to_train = [unet, text_encoder] if args.train_text_encoder else [unet]  # as prepared (DDP-wrapped)
+
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        accelerator.init_trackers("craft", config={k: v for k, v in vars(args).items()
+                                                   if isinstance(v, (int, float, str, bool))})
+    global_step = co.resume(accelerator, args)
+    first_epoch, skip_batches = divmod(global_step, num_update_steps_per_epoch)
+    skip_batches *= args.gradient_accumulation_steps
+    rewards = co.load_validation_rewards(args, accelerator.device)
+
+    def log_validation(step):
+        if not accelerator.is_main_process:
+            return
+        move_frozen(accelerator.device)
+        model = accelerator.unwrap_model(unet)
+        if ema_unet is not None:  # validate the EMA weights, then put the training weights back
+            ema_unet.store(model.parameters())
+            ema_unet.copy_to(model.parameters())
+        for module in trained.values():
+            module.eval()
+        pipeline = StableDiffusionPipeline.from_pretrained(
+            args.pretrained_model_name_or_path, unet=model, vae=vae, text_encoder=accelerator.unwrap_model(text_encoder),
+            tokenizer=tokenizer, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            revision=args.revision, variant=args.variant).to(accelerator.device)
+        co.log_validation(pipeline, args, accelerator, rewards, step)
+        del pipeline
+        if ema_unet is not None:
+            ema_unet.restore(model.parameters())
+        for module in trained.values():
+            module.train()
+        if cache:
+            move_frozen("cpu")
+
+    accelerator.print(
+        f"{len(examples)} training images ({weights_note}); latents {'cached' if cache else 'encoded'}, text "
+        + ("encoded each step (the text encoder trains)" if args.train_text_encoder else
+           "cached" if cache else "encoded each step")
+        + f"; {max_train_steps} steps of {args.train_batch_size} x {args.gradient_accumulation_steps} x "
+          f"{accelerator.num_processes} images")
+    progress_bar = tqdm(range(max_train_steps), initial=global_step, desc="steps",
+                        disable=not accelerator.is_local_main_process)
+    clock, losses = co.StepClock(), []
+    for epoch in range(first_epoch, num_train_epochs):
+        train_dataset.epoch = epoch  # the epoch's seeded order and flips
+        for module in models_to_train:
+            module.train()
+        resumed_epoch = epoch == first_epoch and skip_batches > 0
+        batches = accelerator.skip_first_batches(train_dataloader, skip_batches) if resumed_epoch else train_dataloader
+        for step, batch in enumerate(batches, start=skip_batches if resumed_epoch else 0):
+            # every random draw of a step comes from its own seed: a resumed run continues exactly
+            generator = torch.Generator().manual_seed(cu.derive(args.seed, "step", epoch, step, accelerator.process_index))
+            with accelerator.accumulate(*models_to_train):
+                captions = ct.drop_captions(batch["caption"], args.proportion_empty_prompts, generator)
+                mean, std, _ = encodings.latent_dist(batch)
+                latents = (mean + std * torch.randn(mean.shape, generator=generator).to(mean.device)) \
+                    * vae.config.scaling_factor
+                if args.train_text_encoder:
+                    prompt_embeds = encode_prompt(captions, text_encoder)["prompt_embeds"]
+                else:
+                    prompt_embeds = encodings.text(captions)["prompt_embeds"]
+
+                # the forward diffusion: noise, a uniform timestep per sample, the scheduler's target
+                noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+                if args.noise_offset:
+                    offset = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator)
+                    noise = noise + args.noise_offset * offset.to(latents.device)
+                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                          generator=generator).to(latents.device)
+                noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+                if noise_scheduler.config.prediction_type == "epsilon":
+                    target = noise
+                else:
+                    target = noise_scheduler.get_velocity(latents, noise, timesteps)
+                model_pred = unet(noisy_latents.to(weight_dtype), timesteps,
+                                  encoder_hidden_states=prompt_embeds.to(latents.device)).sample
+
+                # The CRAFT loss: L = mean_i [ w_i * s_i * ||pred_i - target_i||^2 / (C*H*W) ], w_i the sample's weight
+                # (its CRF advantage; 1 in plain SFT), s_i the min-SNR factor (1 without --snr_gamma). No reference
+                # model and no KL term: the short schedule and the small learning rate keep the model near the base.
+                per_sample_loss = ct.per_sample_mse(model_pred, target)
+                if args.snr_gamma:
+                    per_sample_loss = per_sample_loss * ct.min_snr_weights(noise_scheduler, timesteps, args.snr_gamma)
+                loss = (per_sample_loss * batch["weight"].to(per_sample_loss.device)).mean()
+
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm:
+                    accelerator.clip_grad_norm_(params_to_optimize, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+            losses.append(accelerator.gather(loss.detach()).mean().item())
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            clock.step_done(global_step)
+            if ema_unet is not None:
+                ema_unet.step(accelerator.unwrap_model(unet).parameters())
+            logs = {"loss": statistics.fmean(losses), "lr": lr_scheduler.get_last_lr()[0]}
+            losses = []
+            progress_bar.update(1)
+            progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
+            accelerator.log(logs, step=global_step)
+            if global_step % args.checkpointing_steps == 0:
+                co.save_checkpoint(accelerator, args, global_step)
+            if args.validation_prompt and args.validation_steps and global_step % args.validation_steps == 0:
+                log_validation(global_step)
+            if global_step >= max_train_steps:
+                break
+        if args.validation_prompt and not args.validation_steps and (epoch + 1) % args.validation_epochs == 0:
+            log_validation(global_step)
+        if global_step >= max_train_steps:
+            break
+    progress_bar.close()
+
+    accelerator.wait_for_everyone()
+    stats = {"num_images": len(examples), "weights": weights_note, "weight_sum": sum(e.weight for e in examples),
+             "latents_cached": cache, **clock.summary(global_step)}
+    if accelerator.is_main_process:
+        unet = accelerator.unwrap_model(unet)
+        if ema_unet is not None:
+            ema_unet.copy_to(unet.parameters())
+        if args.use_lora:
+            lora_models = {name: accelerator.unwrap_model(module) for name, module in trained.items()}
+            co.save_lora(StableDiffusionPipeline, args.output_dir, lora_models)
+            if args.output_kohya_format:
+                co.save_kohya(args.output_dir, lora_models, lora_alpha, one_text_encoder=True)
+        else:
+            StableDiffusionPipeline.from_pretrained(
+                args.pretrained_model_name_or_path, unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False, revision=args.revision,
+                variant=args.variant).save_pretrained(args.output_dir)
+        co.finish(args, args.use_lora, stats)
+        accelerator.print(f"trained {global_step} steps in {stats['seconds']} s, {stats['memory']}; "
+                          f"saved to {args.output_dir}")
+    accelerator.end_training()
 
 
 if __name__ == "__main__":

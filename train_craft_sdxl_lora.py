@@ -16,7 +16,11 @@ Output: pytorch_lora_weights.safetensors (StableDiffusionXLPipeline.load_lora_we
 """
 
 import argparse
+import math
+import os
+import statistics
 
+import craft_outputs as co
 import craft_training as ct
 import craft_utils as cu
 
@@ -74,42 +78,223 @@ def time_ids(sizes, resolution):
 def main(args):
     import torch
     from diffusers import StableDiffusionXLPipeline
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params, free_memory
+    from peft import LoraConfig, inject_adapter_in_model
+    from tqdm.auto import tqdm
 
     accelerator = ct.make_accelerator(args)
     torch.manual_seed(args.seed)  # LoRA's initial weights
     examples, weights_note = ct.load_examples(args)  # every bad row is refused before a model loads
-    scheduler, (tokenizer, tokenizer_2), (text_encoder, text_encoder_2), vae, unet = load_models(args)
+    noise_scheduler, (tokenizer, tokenizer_2), (text_encoder, text_encoder_2), vae, unet = load_models(args)
+    if args.prediction_type:
+        noise_scheduler.register_to_config(prediction_type=args.prediction_type)
     for frozen in (text_encoder, text_encoder_2, vae, unet):
         frozen.requires_grad_(False)
-    # the SDXL VAE overflows in fp16 (NaN, black images): fp32 unless a VAE made for fp16 is given
-    vae_dtype = ct.weight_dtype_of(accelerator) if args.pretrained_vae_model_name_or_path else torch.float32
-    vae.to(accelerator.device, vae_dtype)
-    ct.add_lora(unet, args)
-    if args.train_text_encoder:
-        ct.add_text_encoder_lora((text_encoder, text_encoder_2), args)
+    weight_dtype = ct.weight_dtype_of(accelerator)
 
-    def encode_prompts(components, captions):
-        """Penultimate hidden states of both encoders, concatenated; the pooled embedding of the second."""
+    # What trains: a LoRA on the UNet's attention, and with --train_text_encoder on both text encoders' too.
+    lora_alpha = args.lora_alpha or args.rank
+    unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=lora_alpha, init_lora_weights="gaussian",
+                                target_modules=args.lora_target_modules.split(",")))
+    if args.train_text_encoder:
+        # peft's own injection: transformers 5.2x's add_adapter asks for a peft (>= 0.22) not released yet
+        text_lora = LoraConfig(r=args.rank, lora_alpha=lora_alpha, init_lora_weights="gaussian",
+                               target_modules=["q_proj", "k_proj", "v_proj", "out_proj"])
+        inject_adapter_in_model(text_lora, text_encoder)
+        inject_adapter_in_model(text_lora, text_encoder_2)
+    trained = {"unet": unet}
+    if args.train_text_encoder:
+        trained.update(text_encoder=text_encoder, text_encoder_2=text_encoder_2)
+
+    def encode_images(pixels):
+        """-> the VAE posterior's mean and std; the loop draws a new sample from it at every step."""
+        dist = vae.encode(pixels.to(accelerator.device, vae.dtype)).latent_dist
+        return dist.mean.float(), dist.std.float()
+
+    def encode_prompt(captions, text_encoders):
+        """Both encoders' penultimate hidden states, concatenated, and the second encoder's pooled embedding."""
         embeds = []
-        for tokenizer_, encoder in ((tokenizer, components["text_encoder"]),
-                                    (tokenizer_2, components["text_encoder_2"])):
-            ids = tokenizer_(captions, padding="max_length", max_length=tokenizer_.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
+        for tokenizer_, encoder in zip((tokenizer, tokenizer_2), text_encoders):
+            ids = tokenizer_(captions, padding="max_length", max_length=tokenizer_.model_max_length, truncation=True,
+                             return_tensors="pt").input_ids
             output = encoder(ids.to(accelerator.device), output_hidden_states=True)
             embeds.append(output.hidden_states[-2])
         return {"prompt_embeds": torch.cat(embeds, dim=-1), "pooled_prompt_embeds": output[0]}
 
-    def unet_inputs(text, sizes, latents):
-        return {"encoder_hidden_states": text["prompt_embeds"].to(latents.device),
-                "added_cond_kwargs": {"text_embeds": text["pooled_prompt_embeds"].to(latents.device),
-                                      "time_ids": time_ids(sizes, args.resolution).to(latents)}}
+    def move_frozen(device):
+        vae.to(device)
+        if not args.train_text_encoder:
+            text_encoder.to(device)
+            text_encoder_2.to(device)
+        free_memory()
 
-    seam = ct.ModelSeam(
-        pipeline_class=StableDiffusionXLPipeline,
-        components={"text_encoder": text_encoder, "text_encoder_2": text_encoder_2, "tokenizer": tokenizer,
-                    "tokenizer_2": tokenizer_2},
-        encode_prompts=encode_prompts, unet_inputs=unet_inputs)
-    ct.train(args, accelerator, unet, vae, scheduler, seam, examples, weights_note)
+    # The SDXL VAE overflows in fp16 (NaN, black images): it stays fp32 unless a VAE made for fp16 is given.
+    vae.to(accelerator.device, weight_dtype if args.pretrained_vae_model_name_or_path else torch.float32)
+    text_encoder.to(accelerator.device, weight_dtype)
+    text_encoder_2.to(accelerator.device, weight_dtype)
+    # CRAFT's sets are tiny: encode every image (both flips) and caption once, then free the VAE and both frozen text
+    # encoders before the UNet arrives (diffusers' SDXL LoRA script runs all three every step). Text encoders that
+    # train encode the captions every step.
+    cache = ct.should_cache(args, examples)
+    encode_frozen = None if args.train_text_encoder else \
+        (lambda captions: encode_prompt(captions, (text_encoder, text_encoder_2)))
+    encodings = ct.Encodings(examples, args, encode_images, encode_frozen, cache,
+                             show_progress=accelerator.is_local_main_process)
+    if cache:
+        move_frozen("cpu")
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if args.train_text_encoder:
+            text_encoder.gradient_checkpointing_enable()
+            text_encoder_2.gradient_checkpointing_enable()
+    if args.enable_xformers_memory_efficient_attention:
+        unet.enable_xformers_memory_efficient_attention()
+    unet.to(accelerator.device, weight_dtype)
+    cast_training_params(list(trained.values()), torch.float32)  # no "Attempting to unscale FP16 gradients"
+
+    params_to_optimize = [p for module in trained.values() for p in module.parameters() if p.requires_grad]
+    optimizer = ct.make_optimizer(params_to_optimize, args, accelerator.num_processes)
+    train_dataset, train_dataloader = ct.make_dataloader(examples, args, cached=cache)
+    num_update_steps_per_epoch = math.ceil(
+        len(train_dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps or args.num_train_epochs * num_update_steps_per_epoch
+    num_train_epochs = math.ceil(max_train_steps / num_update_steps_per_epoch)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=max_train_steps * accelerator.num_processes)
+    co.register_checkpoint_hooks(accelerator, StableDiffusionXLPipeline, trained, is_lora=True)
+    if args.train_text_encoder:
+        unet, text_encoder, text_encoder_2, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+            unet, text_encoder, text_encoder_2, optimizer, train_dataloader, lr_scheduler)
+        models_to_train = [unet, text_encoder, text_encoder_2]  # as prepared (DDP-wrapped)
+    else:
+        unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+            unet, optimizer, train_dataloader, lr_scheduler)
+        models_to_train = [unet]
+
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        accelerator.init_trackers("craft", config={k: v for k, v in vars(args).items()
+                                                   if isinstance(v, (int, float, str, bool))})
+    global_step = co.resume(accelerator, args)
+    first_epoch, skip_batches = divmod(global_step, num_update_steps_per_epoch)
+    skip_batches *= args.gradient_accumulation_steps
+    rewards = co.load_validation_rewards(args, accelerator.device)
+
+    def log_validation(step):
+        if not accelerator.is_main_process:
+            return
+        move_frozen(accelerator.device)
+        for module in trained.values():
+            module.eval()
+        pipeline = StableDiffusionXLPipeline.from_pretrained(
+            args.pretrained_model_name_or_path, unet=accelerator.unwrap_model(unet), vae=vae,
+            text_encoder=accelerator.unwrap_model(text_encoder), text_encoder_2=accelerator.unwrap_model(text_encoder_2),
+            tokenizer=tokenizer, tokenizer_2=tokenizer_2, revision=args.revision,
+            variant=args.variant).to(accelerator.device)
+        co.log_validation(pipeline, args, accelerator, rewards, step)
+        del pipeline
+        for module in trained.values():
+            module.train()
+        if cache:
+            move_frozen("cpu")
+
+    accelerator.print(
+        f"{len(examples)} training images ({weights_note}); latents {'cached' if cache else 'encoded'}, text "
+        + ("encoded each step (the text encoders train)" if args.train_text_encoder else
+           "cached" if cache else "encoded each step")
+        + f"; {max_train_steps} steps of {args.train_batch_size} x {args.gradient_accumulation_steps} x "
+          f"{accelerator.num_processes} images")
+    progress_bar = tqdm(range(max_train_steps), initial=global_step, desc="steps",
+                        disable=not accelerator.is_local_main_process)
+    clock, losses = co.StepClock(), []
+    for epoch in range(first_epoch, num_train_epochs):
+        train_dataset.epoch = epoch  # the epoch's seeded order and flips
+        for module in models_to_train:
+            module.train()
+        resumed_epoch = epoch == first_epoch and skip_batches > 0
+        batches = accelerator.skip_first_batches(train_dataloader, skip_batches) if resumed_epoch else train_dataloader
+        for step, batch in enumerate(batches, start=skip_batches if resumed_epoch else 0):
+            # every random draw of a step comes from its own seed: a resumed run continues exactly
+            generator = torch.Generator().manual_seed(cu.derive(args.seed, "step", epoch, step, accelerator.process_index))
+            with accelerator.accumulate(*models_to_train):
+                captions = ct.drop_captions(batch["caption"], args.proportion_empty_prompts, generator)
+                mean, std, sizes = encodings.latent_dist(batch)
+                latents = (mean + std * torch.randn(mean.shape, generator=generator).to(mean.device)) \
+                    * vae.config.scaling_factor
+                if args.train_text_encoder:
+                    text = encode_prompt(captions, (text_encoder, text_encoder_2))
+                else:
+                    text = encodings.text(captions)
+                # SDXL's micro-conditioning, per sample: original size, crop top-left (mirrored by a flip), target size
+                add_time_ids = time_ids(sizes, args.resolution).to(latents)
+
+                # the forward diffusion: noise, a uniform timestep per sample, the scheduler's target
+                noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+                if args.noise_offset:
+                    offset = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator)
+                    noise = noise + args.noise_offset * offset.to(latents.device)
+                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                          generator=generator).to(latents.device)
+                noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+                if noise_scheduler.config.prediction_type == "epsilon":
+                    target = noise
+                else:
+                    target = noise_scheduler.get_velocity(latents, noise, timesteps)
+                model_pred = unet(noisy_latents.to(weight_dtype), timesteps,
+                                  encoder_hidden_states=text["prompt_embeds"].to(latents.device),
+                                  added_cond_kwargs={"text_embeds": text["pooled_prompt_embeds"].to(latents.device),
+                                                     "time_ids": add_time_ids}).sample
+
+                # The CRAFT loss: L = mean_i [ w_i * s_i * ||pred_i - target_i||^2 / (C*H*W) ], w_i the sample's weight
+                # (its CRF advantage; 1 in plain SFT), s_i the min-SNR factor (1 without --snr_gamma). No reference
+                # model and no KL term: the short schedule and the small learning rate keep the model near the base.
+                per_sample_loss = ct.per_sample_mse(model_pred, target)
+                if args.snr_gamma:
+                    per_sample_loss = per_sample_loss * ct.min_snr_weights(noise_scheduler, timesteps, args.snr_gamma)
+                loss = (per_sample_loss * batch["weight"].to(per_sample_loss.device)).mean()
+
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm:
+                    accelerator.clip_grad_norm_(params_to_optimize, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+            losses.append(accelerator.gather(loss.detach()).mean().item())
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            clock.step_done(global_step)
+            logs = {"loss": statistics.fmean(losses), "lr": lr_scheduler.get_last_lr()[0]}
+            losses = []
+            progress_bar.update(1)
+            progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
+            accelerator.log(logs, step=global_step)
+            if global_step % args.checkpointing_steps == 0:
+                co.save_checkpoint(accelerator, args, global_step)
+            if args.validation_prompt and args.validation_steps and global_step % args.validation_steps == 0:
+                log_validation(global_step)
+            if global_step >= max_train_steps:
+                break
+        if args.validation_prompt and not args.validation_steps and (epoch + 1) % args.validation_epochs == 0:
+            log_validation(global_step)
+        if global_step >= max_train_steps:
+            break
+    progress_bar.close()
+
+    accelerator.wait_for_everyone()
+    stats = {"num_images": len(examples), "weights": weights_note, "weight_sum": sum(e.weight for e in examples),
+             "latents_cached": cache, **clock.summary(global_step)}
+    if accelerator.is_main_process:
+        lora_models = {name: accelerator.unwrap_model(module) for name, module in trained.items()}
+        co.save_lora(StableDiffusionXLPipeline, args.output_dir, lora_models)
+        if args.output_kohya_format:
+            co.save_kohya(args.output_dir, lora_models, lora_alpha, one_text_encoder=False)
+        co.finish(args, True, stats)
+        accelerator.print(f"trained {global_step} steps in {stats['seconds']} s, {stats['memory']}; "
+                          f"saved to {args.output_dir}")
+    accelerator.end_training()
 
 
 if __name__ == "__main__":

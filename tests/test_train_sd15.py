@@ -26,60 +26,94 @@ def data(tmp_path_factory):
     return make_training_set(tmp_path_factory.mktemp("data") / "filtered")
 
 
-def test_weighted_loss_equals_the_formula_and_weight_zero_gives_no_gradient():
+def test_per_sample_mse_by_hand_and_a_zero_weight_gives_no_gradient():
     torch.manual_seed(0)
     pred = torch.randn(3, 4, 2, 2, requires_grad=True)
     target = torch.randn(3, 4, 2, 2)
     weights = torch.tensor([2.0, 0.0, 0.5])
-    loss = ct.weighted_denoising_loss(pred, target, weights)
+    loss = (ct.per_sample_mse(pred, target) * weights).mean()  # the trainers' CRAFT loss line
     by_hand = sum(w * ((p - t) ** 2).sum().item() / 16 for p, t, w in zip(pred.detach(), target, weights.tolist())) / 3
     assert loss.item() == pytest.approx(by_hand, rel=1e-6)
     loss.backward()
     assert torch.all(pred.grad[1] == 0) and pred.grad[0].abs().sum() > 0
     assert torch.allclose(pred.grad[0], 2.0 * 2 * (pred[0] - target[0]).detach() / (16 * 3))
-    snr = torch.tensor([1.0, 3.0, 0.1])
-    assert ct.weighted_denoising_loss(pred, target, weights, snr).item() == pytest.approx(
-        sum(w * s * ((p - t) ** 2).mean().item() for p, t, w, s in zip(pred.detach(), target, weights.tolist(), snr.tolist())) / 3,
-        rel=1e-6)
 
 
-def conditioner_args(**overrides):
-    values = dict(resolution=64, center_crop=True, random_flip=True, seed=3, train_batch_size=2,
-                  proportion_empty_prompts=0.5)
-    return SimpleNamespace(**{**values, **overrides})
+def tensorboard_scalars(folder, tag):
+    """The scalars the trainer logged under `tag`, by step (accelerate's tensorboard run is logs/craft)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(folder / "logs" / "craft"))
+    accumulator.Reload()
+    return {event.step: event.value for event in accumulator.Scalars(tag)}
 
 
-def test_cached_and_uncached_latents_give_the_same_loss(zoo, data):
+def test_first_step_loss_is_the_craft_formula_by_hand(zoo, data, tmp_path):
+    """The loss the script logs at step 1 against the formula computed here from the step's seeds: batch order,
+    caption dropout, posterior sample, noise, timesteps, min-SNR factors and the CRAFT weights."""
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "out"
+    train(zoo, data, out, "--use_lora", "--max_train_steps", 1, "--train_batch_size", 4, "--center_crop",
+          "--snr_gamma", 0.5, "--proportion_empty_prompts", 0.5, "--report_to", "tensorboard")
+    logged = tensorboard_scalars(out, "loss")[1]
+
+    pipe = StableDiffusionPipeline.from_pretrained(zoo / "sd15")  # a new LoRA's up-weights are 0: the base UNet
+    rows = cu.read_jsonl(data / "metadata.jsonl")
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cu.derive(3, "order", 0))).tolist()
+    batch = [rows[i] for i in order[:4]]
+    generator = torch.Generator().manual_seed(cu.derive(3, "step", 0, 0, 0))
+    dropped = (torch.rand(4, generator=generator) < 0.5).tolist()
+    assert any(dropped) and not all(dropped)  # both kinds of caption are in the batch
+    captions = ["" if d else row["text"] for row, d in zip(batch, dropped)]
+    with torch.no_grad():
+        dist = pipe.vae.encode(torch.cat([center_crop_pixels(data / row["file_name"]) for row in batch])).latent_dist
+        latents = (dist.mean + dist.std * torch.randn(dist.mean.shape, generator=generator)) * 0.18215
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.randint(0, 1000, (4,), generator=generator)
+        ids = pipe.tokenizer(captions, padding="max_length", max_length=77, return_tensors="pt").input_ids
+        pred = pipe.unet(pipe.scheduler.add_noise(latents, noise, timesteps), timesteps,
+                         encoder_hidden_states=pipe.text_encoder(ids)[0]).sample
+    alpha_bar = pipe.scheduler.alphas_cumprod
+    total = 0.0
+    for i, row in enumerate(batch):
+        snr = (alpha_bar[timesteps[i]] / (1 - alpha_bar[timesteps[i]])).item()
+        total += row["weight"] * min(snr, 0.5) / snr * ((pred[i] - noise[i]) ** 2).mean().item()
+    assert pipe.vae.config.scaling_factor == 0.18215
+    assert logged == pytest.approx(total / 4, rel=1e-4)
+
+
+def test_cached_and_encoded_latents_and_text_are_the_same(zoo, data):
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(zoo / "sd15")
-    examples, _ = ct.load_examples(SimpleNamespace(dataset_name=None, train_data_dir=str(data), caption_column="text",
-                                                   weight_column="weight", image_column="image"))
+    args = SimpleNamespace(dataset_name=None, train_data_dir=str(data), caption_column="text", weight_column="weight",
+                           image_column="image", resolution=64, center_crop=False, random_flip=True, seed=3,
+                           train_batch_size=2)
+    examples, _ = ct.load_examples(args)
 
-    def encode_prompts(components, captions):
+    def encode_images(pixels):
+        dist = pipe.vae.encode(pixels).latent_dist
+        return dist.mean, dist.std
+
+    def encode_captions(captions):
         ids = pipe.tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
         return {"prompt_embeds": pipe.text_encoder(ids.input_ids)[0]}
 
-    seam = ct.ModelSeam(StableDiffusionPipeline, {}, encode_prompts, lambda text, sizes, latents: {})
-    accelerator = SimpleNamespace(device=torch.device("cpu"), is_local_main_process=False)
-    args = conditioner_args()
-    cached = ct.Conditioner(args, examples, seam, pipe.vae, accelerator, torch.float32, cache=True)
-    uncached = ct.Conditioner(args, examples, seam, pipe.vae, accelerator, torch.float32, cache=False)
+    cached = ct.Encodings(examples, args, encode_images, encode_captions, cache=True, show_progress=False)
+    encoded = ct.Encodings(examples, args, encode_images, encode_captions, cache=False)
     dataset = ct.ImageDataset(examples, args, cached=False)
     dataset.epoch = 1
     batch = ct.collate([dataset[i] for i in (5, 2, 7)])
     assert any(batch["flip"]) and not all(batch["flip"])  # both flips are exercised
-    losses = []
-    for conditioner in (cached, uncached):
-        generator = torch.Generator().manual_seed(11)
-        latents, text, _ = conditioner({k: v for k, v in batch.items()}, generator)
-        noise = torch.randn(latents.shape, generator=generator)
-        timesteps = torch.tensor([10, 500, 900])
-        noisy = pipe.scheduler.add_noise(latents, noise, timesteps)
-        with torch.no_grad():
-            pred = pipe.unet(noisy, timesteps, encoder_hidden_states=text["prompt_embeds"]).sample
-        losses.append(ct.weighted_denoising_loss(pred, noise, torch.tensor([examples[i].weight for i in (5, 2, 7)])))
-    assert losses[0].item() == pytest.approx(losses[1].item(), rel=1e-5)
+    assert batch["weight"].tolist() == [1.75, 1.0, 2.25]  # 0.5 + 0.25 * index
+    for a, b in zip(cached.latent_dist(batch), encoded.latent_dist(batch)):
+        if isinstance(a, dict):
+            assert a == b
+        else:
+            assert torch.allclose(a, b, atol=1e-5)
+    captions = ["", "a red square"]
+    assert torch.allclose(cached.text(captions)["prompt_embeds"], encoded.text(captions)["prompt_embeds"], atol=1e-6)
 
 
 def center_crop_pixels(path):
@@ -162,7 +196,7 @@ def test_text_encoder_lora_trains_and_loads_into_the_pipelines_text_encoder(zoo,
     out = tmp_path / "lora"
     result = train(zoo, data, out, "--use_lora", "--train_text_encoder", "--learning_rate", 1e-2,
                    "--max_train_steps", 4, "--output_kohya_format", "--checkpointing_steps", 1000)
-    assert "text encoded each step (the text encoders train)" in result.stdout + result.stderr
+    assert "text encoded each step (the text encoder trains)" in result.stdout + result.stderr
     lora = load_file(out / co.LORA_FILE)
     assert {k.split(".")[0] for k in lora} == {"unet", "text_encoder"}
     assert {k.split("_")[1] for k in load_file(out / co.KOHYA_FILE)} == {"unet", "te"}  # kohya's SD1.x names
