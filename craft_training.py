@@ -293,12 +293,35 @@ def make_dataloader(examples, args, cached):
     return dataset, dataloader
 
 
-def drop_captions(captions, proportion, generator):
+class SampleRandom:
+    """A batch's random draws, each sample's from its own seed (--seed, epoch, sample index), on the CPU: a run is
+    the same whatever the batch split, the number of processes, or the step it was resumed at."""
+
+    def __init__(self, seed, epoch, indices):
+        import torch
+
+        self.generators = [torch.Generator().manual_seed(cu.derive(seed, "sample", epoch, i)) for i in indices]
+
+    def rand(self, *shape):
+        import torch
+
+        return torch.stack([torch.rand(shape, generator=g) for g in self.generators])
+
+    def randn(self, *shape):
+        import torch
+
+        return torch.stack([torch.randn(shape, generator=g) for g in self.generators])
+
+    def randint(self, high):
+        import torch
+
+        return torch.stack([torch.randint(0, high, (), generator=g) for g in self.generators])
+
+
+def drop_captions(captions, proportion, random):
     """Caption dropout (--proportion_empty_prompts): each caption becomes "" with that probability, so the
     unconditional prediction that classifier-free guidance uses keeps training."""
-    import torch
-
-    drop = torch.rand(len(captions), generator=generator) < proportion
+    drop = random.rand() < proportion
     return ["" if dropped else caption for caption, dropped in zip(captions, drop.tolist())]
 
 

@@ -200,25 +200,22 @@ def main(args):
         resumed_epoch = epoch == first_epoch and skip_batches > 0
         batches = accelerator.skip_first_batches(train_dataloader, skip_batches) if resumed_epoch else train_dataloader
         for step, batch in enumerate(batches, start=skip_batches if resumed_epoch else 0):
-            # every random draw of a step comes from its own seed: a resumed run continues exactly
-            generator = torch.Generator().manual_seed(cu.derive(args.seed, "step", epoch, step, accelerator.process_index))
+            # each sample's draws come from its own seed: resumed, or on any number of GPUs, the run is the same
+            random = ct.SampleRandom(args.seed, epoch, batch["index"])
             with accelerator.accumulate(*models_to_train):
-                captions = ct.drop_captions(batch["caption"], args.proportion_empty_prompts, generator)
+                captions = ct.drop_captions(batch["caption"], args.proportion_empty_prompts, random)
                 mean, std, _ = encodings.latent_dist(batch)
-                latents = (mean + std * torch.randn(mean.shape, generator=generator).to(mean.device)) \
-                    * vae.config.scaling_factor
+                latents = (mean + std * random.randn(*mean.shape[1:]).to(mean.device)) * vae.config.scaling_factor
                 if args.train_text_encoder:
                     prompt_embeds = encode_prompt(captions, text_encoder)["prompt_embeds"]
                 else:
                     prompt_embeds = encodings.text(captions)["prompt_embeds"]
 
                 # the forward diffusion: noise, a uniform timestep per sample, the scheduler's target
-                noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+                noise = random.randn(*latents.shape[1:]).to(latents.device)
                 if args.noise_offset:
-                    offset = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator)
-                    noise = noise + args.noise_offset * offset.to(latents.device)
-                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                          generator=generator).to(latents.device)
+                    noise = noise + args.noise_offset * random.randn(latents.shape[1], 1, 1).to(latents.device)
+                timesteps = random.randint(noise_scheduler.config.num_train_timesteps).to(latents.device)
                 noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
                 if noise_scheduler.config.prediction_type == "epsilon":
                     target = noise

@@ -13,6 +13,12 @@ allocation, or the process's peak RSS on a CPU) in training_config.json.
     python benchmarks/bench_training.py --zoo /tmp/zoo                 # tiny models, CPU
     python benchmarks/bench_training.py --real_size                    # GPU: real architectures, random weights
     python benchmarks/bench_training.py --real_size --configs "sd15 LoRA"   # only the configurations named so
+    python benchmarks/bench_training.py --zoo /tmp/zoo --compare_to_commit 5cc3e41 --repeats 3
+
+--compare_to_commit runs every configuration also with the trainers of an earlier commit (extracted with
+`git archive`), alternating old and new runs --repeats times, and prints the step-time ratio (median of the
+repeats) and the largest difference between the weights the two versions trained: a refactor that changes no
+behaviour shows 0.
 """
 
 import argparse
@@ -58,12 +64,37 @@ def run(script, model, data, out, flags):
         return json.load(f)["data"]
 
 
+def extract_commit(commit, folder):
+    """The trainers and helpers as they were at `commit`, in `folder`."""
+    archive = subprocess.run(["git", "-C", REPO, "archive", commit], capture_output=True, check=True).stdout
+    os.makedirs(folder)
+    subprocess.run(["tar", "-x", "-C", folder], input=archive, check=True)
+    return folder
+
+
+def trained_weights(out):
+    """The trained tensors of an output folder: the LoRA file, else the fine-tuned UNet."""
+    from safetensors.torch import load_file
+
+    lora = os.path.join(out, "pytorch_lora_weights.safetensors")
+    return load_file(lora) if os.path.isfile(lora) else \
+        load_file(os.path.join(out, "unet", "diffusion_pytorch_model.safetensors"))
+
+
+def max_difference(a, b):
+    if a.keys() != b.keys():
+        return float("inf")
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--zoo", help="the tiny zoo (tools/make_tiny_models.py), for the tiny runs")
     parser.add_argument("--real_size", action="store_true", help="real SD1.5/SDXL architectures, random weights")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--configs", help="comma-separated prefixes: run only the configurations they start")
+    parser.add_argument("--compare_to_commit", help="also run the trainers of this git commit (the baseline)")
+    parser.add_argument("--repeats", type=int, default=1, help="with --compare_to_commit: runs of each version")
     args = parser.parse_args()
 
     from make_tiny_models import make_training_set  # coloured squares with CRAFT weights
@@ -96,6 +127,9 @@ def main():
         models = write_real_size_pipelines(work, {kind for _, kind, _ in configs.values()})
     else:
         models = {kind: os.path.join(args.zoo, kind) for kind in ("sd15", "sdxl")}
+    if args.compare_to_commit:
+        compare(args, configs, models, str(data), work)
+        return
     results = {}
     for name, (script, kind, flags) in configs.items():
         results[name] = run(script, models[kind], str(data), os.path.join(work, name.replace(" ", "_")),
@@ -116,6 +150,25 @@ def main():
     for ours, baseline in pairs:
         print(f"  {baseline} vs {ours}: step time {ratio(ours, baseline, 'seconds_per_step'):.2f}x, "
               f"peak memory {ratio(ours, baseline, 'peak_memory_gib'):.2f}x")
+
+
+def compare(args, configs, models, data, work):
+    import statistics
+
+    baseline = extract_commit(args.compare_to_commit, os.path.join(work, "baseline"))
+    print(f"{'configuration':48s} {'s/step now':>10s} {args.compare_to_commit + ' s/step':>16s} {'then/now':>8s}  "
+          "max |weight difference|")
+    for name, (script, kind, flags) in configs.items():
+        seconds = {"now": [], "then": []}
+        for repeat in range(args.repeats):
+            outs = {}
+            for version, script_path in (("then", os.path.join(baseline, script)), ("now", script)):
+                outs[version] = os.path.join(work, f"{name.replace(' ', '_')}-{version}-{repeat}")
+                seconds[version].append(run(script_path, models[kind], data, outs[version],
+                                            flags + ["--max_train_steps", args.steps])["seconds_per_step"])
+            difference = max_difference(trained_weights(outs["now"]), trained_weights(outs["then"]))
+        now, then = statistics.median(seconds["now"]), statistics.median(seconds["then"])
+        print(f"{name:48s} {now:10.3f} {then:16.3f} {then / now:8.2f}  {difference:.3g}", flush=True)
 
 
 if __name__ == "__main__":

@@ -130,8 +130,13 @@ def test_train_text_encoder_resumes_exactly(zoo, data, tmp_path):
 
 
 def test_two_processes_and_model_kind_check(zoo, data, tmp_path):
-    result = train(zoo, data, tmp_path / "ddp", "--max_train_steps", 2, launcher=TWO_PROCESSES)
-    assert "x 1 x 2 images" in result.stdout + result.stderr and (tmp_path / "ddp" / co.LORA_FILE).exists()
+    flags = ("--max_train_steps", 3, "--learning_rate", 1e-3, "--random_flip")
+    result = train(zoo, data, tmp_path / "ddp", *flags, "--train_batch_size", 1, launcher=TWO_PROCESSES)
+    assert "3 steps of 1 x 1 x 2 images" in result.stdout + result.stderr
+    train(zoo, data, tmp_path / "one", *flags)  # batch 2 in one process: the same global batch
+    two, one = load_file(tmp_path / "ddp" / co.LORA_FILE), load_file(tmp_path / "one" / co.LORA_FILE)
+    assert max(v.abs().max().item() for k, v in one.items() if "lora.up" in k) > 1e-3  # the LoRA moved
+    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5  # float32 summation order only
     result = run_script("train_craft_sdxl_lora.py", "--pretrained_model_name_or_path", zoo / "sd15",
                         "--train_data_dir", data, "--output_dir", tmp_path / "x", check=False)
     assert result.returncode != 0
