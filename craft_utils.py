@@ -6,9 +6,12 @@ Each script is one stage and reads top to bottom; what two or more of them need 
 import csv
 import glob
 import hashlib
+import io
 import json
 import os
 import random
+import shutil
+import signal
 import tempfile
 import time
 
@@ -20,6 +23,12 @@ PROGRESS_DIR = ".progress"  # hidden, so load_dataset("imagefolder") never sees 
 def fail(message):
     """Stop with one clear line (no traceback): what is wrong, where, and what to do."""
     raise SystemExit(f"error: {message}")
+
+
+def fault_point(name):
+    """The kill tests stop the process here (CRAFT_KILL_AT=name, as kill -9 would) to prove a kill loses nothing."""
+    if os.environ.get("CRAFT_KILL_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -63,10 +72,19 @@ def save_image_atomic(image, path):
     _atomic_write(path, lambda f: image.save(f, format=image_format))
 
 
+def read_text(path):
+    """A text file's contents; UTF-8 (a byte-order mark is dropped), anything else is refused in one line."""
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            return f.read()
+    except UnicodeDecodeError as error:
+        fail(f"{path} is not UTF-8 text (byte {error.start} is {error.object[error.start:error.start + 1]!r}); "
+             "save it as UTF-8")
+
+
 def read_jsonl(path, allow_torn_tail=False):
     """Rows of a jsonl file. A torn last line (a writer killed mid-append) is dropped when allowed."""
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
+    lines = read_text(path).replace("\r\n", "\n").split("\n")
     rows = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -99,6 +117,50 @@ class AppendLog:
 
     def close(self):
         self.file.close()
+
+
+def _swap_names(destination):
+    parent, name = os.path.split(os.path.abspath(destination))
+    return parent, name, os.path.join(parent, f".{name}.new"), os.path.join(parent, f".{name}.old")
+
+
+def staging_folder(destination):
+    """A new hidden folder beside `destination` to build its replacement in; what a killed run left is cleared."""
+    parent, name, _, _ = _swap_names(destination)
+    recover_folder(destination)
+    os.makedirs(parent, exist_ok=True)
+    folder = tempfile.mkdtemp(dir=parent, prefix=f".{name}.staging-")
+    os.chmod(folder, umask_mode(0o777))
+    return folder
+
+
+def publish_folder(staging, destination):
+    """Put a finished folder in the place of `destination`. The old folder stays whole until the new one is in; a
+    kill at any point leaves either, and recover_folder (the next run) completes the swap."""
+    _, _, new, old = _swap_names(destination)
+    os.replace(staging, new)  # from here on the new folder is complete
+    fault_point("swap_ready")
+    if os.path.exists(destination):
+        os.replace(destination, old)
+    fault_point("swap_old_aside")
+    os.replace(new, destination)
+    fault_point("swap_new_in")
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_folder(destination):
+    """Complete a swap that a kill interrupted, and delete the staging folders of killed runs (only ours)."""
+    parent, name, new, old = _swap_names(destination)
+    if os.path.isdir(new):
+        if os.path.exists(destination) and not os.path.exists(old):
+            os.replace(destination, old)
+        if not os.path.exists(destination):
+            os.replace(new, destination)
+            print(f"{destination}: completed the replacement that an interrupted run had left half done")
+    if os.path.isdir(old) and os.path.exists(destination):
+        shutil.rmtree(old)
+    for leftover in glob.glob(os.path.join(glob.escape(parent), f".{glob.escape(name)}.staging-*")):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def read_logged_rows(output_dir, final_name, log_prefix):
@@ -137,7 +199,9 @@ def check_image(path, where):
 
     try:
         with Image.open(path) as image:
-            image.verify()
+            image.verify()  # the file's structure: chunks, checksums, the end marker
+        with Image.open(path) as image:
+            image.load()  # every pixel decodes (a truncated file fails here)
     except Exception as error:  # PIL raises many types
         fail(f"{where}: cannot read image {path} ({type(error).__name__}); fix or remove that row")
 
@@ -177,11 +241,9 @@ def load_prompts(args):
         if extension == ".jsonl":
             prompts = _column(read_jsonl(source), args.prompt_column, source)
         elif extension == ".csv":
-            with open(source, newline="", encoding="utf-8") as f:
-                prompts = _column(list(csv.DictReader(f)), args.prompt_column, source)
+            prompts = _column(list(csv.DictReader(io.StringIO(read_text(source)))), args.prompt_column, source)
         else:
-            with open(source, encoding="utf-8") as f:
-                prompts = f.read().splitlines()
+            prompts = read_text(source).splitlines()
     else:
         from datasets import load_dataset
 
@@ -296,8 +358,6 @@ def check_generation_folder(output_dir, settings, overwrite):
 def start_generation_folder(output_dir, settings, pipe, args, start_over, state):
     """Create the folder and record every setting (main process), before any image is made."""
     if state.is_main_process:
-        import shutil
-
         import diffusers
         import torch
 

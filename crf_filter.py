@@ -28,7 +28,6 @@ import math
 import os
 import shutil
 import statistics
-import tempfile
 
 import craft_rewards as cr
 import craft_utils as cu
@@ -131,6 +130,10 @@ def load_candidates(args, state):
     if not os.path.isfile(metadata):
         cu.fail(f"{args.candidates_dir} has no {cu.METADATA}; give generate_candidates.py's output folder")
     rows = cu.read_jsonl(metadata)
+    for number, row in enumerate(rows, start=1):
+        for column in ("file_name", "group_id", "variant_id", "original_prompt", "text"):
+            if column not in row:
+                cu.fail(f"{metadata}, row {number}: no '{column}' column; give generate_candidates.py's output")
     rewards_path = os.path.join(args.candidates_dir, cr.REWARDS_FILE)
     table = {r["file_name"]: r for r in cu.read_jsonl(rewards_path)} if os.path.exists(rewards_path) else {}
     missing = [name for name in args.reward_names if any(table.get(r["file_name"], {}).get(name) is None for r in rows)]
@@ -142,9 +145,6 @@ def load_candidates(args, state):
     valid = []
     for number, row in enumerate(rows, start=1):
         problem = None
-        for column in ("file_name", "group_id", "variant_id"):
-            if column not in row:
-                cu.fail(f"{metadata}, row {number}: no '{column}' column; give generate_candidates.py's output")
         scores = {k: v for k, v in table.get(row["file_name"], {}).items() if k != "file_name"}
         bad = [name for name in args.reward_names
                if not isinstance(scores.get(name), (int, float)) or not math.isfinite(scores[name])]
@@ -157,7 +157,7 @@ def load_candidates(args, state):
         if problem:
             skipped[problem[0]] += 1
             continue
-        valid.append({**row, "scores": scores})
+        valid.append({**row, "scores": scores, "row_number": number})
     groups = {}
     for row in valid:
         groups.setdefault(row["group_id"], []).append(row)
@@ -171,6 +171,8 @@ def load_candidates(args, state):
 
 
 def check_output_dir(args):
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        cu.fail(f"--output_dir {args.output_dir} is a file; give a folder (new, or one crf_filter.py wrote)")
     if os.path.isdir(args.output_dir) and os.listdir(args.output_dir):
         if not args.overwrite:
             cu.fail(f"{args.output_dir} is not empty; pass --overwrite to replace it or choose another --output_dir")
@@ -179,12 +181,20 @@ def check_output_dir(args):
                     "choose another --output_dir")
 
 
+def preview_groups(kept, count):
+    return sorted({row["group_id"] for row in kept}, key=str)[:count]
+
+
+def first_original(group_rows):
+    return [row for row in group_rows if row["variant_id"] == 0][:1]
+
+
 def write_preview(path, kept, groups, source_dir, names, count):
     """One row per group: the first original-prompt image (under it, the reference scores in dominance mode), then
     the kept images with their weight and scores."""
     from PIL import Image, ImageDraw
 
-    shown = sorted({row["group_id"] for row in kept}, key=str)[:count]
+    shown = preview_groups(kept, count)
     if not shown:
         return
     tile, caption = 160, 14 * (len(names) + 1)
@@ -193,8 +203,7 @@ def write_preview(path, kept, groups, source_dir, names, count):
     sheet = Image.new("RGB", (width * tile, len(shown) * (tile + caption)), "white")
     draw = ImageDraw.Draw(sheet)
     for y, group_id in enumerate(shown):
-        originals = [r for r in groups[group_id] if r["variant_id"] == 0][:1]
-        for x, row in enumerate(originals + per_group[group_id]):
+        for x, row in enumerate(first_original(groups[group_id]) + per_group[group_id]):
             image = Image.open(os.path.join(source_dir, row["file_name"])).convert("RGB").resize((tile, tile))
             top = y * (tile + caption)
             sheet.paste(image, (x * tile, top))
@@ -212,6 +221,9 @@ def main(args):
     from tqdm.auto import tqdm
 
     state = cu.process_state()
+    if state.is_main_process:
+        cu.recover_folder(args.output_dir)
+    state.wait_for_everyone()
     check_output_dir(args)
     rows, groups, skipped = load_candidates(args, state)
     if not state.is_main_process:
@@ -233,14 +245,18 @@ def main(args):
         cu.fail(f"no image of {args.candidates_dir} passed the filter ({filtered} passed, {zero_weight} with zero "
                 "advantage); try fewer --filter_rewards, --reference mean, a smaller --margin or more candidates")
     kept.sort(key=lambda r: (str(r["group_id"]), r["variant_id"], r.get("image_index", 0)))
+    shown = preview_groups(kept, args.preview_groups)
+    for row in kept + [original for g in shown for original in first_original(groups[g])]:
+        # every pixel of what is copied or shown decodes, before anything is written
+        cu.check_image(os.path.join(args.candidates_dir, row["file_name"]),
+                       f"{os.path.join(args.candidates_dir, cu.METADATA)}, row {row['row_number']}")
 
-    # build the folder next to its destination, then move it in: a crash never leaves half a training set
-    parent = os.path.dirname(os.path.abspath(args.output_dir))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(dir=parent, prefix=".crf-")
-    os.chmod(staging, cu.umask_mode(0o777))
+    # build the folder beside its destination, then swap it in: a kill never leaves half a training set
+    staging = cu.staging_folder(args.output_dir)
     metadata = []
-    for row in tqdm(kept, desc="writing", unit="img"):
+    for number, row in enumerate(tqdm(kept, desc="writing", unit="img")):
+        if number == len(kept) // 2:
+            cu.fault_point("crf_writing")
         source = os.path.abspath(os.path.join(args.candidates_dir, row["file_name"]))
         target = os.path.join(staging, row["file_name"])
         try:
@@ -268,9 +284,7 @@ def main(args):
     cu.write_json_atomic(os.path.join(staging, REPORT), report)
     write_preview(os.path.join(staging, "crf_preview.png"), kept, groups, args.candidates_dir, args.reward_names,
                   args.preview_groups)
-    if os.path.exists(args.output_dir):
-        shutil.rmtree(args.output_dir)  # empty, or ours with --overwrite (checked above)
-    os.replace(staging, args.output_dir)
+    cu.publish_folder(staging, args.output_dir)  # replaces an empty folder, or ours with --overwrite (checked)
 
     print(f"{len(rows)} candidates in {len(groups)} groups")
     if args.mode == "dominance":

@@ -5,7 +5,8 @@
       --train_data_dir filtered --output_dir craft-sd15 [--use_lora --rank 16] [--use_8bit_adam]
 
 The loss is the standard denoising MSE (epsilon or v-prediction target) per sample, times the sample's weight
-(crf_filter.py's advantage, column --weight_column; 1 when the set has none), averaged over the batch:
+(crf_filter.py's advantage, column --weight_column; 1 for every sample with --weight_column none), averaged over
+the batch; the loop in main() computes it where the comment shows this formula:
 
     L = mean_i [ w_i * s_i * || eps_theta(x_t, t, c_i) - target_i ||^2 / (C H W) ]
 

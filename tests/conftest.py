@@ -19,15 +19,20 @@ def subprocess_env():
 TWO_PROCESSES = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
 
 
-def run_script(script, *args, check=True, launcher=None):
-    """Run one of the pack's scripts the way users do: a new process, from the command line."""
+def run_script(script, *args, check=True, launcher=None, kill_at=None):
+    """Run one of the pack's scripts the way users do: a new process, from the command line. `kill_at` names a
+    craft_utils.fault_point where the process is killed (SIGKILL), as a crash or `kill -9` would."""
     env = subprocess_env()
+    if kill_at:
+        env["CRAFT_KILL_AT"] = kill_at
     if launcher:
         env["ACCELERATE_USE_CPU"] = "1"
     command = list(launcher or [sys.executable])
     result = subprocess.run([*command, os.path.join(REPO, script), *map(str, args)], capture_output=True,
                             text=True, env=env, cwd=REPO)
-    if check and result.returncode != 0:
+    if kill_at:
+        assert result.returncode == -9, f"{script} was not killed at {kill_at}:\n{result.stderr[-4000:]}"
+    elif check and result.returncode != 0:
         raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stderr[-4000:]}")
     return result
 

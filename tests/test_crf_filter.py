@@ -87,8 +87,8 @@ def test_advantage_and_weight_values(tmp_path):
     clipped = run_filter(candidates, tmp_path / "clipped", "--weight_clip", 0.5)
     assert {r["weight"] for r in clipped.values()} == {0.5}
     capped = run_filter(candidates, tmp_path / "capped", "--max_samples", 1)
-    best = max(rows.values(), key=lambda r: r["advantage"])["file_name"]
-    assert list(capped) == [best]
+    assert advantages[2] > 1.0  # group 0's kept image, by hand (1.475); group 1's has A = +1: the cap keeps 0's
+    assert list(capped) == ["000000_v01_i00.png"]
     expanded = run_filter(candidates, tmp_path / "expanded", "--caption", "expanded")
     assert expanded["000000_v01_i00.png"]["text"] == "prompt 0, rewrite 1"
 
@@ -213,3 +213,62 @@ def test_end_to_end_from_tiny_model_candidates(zoo, tmp_path):
         assert row["weight"] > 0 and row["text"] == metadata[row["file_name"]]["original_prompt"]
     report = json.loads((tmp_path / "filtered" / "crf_report.json").read_text())
     assert report["kept"] == len(kept) and report["rewrite_images"] == 18
+
+
+@pytest.mark.parametrize("case", ["truncated_png", "png_without_end", "no_file_name", "no_original_prompt",
+                                  "no_text", "output_is_a_file"])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, case):
+    candidates = make_candidates(tmp_path / "c", {0: GROUP_0, 1: GROUP_1})
+    metadata = candidates / "metadata.jsonl"
+    out = tmp_path / "f"
+    expected = {
+        # the kept image of group 0 (row 3); its scores are already cached, so only the copy would read it
+        "truncated_png": f"{metadata}, row 3: cannot read image {candidates}/000000_v01_i00.png",
+        "png_without_end": f"{metadata}, row 3: cannot read image {candidates}/000000_v01_i00.png",
+        "no_file_name": f"{metadata}, row 2: no 'file_name' column",
+        "no_original_prompt": f"{metadata}, row 2: no 'original_prompt' column",
+        "no_text": f"{metadata}, row 2: no 'text' column",
+        "output_is_a_file": f"--output_dir {out} is a file; give a folder",
+    }[case]
+    image = candidates / "000000_v01_i00.png"
+    if case == "truncated_png":
+        Image.new("RGB", (64, 64), (9, 99, 199)).save(image)
+        image.write_bytes(image.read_bytes()[:-40])  # the pixel data ends early
+    elif case == "png_without_end":
+        image.write_bytes(image.read_bytes()[:-12])  # only the IEND chunk is gone
+    elif case == "output_is_a_file":
+        out.write_text("mine")
+    else:
+        rows = cu.read_jsonl(metadata)
+        del rows[1][case[3:]]
+        cu.write_jsonl_atomic(metadata, rows)
+    result = run_script("crf_filter.py", "--candidates_dir", candidates, "--output_dir", out, check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {expected}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["c", "f"] if case == "output_is_a_file" else ["c"])
+
+
+def folder_contents(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("kill_at", ["crf_writing", "swap_ready", "swap_old_aside", "swap_new_in"])
+def test_killed_overwrite_loses_nothing_and_a_rerun_finishes_it(tmp_path, kill_at):
+    """--overwrite replaces a finished set; killed (-9) while writing or at any point of the swap, the folder is the
+    old set or the new one, whole, and a rerun leaves exactly what an uninterrupted run writes, with no leftovers."""
+    candidates = make_candidates(tmp_path / "c", {0: GROUP_0, 1: GROUP_1})
+    flags = ("--candidates_dir", candidates, "--output_dir", tmp_path / "f")
+    run_script("crf_filter.py", *flags, "--mode", "none")
+    old = folder_contents(tmp_path / "f")
+    run_script("crf_filter.py", "--candidates_dir", candidates, "--output_dir", tmp_path / "straight")
+    new = folder_contents(tmp_path / "straight")
+    assert len(cu.read_jsonl(tmp_path / "f" / "metadata.jsonl")) == 8 and len(new) == 5  # 2 images + 3 files
+
+    run_script("crf_filter.py", *flags, "--overwrite", kill_at=kill_at)
+    if (tmp_path / "f").exists():
+        assert folder_contents(tmp_path / "f") in (old, new)
+    else:  # killed between the two renames: the new set waits, whole, beside it
+        assert kill_at == "swap_old_aside"
+    run_script("crf_filter.py", *flags, "--overwrite")
+    assert folder_contents(tmp_path / "f") == new
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "f", "straight"]  # no hidden leftovers
