@@ -123,12 +123,14 @@ def read_folder(folder, caption_column):
     if not rows:
         cu.fail(f"{metadata} has no rows")
     for number, row in enumerate(rows, start=1):
+        if not isinstance(row.get("file_name"), str) or not row["file_name"].strip():
+            cu.fail(f"{metadata}, row {number}: no 'file_name'; each row names its image file")
         text = row.get("original_prompt") or row.get(caption_column)
         if not isinstance(text, str) or not text.strip():
             cu.fail(f"{metadata}, row {number}: no text (neither original_prompt nor {caption_column}); "
                     "fill it in or set --caption_column")
-        cu.check_image(os.path.join(folder, str(row.get("file_name", ""))), f"{metadata}, row {number}")
-        row["_text"] = text
+        cu.check_image(os.path.join(folder, row["file_name"]), f"{metadata}, row {number}", decode=False)
+        row["_text"], row["_where"] = text, f"{metadata}, row {number}"
     return rows
 
 
@@ -140,7 +142,6 @@ def score_folder(folder, names, args, state, caption_column="text", overwrite=Fa
     """
     import torch
     from accelerate.utils import gather_object
-    from PIL import Image
     from tqdm.auto import tqdm
 
     rows = read_folder(folder, caption_column)
@@ -158,7 +159,7 @@ def score_folder(folder, names, args, state, caption_column="text", overwrite=Fa
         scored = []
         for batch in tqdm(mine, desc=f"{name} ({os.path.basename(folder.rstrip('/'))})", unit="batch",
                           disable=not state.is_local_main_process):
-            images = [Image.open(os.path.join(folder, row["file_name"])).convert("RGB") for row in batch]
+            images = [cu.open_image(os.path.join(folder, row["file_name"]), row["_where"]) for row in batch]
             scores = reward(images, [row["_text"] for row in batch])
             scored += [(row["file_name"], score) for row, score in zip(batch, scores)]
         for file_name, score in gather_object(scored):

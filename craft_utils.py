@@ -193,17 +193,30 @@ def process_state():
     return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
-def check_image(path, where):
-    """Refuse a missing, truncated or non-image file up front, naming the row (`where`) that points at it."""
+def open_image(path, where):
+    """The decoded RGB image, or one line naming the row (`where`) that points at a missing, truncated or
+    non-image file."""
     from PIL import Image
 
     try:
         with Image.open(path) as image:
-            image.verify()  # the file's structure: chunks, checksums, the end marker
-        with Image.open(path) as image:
-            image.load()  # every pixel decodes (a truncated file fails here)
+            return image.convert("RGB")  # decodes every pixel: a truncated file fails here
     except Exception as error:  # PIL raises many types
         fail(f"{where}: cannot read image {path} ({type(error).__name__}); fix or remove that row")
+
+
+def check_image(path, where, decode=True):
+    """Refuse a bad image up front: its structure (chunks, checksums, end marker) and, with `decode`, its pixels.
+    Scoring a large folder checks the structure up front and decodes once, when it scores (open_image)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception as error:  # PIL raises many types
+        fail(f"{where}: cannot read image {path} ({type(error).__name__}); fix or remove that row")
+    if decode:
+        open_image(path, where)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -45,6 +45,17 @@ def parse_args(input_args=None):
     return args
 
 
+def check_scores(folder, rows, table, names):
+    """Every score a finite number; a bad cached one (NaN, a string) is named, with the way to rescore it."""
+    path = os.path.join(folder, cr.REWARDS_FILE)
+    for number, row in enumerate(rows, start=1):
+        for name in names:
+            value = table[row["file_name"]].get(name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                cu.fail(f"{path}: {name} score of {row['file_name']} (image {number} of {cu.METADATA}) is {value!r}; "
+                        f"delete that value to rescore it, or rerun with --overwrite")
+
+
 def summarize(rows, table, names):
     summary = {}
     for name in names:
@@ -64,8 +75,16 @@ def compare(rows, table, other_rows, other_table, names, folder, other):
     mine, theirs = keyed(rows, table, folder), keyed(other_rows, other_table, other)
     pairs = sorted(set(mine) & set(theirs), key=str)
     if not pairs:
-        cu.fail(f"{folder} and {other} share no (prompt, seed) pair; generate both from the same prompts and --seed")
-    result = {"compare_to": other, "pairs": len(pairs), "rewards": {}}
+        shared = {prompt for prompt, _ in mine} & {prompt for prompt, _ in theirs}
+        cu.fail(f"{folder} and {other} share no (prompt, seed) pair"
+                + (f" though they share {len(shared)} prompt(s): a seed follows its prompt's position in the prompts "
+                   "file, so generate both from the same file, in the same order, with the same --seed" if shared
+                   else "; generate both from the same prompts file with the same --seed"))
+    if len(pairs) < max(len(mine), len(theirs)):
+        print(f"note: compared on the {len(pairs)} (prompt, seed) pairs found in both folders; {len(mine) - len(pairs)} "
+              f"image(s) of {folder} and {len(theirs) - len(pairs)} of {other} have no partner")
+    result = {"compare_to": other, "pairs": len(pairs), "unpaired": len(mine) - len(pairs),
+              "baseline_unpaired": len(theirs) - len(pairs), "rewards": {}}
     for name in names:
         deltas = [mine[key][name] - theirs[key][name] for key in pairs]
         std = statistics.stdev(deltas) if len(deltas) > 1 else 0.0
@@ -141,6 +160,9 @@ def main(args):
                                                  args.overwrite)
     if not state.is_main_process:
         return
+    check_scores(folder, rows, table, names)
+    if other_rows:
+        check_scores(args.compare_to, other_rows, other_table, names)
     summary = summarize(rows, table, names)
     comparison = compare(rows, table, other_rows, other_table, names, folder, args.compare_to) if other_rows else None
     cu.write_json_atomic(os.path.join(folder, "rewards_summary.json"), {"rewards": summary, "comparison": comparison})

@@ -116,6 +116,20 @@ def test_compare_to_pairs_by_prompt_and_seed(zoo, tmp_path):
         "baseline_mean": statistics.fmean(map(jpeg_score, base_images))})
     assert "| jpeg |" in result.stdout and "60.0%" in result.stdout
     assert (base / "rewards.jsonl").exists()  # the baseline was scored too, once
+    assert (comparison["unpaired"], comparison["baseline_unpaired"]) == (0, 1)
+    assert f"note: compared on the 5 (prompt, seed) pairs found in both folders; 0 image(s) of {tuned} and 1 of " \
+           f"{base} have no partner" in result.stdout
+
+    # the same prompts with other seeds (a prompts file in another order gives its prompts other seeds)
+    shifted = write_folder(tmp_path / "shifted", [({**row, "seed": row["seed"] + 100}, image)
+                                                  for row, image in rows(base_images, [0, 1, 2, 3, 4], {})])
+    result = run_script("eval_rewards.py", "--images_dir", tuned, "--compare_to", shifted, "--rewards", "jpeg",
+                        check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {tuned} and {shifted} share no (prompt, seed) pair though they share 4 prompt(s): a seed follows its "
+        "prompt's position in the prompts file, so generate both from the same file, in the same order, with the "
+        "same --seed")
 
 
 def test_two_processes_score_like_one(zoo, candidates, tmp_path):
@@ -141,7 +155,8 @@ def test_model_mode_generates_with_the_candidate_seeds_and_scores(zoo, tmp_path)
     assert comparison["pairs"] == 6 and comparison["rewards"]["jpeg"]["tie_rate"] == 1.0  # same model, same seeds
 
 
-@pytest.mark.parametrize("case", ["no_metadata", "corrupt_image", "no_text", "missing_weights", "unknown_reward"])
+@pytest.mark.parametrize("case", ["no_metadata", "corrupt_image", "truncated_image", "no_file_name", "no_text",
+                                  "nan_cached", "string_cached", "missing_weights", "unknown_reward"])
 def test_bad_input_is_one_clear_error_and_writes_nothing(zoo, tmp_path, case):
     folder = write_folder(tmp_path / "f", [({"file_name": f"{i}.png", "text": "a cat", "seed": i},
                                             Image.new("RGB", (32, 32), (i, 0, 0))) for i in range(3)])
@@ -152,6 +167,19 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(zoo, tmp_path, case):
     elif case == "corrupt_image":
         (folder / "1.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
         expected = f"{folder}/metadata.jsonl, row 2: cannot read image {folder}/1.png"
+    elif case == "truncated_image":  # its header and chunks are whole: only decoding it finds the gap
+        data = (folder / "2.png").read_bytes()
+        (folder / "2.png").write_bytes(data[:-30] + data[-12:])  # IDAT cut short, IEND kept
+        expected = f"{folder}/metadata.jsonl, row 3: cannot read image {folder}/2.png"
+    elif case == "no_file_name":
+        cu.write_jsonl_atomic(folder / "metadata.jsonl", [{"file_name": "0.png", "text": "a"}, {"text": "b"}])
+        expected = f"{folder}/metadata.jsonl, row 2: no 'file_name'; each row names its image file"
+    elif case in ("nan_cached", "string_cached"):
+        value = float("nan") if case == "nan_cached" else "high"
+        cu.write_jsonl_atomic(folder / "rewards.jsonl", [{"file_name": f"{i}.png", "jpeg": -1.0 if i else value}
+                                                         for i in range(3)])
+        expected = (f"{folder}/rewards.jsonl: jpeg score of 0.png (image 1 of metadata.jsonl) is "
+                    f"{value!r}; delete that value to rescore it, or rerun with --overwrite")
     elif case == "no_text":
         cu.write_jsonl_atomic(folder / "metadata.jsonl", [{"file_name": "0.png", "text": "a"},
                                                           {"file_name": "1.png", "text": ""}])
@@ -165,6 +193,8 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(zoo, tmp_path, case):
     result = run_script("eval_rewards.py", "--images_dir", folder, *extra, check=False)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert expected in result.stderr.strip().splitlines()[-1]
-    assert not (folder / "rewards.jsonl").exists() or case == "missing_weights"
+    if case in ("nan_cached", "string_cached"):  # the cache is left as it was
+        assert [r["jpeg"] for r in cu.read_jsonl(folder / "rewards.jsonl")][1:] == [-1.0, -1.0]
+    assert not (folder / "rewards.jsonl").exists() or case in ("missing_weights", "nan_cached", "string_cached")
     if case == "missing_weights":  # jpeg was done and kept; the failing reward left nothing half
         assert set(cu.read_jsonl(folder / "rewards.jsonl")[0]) == {"file_name", "jpeg"}

@@ -158,7 +158,8 @@ def test_file_expansion_uses_the_given_rewrites(zoo, tmp_path):
     assert "rewrites.jsonl has 0 variants for the prompt 'a blue square on the left'" in result.stderr
 
 
-@pytest.mark.parametrize("case", ["missing_file", "empty_file", "unknown_column", "missing_model"])
+@pytest.mark.parametrize("case", ["missing_file", "empty_file", "unknown_column", "latin1_txt", "latin1_jsonl",
+                                  "missing_model"])
 def test_bad_input_gives_one_clear_error_and_writes_nothing(zoo, tmp_path, case):
     prompts = write_lines(tmp_path / "prompts.txt", PROMPTS[:1])
     model = "sd15"
@@ -167,6 +168,8 @@ def test_bad_input_gives_one_clear_error_and_writes_nothing(zoo, tmp_path, case)
         "missing_file": "prompts file {tmp}/nope.txt does not exist",
         "empty_file": "{tmp}/empty.txt holds no prompts",
         "unknown_column": "{tmp}/prompts.jsonl has no column 'prompt' (columns: caption); set --prompt_column",
+        "latin1_txt": "{tmp}/latin1.txt is not UTF-8 text (byte 5 is b'\\xe9'); save it as UTF-8",
+        "latin1_jsonl": "{tmp}/latin1.jsonl is not UTF-8 text (byte 17 is b'\\xe9'); save it as UTF-8",
         "missing_model": "could not load a diffusers pipeline from '{zoo}/missing'",
     }[case].format(tmp=tmp_path, zoo=zoo)
     if case == "missing_file":
@@ -175,6 +178,12 @@ def test_bad_input_gives_one_clear_error_and_writes_nothing(zoo, tmp_path, case)
         prompts = write_lines(tmp_path / "empty.txt", ["", "  "])
     elif case == "unknown_column":
         prompts = write_lines(tmp_path / "prompts.jsonl", [json.dumps({"caption": "a cat"})])
+    elif case == "latin1_txt":
+        prompts = tmp_path / "latin1.txt"
+        prompts.write_bytes("a café in Paris\n".encode("latin-1"))
+    elif case == "latin1_jsonl":
+        prompts = tmp_path / "latin1.jsonl"
+        prompts.write_bytes('{"prompt": "a café"}\n'.encode("latin-1"))
     else:
         model = "missing"
     result = generate(zoo, prompts, tmp_path / "out", *extra, model=model, check=False)
@@ -231,6 +240,10 @@ def test_load_prompts_from_txt_jsonl_csv(tmp_path):
     assert cu.load_prompts(prompt_args(prompts_file=str(jsonl), prompt_column="caption")) == ["x", "y"]
     csv_file = write_lines(tmp_path / "p.csv", ["id,prompt", "1,a red cat", '2,"a cat, red"'])
     assert cu.load_prompts(prompt_args(prompts_file=str(csv_file))) == ["a red cat", "a cat, red"]
+    for name, text in (("bom.txt", "a cat\na dog\n"), ("bom.jsonl", '{"prompt": "a cat"}\n'),
+                       ("bom.csv", "prompt\na cat\n")):  # Windows editors start UTF-8 files with a byte-order mark
+        (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + text.encode())
+        assert cu.load_prompts(prompt_args(prompts_file=str(tmp_path / name)))[0] == "a cat"
     many = write_lines(tmp_path / "many.txt", [f"prompt {i}" for i in range(50)])
     assert cu.load_prompts(prompt_args(prompts_file=str(many), max_prompts=3)) == ["prompt 0", "prompt 1", "prompt 2"]
     shuffled = cu.load_prompts(prompt_args(prompts_file=str(many), max_prompts=5, shuffle_prompts=True))
