@@ -2,6 +2,7 @@
 bookkeeping, validation grids with reward curves, the LoRA and kohya files, training_config.json, the model card
 and the Hub upload. The trainer scripts build the models and pipelines and hand them in."""
 
+import contextlib
 import json
 import math
 import os
@@ -46,6 +47,23 @@ def save_kohya(folder, models, alpha, one_text_encoder):
     # the converter writes alpha = rank; the LoRA's own alpha is what scales it
     kohya = {k: torch.tensor(float(alpha)) if k.endswith(".alpha") else v.contiguous() for k, v in kohya.items()}
     save_file(kohya, os.path.join(folder, KOHYA_FILE))
+
+
+@contextlib.contextmanager
+def written_whole(output_dir):
+    """Yields a hidden folder to save the final weights into; its files then move into output_dir one by one, so
+    a kill never leaves a half-written weights file under its real name."""
+    partial = os.path.join(output_dir, ".final.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(partial)
+    yield partial
+    cu.fault_point("final_weights_written")
+    for name in os.listdir(partial):
+        target = os.path.join(output_dir, name)
+        if os.path.isdir(target):  # a pipeline's subfolder from an earlier run (--overwrite_output_dir)
+            shutil.rmtree(target)
+        os.replace(os.path.join(partial, name), target)
+    os.rmdir(partial)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -118,6 +136,9 @@ def find_checkpoint(args):
 def resume(accelerator, args):
     """--resume_from_checkpoint: load the saved state; -> the optimizer steps it had done (0 for a new run). With
     the seeded order and per-step seeds, the run then continues exactly as if it had never stopped."""
+    if accelerator.is_main_process:
+        remove_partial_checkpoints(args)
+    accelerator.wait_for_everyone()
     if not args.resume_from_checkpoint:
         return 0
     checkpoint = find_checkpoint(args)
@@ -131,13 +152,34 @@ def resume(accelerator, args):
 
 
 def save_checkpoint(accelerator, args, step):
-    """checkpoint-N in output_dir; with --checkpoints_total_limit the oldest go first."""
-    if args.checkpoints_total_limit is not None and accelerator.is_main_process:
-        old = sorted((d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-")),
-                     key=lambda d: int(d.split("-")[1]))
-        for folder in old[: max(len(old) - args.checkpoints_total_limit + 1, 0)]:
-            shutil.rmtree(os.path.join(args.output_dir, folder))
-    accelerator.save_state(os.path.join(args.output_dir, f"checkpoint-{step}"))
+    """checkpoint-N in output_dir, written as a hidden folder and renamed when complete (a kill mid-save leaves the
+    previous checkpoints whole); then, with --checkpoints_total_limit, the oldest go."""
+    final = os.path.join(args.output_dir, f"checkpoint-{step}")
+    partial = os.path.join(args.output_dir, f".checkpoint-{step}.partial")
+    if accelerator.is_main_process and os.path.exists(partial):
+        shutil.rmtree(partial)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(partial)
+    accelerator.wait_for_everyone()  # every process's random state is in
+    cu.fault_point("checkpoint_written")
+    if accelerator.is_main_process:
+        if os.path.exists(final):  # the same step saved again (a resumed run): the new one replaces it
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        if args.checkpoints_total_limit is not None:
+            done = sorted((d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-")),
+                          key=lambda d: int(d.split("-")[1]))
+            for folder in done[: max(len(done) - args.checkpoints_total_limit, 0)]:
+                shutil.rmtree(os.path.join(args.output_dir, folder))
+    accelerator.wait_for_everyone()
+
+
+def remove_partial_checkpoints(args):
+    """The hidden half-saved checkpoints and final weights of killed runs (main process, before training)."""
+    if os.path.isdir(args.output_dir):
+        for name in os.listdir(args.output_dir):
+            if name.startswith(".checkpoint-") or name == ".final.partial":
+                shutil.rmtree(os.path.join(args.output_dir, name), ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------

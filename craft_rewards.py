@@ -166,6 +166,7 @@ def score_folder(folder, names, args, state, caption_column="text", overwrite=Fa
             table[file_name][name] = score
         if state.is_main_process:  # after each reward, so a kill loses at most the reward being computed
             cu.write_jsonl_atomic(path, [table[row["file_name"]] for row in rows])
+            cu.fault_point("reward_written")
         del reward
         gc.collect()
         if torch.cuda.is_available():

@@ -127,7 +127,14 @@ def parse_training_args(parser, input_args):
         import craft_rewards
 
         args.validation_reward_names = craft_rewards.parse_reward_names(args.validation_rewards, "--validation_rewards")
-    if os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not args.overwrite_output_dir:
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        cu.fail(f"--output_dir {args.output_dir} is a file; give a folder")
+    # what a run writes before its first checkpoint (logs, validation grids, a half-saved checkpoint) is no result
+    in_progress = {args.logging_dir, "validation"}
+    results = [name for name in os.listdir(args.output_dir) if name not in in_progress
+               and not name.startswith(".checkpoint-") and name != ".final.partial"] \
+        if os.path.isdir(args.output_dir) else []
+    if results and not args.overwrite_output_dir:
         if args.resume_from_checkpoint is None:
             cu.fail(f"{args.output_dir} is not empty; pass --overwrite_output_dir, --resume_from_checkpoint latest, "
                     "or choose another --output_dir")

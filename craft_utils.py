@@ -25,9 +25,17 @@ def fail(message):
     raise SystemExit(f"error: {message}")
 
 
+_fault_points_reached = {}
+
+
 def fault_point(name):
-    """The kill tests stop the process here (CRAFT_KILL_AT=name, as kill -9 would) to prove a kill loses nothing."""
-    if os.environ.get("CRAFT_KILL_AT") == name:
+    """The kill tests stop the process here, as kill -9 would, to prove that a kill loses nothing:
+    CRAFT_KILL_AT=name kills it the first time it gets here, CRAFT_KILL_AT=name#n the n-th time."""
+    wanted = os.environ.get("CRAFT_KILL_AT")
+    if not wanted:
+        return
+    _fault_points_reached[name] = _fault_points_reached.get(name, 0) + 1
+    if wanted in (name, f"{name}#{_fault_points_reached[name]}"):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -178,6 +186,7 @@ def merge_logged_rows(output_dir, final_name, log_prefix, key, sort_key):
     unique = {key(row): row for row in read_logged_rows(output_dir, final_name, log_prefix)}
     rows = sorted(unique.values(), key=sort_key)
     write_jsonl_atomic(os.path.join(output_dir, final_name), rows)
+    fault_point("logs_merged")
     for log in glob.glob(os.path.join(output_dir, PROGRESS_DIR, f"{log_prefix}-*.jsonl")):
         os.remove(log)
     if not os.listdir(os.path.join(output_dir, PROGRESS_DIR)):
@@ -368,14 +377,23 @@ def check_generation_folder(output_dir, settings, overwrite):
     return False
 
 
+def previous_generation(output_dir):
+    return _swap_names(output_dir)[3]
+
+
 def start_generation_folder(output_dir, settings, pipe, args, start_over, state):
     """Create the folder and record every setting (main process), before any image is made."""
     if state.is_main_process:
         import diffusers
         import torch
 
-        if start_over:
-            shutil.rmtree(output_dir)
+        if start_over:  # the old images stay, aside, until the new run completes
+            old = previous_generation(output_dir)
+            if os.path.exists(old):  # an earlier --overwrite never completed: the folder holds only its partial run
+                shutil.rmtree(output_dir)
+            else:
+                os.replace(output_dir, old)
+            print(f"{output_dir}: the previous images are kept in {old} until this run completes")
         os.makedirs(output_dir, exist_ok=True)
         size = native_size(pipe)
         write_json_atomic(os.path.join(output_dir, GENERATION_CONFIG), {
@@ -478,11 +496,13 @@ def generate_images(pipe, planned, output_dir, args, state):
             for row, image in zip(batch, images):
                 if row["file_name"] not in done:
                     save_image_atomic(image, os.path.join(output_dir, row["file_name"]))
+            fault_point("images_written")
             log.append(new_rows)
             progress.update(len(new_rows))
     log.close()
     state.wait_for_everyone()
     if state.is_main_process:
         merge_logged_rows(output_dir, METADATA, "images", key=lambda r: r["file_name"], sort_key=image_sort_key)
+        shutil.rmtree(previous_generation(output_dir), ignore_errors=True)  # replaced (--overwrite), now for good
     state.wait_for_everyone()
     return todo, time.time() - started

@@ -195,6 +195,8 @@ def main(args):
                         disable=not accelerator.is_local_main_process)
     clock, losses = co.StepClock(), []
     for epoch in range(first_epoch, num_train_epochs):
+        if global_step >= max_train_steps:  # resumed from the last checkpoint: only the outputs are left to write
+            break
         train_dataset.epoch = epoch  # the epoch's seeded order and flips
         for module in models_to_train:
             module.train()
@@ -270,16 +272,17 @@ def main(args):
         unet = accelerator.unwrap_model(unet)
         if ema_unet is not None:
             ema_unet.copy_to(unet.parameters())
-        if args.use_lora:
-            lora_models = {name: accelerator.unwrap_model(module) for name, module in trained.items()}
-            co.save_lora(StableDiffusionPipeline, args.output_dir, lora_models)
-            if args.output_kohya_format:
-                co.save_kohya(args.output_dir, lora_models, lora_alpha, one_text_encoder=True)
-        else:
-            StableDiffusionPipeline.from_pretrained(
-                args.pretrained_model_name_or_path, unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                safety_checker=None, feature_extractor=None, requires_safety_checker=False, revision=args.revision,
-                variant=args.variant).save_pretrained(args.output_dir)
+        with co.written_whole(args.output_dir) as folder:
+            if args.use_lora:
+                lora_models = {name: accelerator.unwrap_model(module) for name, module in trained.items()}
+                co.save_lora(StableDiffusionPipeline, folder, lora_models)
+                if args.output_kohya_format:
+                    co.save_kohya(folder, lora_models, lora_alpha, one_text_encoder=True)
+            else:
+                StableDiffusionPipeline.from_pretrained(
+                    args.pretrained_model_name_or_path, unet=unet, vae=vae, text_encoder=text_encoder,
+                    tokenizer=tokenizer, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+                    revision=args.revision, variant=args.variant).save_pretrained(folder)
         co.finish(args, args.use_lora, stats)
         accelerator.print(f"trained {global_step} steps in {stats['seconds']} s, {stats['memory']}; "
                           f"saved to {args.output_dir}")

@@ -210,6 +210,8 @@ def main(args):
                         disable=not accelerator.is_local_main_process)
     clock, losses = co.StepClock(), []
     for epoch in range(first_epoch, num_train_epochs):
+        if global_step >= max_train_steps:  # resumed from the last checkpoint: only the outputs are left to write
+            break
         train_dataset.epoch = epoch  # the epoch's seeded order and flips
         for module in models_to_train:
             module.train()
@@ -285,9 +287,10 @@ def main(args):
              "latents_cached": cache, **clock.summary(global_step)}
     if accelerator.is_main_process:
         lora_models = {name: accelerator.unwrap_model(module) for name, module in trained.items()}
-        co.save_lora(StableDiffusionXLPipeline, args.output_dir, lora_models)
-        if args.output_kohya_format:
-            co.save_kohya(args.output_dir, lora_models, lora_alpha, one_text_encoder=False)
+        with co.written_whole(args.output_dir) as folder:
+            co.save_lora(StableDiffusionXLPipeline, folder, lora_models)
+            if args.output_kohya_format:
+                co.save_kohya(folder, lora_models, lora_alpha, one_text_encoder=False)
         co.finish(args, True, stats)
         accelerator.print(f"trained {global_step} steps in {stats['seconds']} s, {stats['memory']}; "
                           f"saved to {args.output_dir}")

@@ -25,11 +25,11 @@ def write_lines(path, lines):
     return path
 
 
-def generate(zoo, prompts_file, out, *extra, model="sd15", check=True, launcher=None):
+def generate(zoo, prompts_file, out, *extra, model="sd15", **run):
     return run_script(
         "generate_candidates.py", "--pretrained_model_name_or_path", zoo / model, "--prompts_file", prompts_file,
         "--output_dir", out, "--num_inference_steps", 2, "--num_variants", 2, "--num_images_per_prompt", 2,
-        "--batch_size", 3, *extra, check=check, launcher=launcher,
+        "--batch_size", 3, *extra, **run,
     )
 
 
@@ -114,6 +114,28 @@ def test_kill_and_resume_equals_an_uninterrupted_run(zoo, reference, tmp_path):
     result = generate(zoo, prompts, out)
     assert f"{len(PROMPTS) * 3 * 2 - logged} made now" in result.stdout
     assert folder_files(out) == folder_files(expected)
+
+
+@pytest.mark.parametrize("kill_at", ["images_written#3", "logs_merged"])
+def test_killed_at_a_named_point_then_rerun_equals_an_uninterrupted_run(zoo, reference, tmp_path, kill_at):
+    """Killed after a batch's images are on disk but before they are logged, or after metadata.jsonl is written
+    but before the progress logs are removed: the rerun redoes or duplicates nothing it should not."""
+    prompts, expected = reference
+    generate(zoo, prompts, tmp_path / "out", kill_at=kill_at)
+    generate(zoo, prompts, tmp_path / "out")
+    assert folder_files(tmp_path / "out") == folder_files(expected)
+
+
+def test_killed_overwrite_keeps_the_old_images_until_the_new_run_completes(zoo, reference, tmp_path):
+    prompts, expected = reference
+    out = tmp_path / "out"
+    shutil.copytree(expected, out)
+    generate(zoo, prompts, tmp_path / "seed1", "--seed", 1)
+    generate(zoo, prompts, out, "--seed", 1, "--overwrite", kill_at="images_written#2")
+    assert folder_files(tmp_path / ".out.old") == folder_files(expected)  # the old run, whole, aside
+    generate(zoo, prompts, out, "--seed", 1)  # the new settings resume
+    assert folder_files(out) == folder_files(tmp_path / "seed1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "seed1"]  # the old one went when the new was done
 
 
 def test_two_processes_write_the_same_folder_as_one(zoo, reference, tmp_path):

@@ -15,10 +15,10 @@ import craft_utils as cu
 from conftest import TWO_PROCESSES, run_script
 from make_tiny_models import make_training_set
 
-def train(zoo, data, out, *flags, check=True, launcher=None):
+def train(zoo, data, out, *flags, **run):
     return run_script("train_craft_sd15.py", "--pretrained_model_name_or_path", zoo / "sd15", "--train_data_dir", data,
                       "--output_dir", out, "--resolution", 64, "--train_batch_size", 2, "--report_to", "none",
-                      "--seed", 3, *flags, check=check, launcher=launcher)
+                      "--seed", 3, *flags, **run)
 
 
 @pytest.fixture(scope="module")
@@ -274,6 +274,30 @@ def test_resume_across_epochs_and_two_processes_equal_one(zoo, data, tmp_path):
     assert moved > 1e-3  # four more steps move the weights by ~4e-3: the tolerance below tells runs apart
     # equal up to float32 summation order (the all-reduce vs one batch): measured 1.4e-6
     assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
+
+
+@pytest.mark.parametrize("kill_at", ["checkpoint_written", "checkpoint_written#2", "final_weights_written"])
+def test_killed_run_resumed_with_latest_equals_an_uninterrupted_one(zoo, data, tmp_path, kill_at):
+    """kill -9 while the first or the second checkpoint is being saved, or while the final weights are: the
+    half-saved files never take a real name, and `--resume_from_checkpoint latest` ends where a run that was never
+    stopped ends, with nothing left over."""
+    from safetensors.torch import load_file
+
+    flags = ("--use_lora", "--learning_rate", 1e-3, "--max_train_steps", 6, "--checkpointing_steps", 2,
+             "--output_kohya_format")
+    train(zoo, data, tmp_path / "straight", *flags)
+    out = tmp_path / "killed"
+    train(zoo, data, out, *flags, kill_at=kill_at)
+    whole = {"checkpoint_written": [], "checkpoint_written#2": ["checkpoint-2"],
+             "final_weights_written": ["checkpoint-2", "checkpoint-4", "checkpoint-6"]}[kill_at]
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-")) == whole
+    assert not (out / co.LORA_FILE).exists()
+    result = train(zoo, data, out, *flags, "--resume_from_checkpoint", "latest")
+    assert ("resumed from" in result.stderr + result.stdout) == bool(whole)
+    for name in (co.LORA_FILE, co.KOHYA_FILE):
+        a, b = load_file(tmp_path / "straight" / name), load_file(out / name)
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
 
 
 def test_validation_grids_reward_curve_and_tensorboard(zoo, data, tmp_path):
