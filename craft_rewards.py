@@ -145,6 +145,9 @@ def score_folder(folder, names, args, state, caption_column="text", overwrite=Fa
     from tqdm.auto import tqdm
 
     rows = read_folder(folder, caption_column)
+    if state.is_main_process:
+        cu.remove_temp_files(folder)  # a kill while rewards.jsonl was being replaced
+    state.wait_for_everyone()
     path = os.path.join(folder, REWARDS_FILE)
     table = {row["file_name"]: row for row in cu.read_jsonl(path)} if os.path.exists(path) else {}
     table = {row["file_name"]: {**table.get(row["file_name"], {}), "file_name": row["file_name"]} for row in rows}

@@ -50,7 +50,8 @@ def umask_mode(mode):
     return mode & ~umask
 
 
-def _atomic_write(path, write):
+def write_atomic(path, write):
+    """`write(file)` into a temp file beside `path`, then a rename: a reader never sees half a file."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.splitext(path)[1])
     os.chmod(tmp, umask_mode(0o666))
@@ -67,17 +68,27 @@ def _atomic_write(path, write):
 
 
 def write_json_atomic(path, obj):
-    _atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode()))
+    write_atomic(path, lambda f: f.write((json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode()))
 
 
 def write_jsonl_atomic(path, rows):
     payload = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode()
-    _atomic_write(path, lambda f: f.write(payload))
+    write_atomic(path, lambda f: f.write(payload))
+
+
+def write_text_atomic(path, text):
+    write_atomic(path, lambda f: f.write(text.encode()))
+
+
+def remove_temp_files(folder):
+    """The temp files of atomic writes that a kill interrupted (`.tmp-*` is this pack's prefix)."""
+    for leftover in glob.glob(os.path.join(glob.escape(folder), ".tmp-*")):
+        os.remove(leftover)
 
 
 def save_image_atomic(image, path):
     image_format = {".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(os.path.splitext(path)[1].lower(), "PNG")
-    _atomic_write(path, lambda f: image.save(f, format=image_format))
+    write_atomic(path, lambda f: image.save(f, format=image_format))
 
 
 def read_text(path):
@@ -234,7 +245,9 @@ def check_image(path, where, decode=True):
 
 def add_prompt_args(parser):
     group = parser.add_argument_group("prompts")
-    group.add_argument("--prompts_file", help="a .txt (one prompt per line), .jsonl or .csv file of prompts")
+    group.add_argument("--prompts_file",
+                       help="a .txt (one prompt per line), .jsonl, .csv or .json file of prompts; a .json file is an "
+                            "array of strings, or of objects holding --prompt_column (HPDv2's train.json as it is)")
     group.add_argument("--dataset_name", help="a Hugging Face dataset (Hub id or local folder) holding prompts")
     group.add_argument("--dataset_split", default="train", help="split of --dataset_name")
     group.add_argument("--prompt_column", default="prompt", help="column of the prompts in .jsonl/.csv/datasets")
@@ -246,9 +259,25 @@ def add_prompt_args(parser):
 
 
 def _column(rows, column, source):
-    if rows and column not in rows[0]:
-        fail(f"{source} has no column '{column}' (columns: {', '.join(rows[0])}); set --prompt_column")
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row, dict) or column not in row:
+            where = source if number == 1 else f"{source}, row {number}"
+            columns = ", ".join(row) if isinstance(row, dict) else f"a {type(row).__name__}"
+            fail(f"{where} has no column '{column}' (columns: {columns}); set --prompt_column")
     return [row[column] for row in rows]
+
+
+def _json_prompts(source, column):
+    """A JSON array of prompt strings (HPSv2's benchmark files) or of records (HPDv2's train.json)."""
+    try:
+        data = json.loads(read_text(source))
+    except json.JSONDecodeError as error:
+        fail(f"{source}, line {error.lineno}: not valid JSON ({error.msg}); fix the file")
+    if not isinstance(data, list):
+        fail(f"{source} holds a JSON {type(data).__name__}; a .json prompts file is an array of strings or of objects")
+    if all(isinstance(item, str) for item in data):
+        return data
+    return _column(data, column, source)
 
 
 def load_prompts(args):
@@ -262,6 +291,8 @@ def load_prompts(args):
         extension = os.path.splitext(source)[1].lower()
         if extension == ".jsonl":
             prompts = _column(read_jsonl(source), args.prompt_column, source)
+        elif extension == ".json":
+            prompts = _json_prompts(source, args.prompt_column)
         elif extension == ".csv":
             prompts = _column(list(csv.DictReader(io.StringIO(read_text(source)))), args.prompt_column, source)
         else:
@@ -472,8 +503,7 @@ def generate_images(pipe, planned, output_dir, args, state):
     from tqdm.auto import tqdm
 
     if state.is_main_process:  # temp files of images a kill interrupted
-        for leftover in glob.glob(os.path.join(output_dir, ".tmp-*")):
-            os.remove(leftover)
+        remove_temp_files(output_dir)
     state.wait_for_everyone()
     done = {row["file_name"] for row in read_logged_rows(output_dir, METADATA, "images")
             if os.path.exists(os.path.join(output_dir, row["file_name"]))}

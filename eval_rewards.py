@@ -127,7 +127,7 @@ def plot_histograms(path, names, folder, values, other=None, other_values=None):
     axes[0][0].set_ylabel("images")
     axes[0][0].legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    cu.write_atomic(path, lambda f: figure.savefig(f, format="png", dpi=100))
     plt.close(figure)
 
 
@@ -167,8 +167,7 @@ def main(args):
     comparison = compare(rows, table, other_rows, other_table, names, folder, args.compare_to) if other_rows else None
     cu.write_json_atomic(os.path.join(folder, "rewards_summary.json"), {"rewards": summary, "comparison": comparison})
     report = markdown(folder, summary, comparison)
-    with open(os.path.join(folder, "rewards_summary.md"), "w", encoding="utf-8") as f:
-        f.write(report)
+    cu.write_text_atomic(os.path.join(folder, "rewards_summary.md"), report)
     values = {name: [table[row["file_name"]][name] for row in rows] for name in names}
     other_values = ({name: [other_table[row["file_name"]][name] for row in other_rows] for name in names}
                     if other_rows else None)

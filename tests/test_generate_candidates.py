@@ -266,6 +266,20 @@ def test_load_prompts_from_txt_jsonl_csv(tmp_path):
                        ("bom.csv", "prompt\na cat\n")):  # Windows editors start UTF-8 files with a byte-order mark
         (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + text.encode())
         assert cu.load_prompts(prompt_args(prompts_file=str(tmp_path / name)))[0] == "a cat"
+    # HPSv2's benchmark files are arrays of strings; HPDv2's train.json an array of records, a prompt per compared pair
+    (tmp_path / "anime.json").write_text(json.dumps(["a cat", "a dog", "a cat"]))
+    assert cu.load_prompts(prompt_args(prompts_file=str(tmp_path / "anime.json"))) == ["a cat", "a dog"]
+    records = [{"prompt": "a cat", "human_preference": [1, 0]}, {"prompt": "a dog"}, {"prompt": "a cat"}]
+    (tmp_path / "train.json").write_text(json.dumps(records))
+    assert cu.load_prompts(prompt_args(prompts_file=str(tmp_path / "train.json"))) == ["a cat", "a dog"]
+    for name, content, message in (
+            ("object.json", {"prompt": "a cat"}, "holds a JSON dict; a .json prompts file is an array of strings"),
+            ("mixed.json", [{"prompt": "a"}, {"caption": "b"}], "mixed.json, row 2 has no column 'prompt' "
+                                                                   "(columns: caption); set --prompt_column"),
+            ("broken.json", None, "broken.json, line 1: not valid JSON")):
+        (tmp_path / name).write_text(json.dumps(content) if content is not None else '["a cat",')
+        with pytest.raises(SystemExit, match=message.replace("(", r"\(").replace(")", r"\)")):
+            cu.load_prompts(prompt_args(prompts_file=str(tmp_path / name)))
     many = write_lines(tmp_path / "many.txt", [f"prompt {i}" for i in range(50)])
     assert cu.load_prompts(prompt_args(prompts_file=str(many), max_prompts=3)) == ["prompt 0", "prompt 1", "prompt 2"]
     shuffled = cu.load_prompts(prompt_args(prompts_file=str(many), max_prompts=5, shuffle_prompts=True))
