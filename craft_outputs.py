@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import statistics
 import time
@@ -32,8 +33,9 @@ def save_lora(pipeline_class, folder, models):
 
 
 def save_kohya(folder, models, alpha, one_text_encoder):
-    """pytorch_lora_weights_kohya.safetensors for A1111/ComfyUI: prefixes unet. / text_encoder. / text_encoder_2.
-    become lora_unet_ / lora_te1_ / lora_te2_; kohya names an SD1.x model's only encoder lora_te_."""
+    """pytorch_lora_weights_kohya.safetensors for A1111/ComfyUI, for SD1.x/SDXL: prefixes unet. / text_encoder. /
+    text_encoder_2. become lora_unet_ / lora_te1_ / lora_te2_; kohya names an SD1.x model's only encoder lora_te_.
+    (diffusers' converter knows no other denoiser name: a transformer needs its own mapping.)"""
     import torch
     from diffusers.utils import convert_state_dict_to_kohya
     from peft import get_peft_model_state_dict
@@ -49,21 +51,20 @@ def save_kohya(folder, models, alpha, one_text_encoder):
     save_file(kohya, os.path.join(folder, KOHYA_FILE))
 
 
+FINAL_READY = ".final.ready"  # the final weights, completely saved, on their way into output_dir
+
+
 @contextlib.contextmanager
 def written_whole(output_dir):
-    """Yields a hidden folder to save the final weights into; its files then move into output_dir one by one, so
-    a kill never leaves a half-written weights file under its real name."""
+    """Yields a hidden folder to save the final weights into; once complete, its files move into output_dir (a
+    rerun finishes the moves that a kill interrupted), so a half-written weights file never has its real name."""
     partial = os.path.join(output_dir, ".final.partial")
     shutil.rmtree(partial, ignore_errors=True)
     os.makedirs(partial)
     yield partial
     cu.fault_point("final_weights_written")
-    for name in os.listdir(partial):
-        target = os.path.join(output_dir, name)
-        if os.path.isdir(target):  # a pipeline's subfolder from an earlier run (--overwrite_output_dir)
-            shutil.rmtree(target)
-        os.replace(os.path.join(partial, name), target)
-    os.rmdir(partial)
+    os.replace(partial, os.path.join(output_dir, FINAL_READY))
+    cu.move_entries_in(os.path.join(output_dir, FINAL_READY), output_dir)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -101,7 +102,8 @@ def register_checkpoint_hooks(accelerator, pipeline_class, models, is_lora, ema=
         modules.clear()  # loaded here, not by accelerate
         denoiser = trained[denoiser_name]
         if is_lora:
-            state = pipeline_class.lora_state_dict(folder)[0]
+            state = pipeline_class.lora_state_dict(folder)
+            state = state[0] if isinstance(state, tuple) else state  # SD/SDXL return (state, alphas), SD3/FLUX a dict
             prefix = f"{denoiser_name}."
             own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
             set_peft_model_state_dict(denoiser, convert_unet_state_dict_to_peft(own), adapter_name="default")
@@ -116,44 +118,65 @@ def register_checkpoint_hooks(accelerator, pipeline_class, models, is_lora, ema=
         if ema is not None:
             ema.load_state_dict(EMAModel.from_pretrained(os.path.join(folder, f"{denoiser_name}_ema"),
                                                          type(denoiser)).state_dict())
+            ema.to(accelerator.device)  # loaded on the CPU
 
     accelerator.register_save_state_pre_hook(save)
     accelerator.register_load_state_pre_hook(load)
 
 
+CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)$")
+
+
+def checkpoints(output_dir):
+    """The checkpoint-N folders in output_dir as (N, path), oldest first."""
+    found = [(int(m.group(1)), os.path.join(output_dir, name)) for name in os.listdir(output_dir)
+             if (m := CHECKPOINT_NAME.match(name))] if os.path.isdir(output_dir) else []
+    return sorted(found)
+
+
 def find_checkpoint(args):
-    """'latest' -> newest checkpoint-N in output_dir (None if there is none); else an existing folder."""
+    """'latest' -> (step, newest checkpoint-N in output_dir), or None if there is none; else the named folder."""
     if args.resume_from_checkpoint == "latest":
-        found = [d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-")] \
-            if os.path.isdir(args.output_dir) else []
-        return os.path.join(args.output_dir, max(found, key=lambda d: int(d.split("-")[1]))) if found else None
+        found = checkpoints(args.output_dir)
+        return found[-1] if found else None
     for path in (args.resume_from_checkpoint, os.path.join(args.output_dir, args.resume_from_checkpoint)):
         if os.path.isdir(path):
-            return path
+            match = CHECKPOINT_NAME.match(os.path.basename(os.path.normpath(path)))
+            if not match:
+                cu.fail(f"--resume_from_checkpoint {path}: not a checkpoint-N folder of this trainer")
+            return int(match.group(1)), path
     cu.fail(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such folder (absolute, or in {args.output_dir})")
 
 
 def resume(accelerator, args):
-    """--resume_from_checkpoint: load the saved state; -> the optimizer steps it had done (0 for a new run). With
-    the seeded order and per-step seeds, the run then continues exactly as if it had never stopped."""
+    """Clear what killed runs left, then --resume_from_checkpoint: load the saved state; -> the optimizer steps it
+    had done (0 for a new run). With the seeded order and per-sample seeds the run continues exactly as if it had
+    never stopped."""
     if accelerator.is_main_process:
-        remove_partial_checkpoints(args)
+        remove_partial_checkpoints(args.output_dir)
+        if args.overwrite_output_dir and not args.resume_from_checkpoint:
+            for _, path in checkpoints(args.output_dir):  # another run's states must not be resumed into this one
+                shutil.rmtree(path)
     accelerator.wait_for_everyone()
     if not args.resume_from_checkpoint:
         return 0
-    checkpoint = find_checkpoint(args)
-    if checkpoint is None:  # 'latest' in an empty or new folder: a preemptible job's first start
+    found = find_checkpoint(args)
+    if found is None:  # 'latest' in an empty or new folder: a preemptible job's first start
         accelerator.print(f"no checkpoint in {args.output_dir}: starting a new run")
         return 0
-    accelerator.load_state(checkpoint)
-    step = int(os.path.basename(os.path.normpath(checkpoint)).split("-")[1])
+    step, checkpoint = found
+    try:
+        accelerator.load_state(checkpoint)
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        cu.fail(f"cannot resume from {checkpoint} ({type(error).__name__}: {str(error).splitlines()[0][:200]}); it "
+                "must be a checkpoint of this script saved with the same model, --use_lora and --train_text_encoder")
     accelerator.print(f"resumed from {checkpoint} at step {step}")
     return step
 
 
 def save_checkpoint(accelerator, args, step):
-    """checkpoint-N in output_dir, written as a hidden folder and renamed when complete (a kill mid-save leaves the
-    previous checkpoints whole); then, with --checkpoints_total_limit, the oldest go."""
+    """checkpoint-N in output_dir, saved as a hidden folder and swapped in when complete (a kill mid-save leaves the
+    earlier checkpoints whole); then, with --checkpoints_total_limit, the oldest go."""
     final = os.path.join(args.output_dir, f"checkpoint-{step}")
     partial = os.path.join(args.output_dir, f".checkpoint-{step}.partial")
     if accelerator.is_main_process and os.path.exists(partial):
@@ -163,35 +186,38 @@ def save_checkpoint(accelerator, args, step):
     accelerator.wait_for_everyone()  # every process's random state is in
     cu.fault_point("checkpoint_written")
     if accelerator.is_main_process:
-        if os.path.exists(final):  # the same step saved again (a resumed run): the new one replaces it
-            shutil.rmtree(final)
-        os.replace(partial, final)
+        cu.publish_folder(partial, final)  # replaces the same step saved by an earlier run, if any
         if args.checkpoints_total_limit is not None:
-            done = sorted((d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-")),
-                          key=lambda d: int(d.split("-")[1]))
-            for folder in done[: max(len(done) - args.checkpoints_total_limit, 0)]:
-                shutil.rmtree(os.path.join(args.output_dir, folder))
+            for _, path in checkpoints(args.output_dir)[: -args.checkpoints_total_limit or None]:
+                shutil.rmtree(path)
     accelerator.wait_for_everyone()
 
 
-def remove_partial_checkpoints(args):
-    """The hidden half-saved checkpoints and final weights of killed runs (main process, before training)."""
-    if os.path.isdir(args.output_dir):
-        for name in os.listdir(args.output_dir):
-            if name.startswith(".checkpoint-") or name == ".final.partial":
-                shutil.rmtree(os.path.join(args.output_dir, name), ignore_errors=True)
+def remove_partial_checkpoints(output_dir):
+    """Complete the checkpoint swaps that kills interrupted, then delete the half-saved checkpoints and final
+    weights they left (main process, before training)."""
+    if not os.path.isdir(output_dir):
+        return
+    for name in os.listdir(output_dir):
+        swap = re.match(r"\.(checkpoint-\d+)\.(new|old)$", name)
+        if swap:
+            cu.recover_folder(os.path.join(output_dir, swap.group(1)))
+    for name in os.listdir(output_dir):
+        if re.match(r"\.checkpoint-\d+\.partial$", name) or name == ".final.partial":
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Validation
 
 
-def load_validation_rewards(args, device):
-    if not args.validation_rewards:
+def load_validation_rewards(args, accelerator):
+    """The --validation_rewards models, on the main process only (it alone validates)."""
+    if not args.validation_rewards or not accelerator.is_main_process:
         return {}
     import craft_rewards
 
-    return {name: craft_rewards.load_reward(name, args, device) for name in args.validation_reward_names}
+    return {name: craft_rewards.load_reward(name, args, accelerator.device) for name in args.validation_reward_names}
 
 
 def log_validation(pipeline, args, accelerator, rewards, step):

@@ -9,6 +9,7 @@ import argparse
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 
 import craft_utils as cu
@@ -96,13 +97,16 @@ def parse_training_args(parser, input_args):
     if first.config:
         if not os.path.isfile(first.config):
             cu.fail(f"--config {first.config} does not exist")
-        with open(first.config, "rb") as f:
-            if first.config.endswith(".toml"):
-                import tomllib
+        import tomllib
 
-                values = tomllib.load(f)
-            else:
-                values = json.load(f)
+        try:
+            with open(first.config, "rb") as f:
+                values = tomllib.load(f) if first.config.endswith(".toml") else json.load(f)
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as error:
+            cu.fail(f"--config {first.config} is not valid {'TOML' if first.config.endswith('.toml') else 'JSON'} "
+                    f"({error}); fix the file")
+        if not isinstance(values, dict):
+            cu.fail(f"--config {first.config} must hold an object of flag names and values")
         known = {action.dest for action in parser._actions}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -123,23 +127,31 @@ def parse_training_args(parser, input_args):
             parser.error("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes")
     if not 0 <= args.proportion_empty_prompts <= 1:
         parser.error("--proportion_empty_prompts must be between 0 and 1")
+    for flag in ("checkpointing_steps", "checkpoints_total_limit", "validation_steps", "validation_epochs",
+                 "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "num_train_epochs"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be at least 1")
     if args.validation_rewards:
         import craft_rewards
 
         args.validation_reward_names = craft_rewards.parse_reward_names(args.validation_rewards, "--validation_rewards")
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         cu.fail(f"--output_dir {args.output_dir} is a file; give a folder")
-    # what a run writes before its first checkpoint (logs, validation grids, a half-saved checkpoint) is no result
+    ready = os.path.join(args.output_dir, ".final.ready")
+    if os.path.isdir(ready) and os.environ.get("RANK", "0") == "0":
+        # a kill came while a finished run's weights were moving in: they go in first (one process does it)
+        cu.move_entries_in(ready, args.output_dir)
+        print(f"{args.output_dir}: moved in the final weights that an interrupted run had saved")
+    # what a run writes before its first checkpoint (logs, validation grids, hidden partial saves) is no result
     in_progress = {args.logging_dir, "validation"}
-    results = [name for name in os.listdir(args.output_dir) if name not in in_progress
-               and not name.startswith(".checkpoint-") and name != ".final.partial"] \
+    results = [name for name in os.listdir(args.output_dir) if name not in in_progress and not name.startswith(".")] \
         if os.path.isdir(args.output_dir) else []
     if results and not args.overwrite_output_dir:
         if args.resume_from_checkpoint is None:
             cu.fail(f"{args.output_dir} is not empty; pass --overwrite_output_dir, --resume_from_checkpoint latest, "
                     "or choose another --output_dir")
         if args.resume_from_checkpoint == "latest" and not any(
-                name.startswith("checkpoint-") for name in os.listdir(args.output_dir)):
+                re.match(r"checkpoint-\d+$", name) for name in os.listdir(args.output_dir)):
             cu.fail(f"{args.output_dir} is not empty and holds no checkpoint-* to resume from; pass "
                     "--overwrite_output_dir to train anew over it, or choose another --output_dir")
     return args
@@ -417,15 +429,18 @@ def min_snr_weights(noise_scheduler, timesteps, snr_gamma):
     return weights / snr if noise_scheduler.config.prediction_type == "epsilon" else weights / (snr + 1)
 
 
-def make_accelerator(args):
+def make_accelerator(args, find_unused_parameters=False):
+    """find_unused_parameters: some trained weights get no gradient (e.g. the LoRA of a text encoder's last layer
+    when the model reads its penultimate hidden states), which DDP must be told of."""
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir,
-                                            logging_dir=os.path.join(args.output_dir, args.logging_dir)))
+                                            logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)])
     if args.allow_tf32:
         import torch
 

@@ -182,6 +182,18 @@ def recover_folder(destination):
         shutil.rmtree(leftover, ignore_errors=True)
 
 
+def move_entries_in(ready, folder):
+    """Move every entry of `ready` (a complete hidden folder) into `folder`, replacing what is there, then remove
+    `ready`. Called again after a kill, it finishes the moves."""
+    for name in sorted(os.listdir(ready)):
+        target = os.path.join(folder, name)
+        if os.path.isdir(target):  # e.g. a pipeline's unet/ from an earlier run
+            shutil.rmtree(target)
+        os.replace(os.path.join(ready, name), target)
+        fault_point("entry_moved")
+    os.rmdir(ready)
+
+
 def read_logged_rows(output_dir, final_name, log_prefix):
     """Rows of a finished file plus every process's progress log (a resumed run may use another process count)."""
     rows = []
@@ -394,14 +406,16 @@ def check_generation_folder(output_dir, settings, overwrite):
     """Refuse to mix settings in one folder, or to write into a folder that is not ours. True = start over."""
     config_path = os.path.join(output_dir, GENERATION_CONFIG)
     if os.path.exists(config_path):
-        with open(config_path, encoding="utf-8") as f:
-            previous = json.load(f)["settings"]
+        previous = recorded_settings(output_dir)
         changed = [k for k in sorted(set(previous) | set(settings)) if previous.get(k) != settings.get(k)]
         if changed and not overwrite:
             first = changed[0]
+            aside = previous_generation(output_dir)
             fail(f"{output_dir} holds images made with other settings ({first}: {previous.get(first)!r} there, "
                  f"{settings.get(first)!r} now; {len(changed)} setting(s) differ); rerun with the same settings to "
-                 "resume, choose another --output_dir, or pass --overwrite to start over")
+                 "resume, choose another --output_dir, or pass --overwrite to start over"
+                 + (f" (the run that one replaces is kept in {aside}; --overwrite with its settings brings it back)"
+                    if os.path.exists(aside) else ""))
         return bool(changed)
     if os.path.isdir(output_dir) and os.listdir(output_dir):
         fail(f"{output_dir} is not empty and holds no {GENERATION_CONFIG}; choose an empty --output_dir")
@@ -409,7 +423,19 @@ def check_generation_folder(output_dir, settings, overwrite):
 
 
 def previous_generation(output_dir):
+    """Where --overwrite keeps a folder's previous run until the new one completes."""
     return _swap_names(output_dir)[3]
+
+
+def generation_complete(output_dir):
+    """Every planned image made and logged: metadata.jsonl merged and no progress log left."""
+    return os.path.isfile(os.path.join(output_dir, METADATA)) and \
+        not glob.glob(os.path.join(output_dir, PROGRESS_DIR, "*.jsonl"))
+
+
+def recorded_settings(output_dir):
+    with open(os.path.join(output_dir, GENERATION_CONFIG), encoding="utf-8") as f:
+        return json.load(f)["settings"]
 
 
 def start_generation_folder(output_dir, settings, pipe, args, start_over, state):
@@ -418,13 +444,19 @@ def start_generation_folder(output_dir, settings, pipe, args, start_over, state)
         import diffusers
         import torch
 
+        old = previous_generation(output_dir)
+        if os.path.exists(old) and generation_complete(output_dir):  # a kill came as it was being deleted
+            shutil.rmtree(old)
         if start_over:  # the old images stay, aside, until the new run completes
-            old = previous_generation(output_dir)
             if os.path.exists(old):  # an earlier --overwrite never completed: the folder holds only its partial run
                 shutil.rmtree(output_dir)
+                if recorded_settings(old) == settings:  # the settings of the run set aside: it comes back
+                    os.replace(old, output_dir)
+                    print(f"{output_dir}: restored the finished run that an interrupted --overwrite had set aside")
             else:
                 os.replace(output_dir, old)
-            print(f"{output_dir}: the previous images are kept in {old} until this run completes")
+            if os.path.exists(old):
+                print(f"{output_dir}: the previous images are kept in {old} until this run completes")
         os.makedirs(output_dir, exist_ok=True)
         size = native_size(pipe)
         write_json_atomic(os.path.join(output_dir, GENERATION_CONFIG), {

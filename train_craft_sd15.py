@@ -126,7 +126,7 @@ def main(args):
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if args.train_text_encoder:
-            text_encoder.gradient_checkpointing_enable()
+            text_encoder.activation_checkpointing_enable()
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
     unet.to(accelerator.device, weight_dtype if args.use_lora else torch.float32)
@@ -160,7 +160,7 @@ def main(args):
     global_step = co.resume(accelerator, args)
     first_epoch, skip_batches = divmod(global_step, num_update_steps_per_epoch)
     skip_batches *= args.gradient_accumulation_steps
-    rewards = co.load_validation_rewards(args, accelerator.device)
+    rewards = co.load_validation_rewards(args, accelerator)
 
     def log_validation(step):
         if not accelerator.is_main_process:
@@ -202,7 +202,7 @@ def main(args):
             module.train()
         resumed_epoch = epoch == first_epoch and skip_batches > 0
         batches = accelerator.skip_first_batches(train_dataloader, skip_batches) if resumed_epoch else train_dataloader
-        for step, batch in enumerate(batches, start=skip_batches if resumed_epoch else 0):
+        for batch in batches:
             # each sample's draws come from its own seed: resumed, or on any number of GPUs, the run is the same
             random = ct.SampleRandom(args.seed, epoch, batch["index"])
             with accelerator.accumulate(*models_to_train):

@@ -83,7 +83,9 @@ def main(args):
     from peft import LoraConfig, inject_adapter_in_model
     from tqdm.auto import tqdm
 
-    accelerator = ct.make_accelerator(args)
+    # the first text encoder's last layer is not read (SDXL takes its penultimate hidden states): its LoRA gets no
+    # gradient, which DDP must expect
+    accelerator = ct.make_accelerator(args, find_unused_parameters=args.train_text_encoder)
     torch.manual_seed(args.seed)  # LoRA's initial weights
     examples, weights_note = ct.load_examples(args)  # every bad row is refused before a model loads
     noise_scheduler, (tokenizer, tokenizer_2), (text_encoder, text_encoder_2), vae, unet = load_models(args)
@@ -146,8 +148,8 @@ def main(args):
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if args.train_text_encoder:
-            text_encoder.gradient_checkpointing_enable()
-            text_encoder_2.gradient_checkpointing_enable()
+            text_encoder.activation_checkpointing_enable()
+            text_encoder_2.activation_checkpointing_enable()
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
     unet.to(accelerator.device, weight_dtype)
@@ -180,7 +182,7 @@ def main(args):
     global_step = co.resume(accelerator, args)
     first_epoch, skip_batches = divmod(global_step, num_update_steps_per_epoch)
     skip_batches *= args.gradient_accumulation_steps
-    rewards = co.load_validation_rewards(args, accelerator.device)
+    rewards = co.load_validation_rewards(args, accelerator)
 
     def log_validation(step):
         if not accelerator.is_main_process:
@@ -217,7 +219,7 @@ def main(args):
             module.train()
         resumed_epoch = epoch == first_epoch and skip_batches > 0
         batches = accelerator.skip_first_batches(train_dataloader, skip_batches) if resumed_epoch else train_dataloader
-        for step, batch in enumerate(batches, start=skip_batches if resumed_epoch else 0):
+        for batch in batches:
             # each sample's draws come from its own seed: resumed, or on any number of GPUs, the run is the same
             random = ct.SampleRandom(args.seed, epoch, batch["index"])
             with accelerator.accumulate(*models_to_train):

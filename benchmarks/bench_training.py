@@ -17,8 +17,9 @@ allocation, or the process's peak RSS on a CPU) in training_config.json.
 
 --compare_to_commit runs every configuration also with the trainers of an earlier commit (extracted with
 `git archive`), alternating old and new runs --repeats times, and prints the step-time ratio (median of the
-repeats) and the largest difference between the weights the two versions trained: a refactor that changes no
-behaviour shows 0.
+repeats) and the largest difference between the weights the two versions trained (0 when both draw the same random
+numbers in the same order; a change of the draws, as per-sample seeds were, makes it the size of a run-to-run
+difference).
 """
 
 import argparse

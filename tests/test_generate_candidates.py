@@ -133,9 +133,17 @@ def test_killed_overwrite_keeps_the_old_images_until_the_new_run_completes(zoo, 
     generate(zoo, prompts, tmp_path / "seed1", "--seed", 1)
     generate(zoo, prompts, out, "--seed", 1, "--overwrite", kill_at="images_written#2")
     assert folder_files(tmp_path / ".out.old") == folder_files(expected)  # the old run, whole, aside
+    result = generate(zoo, prompts, out, check=False)  # the old settings without --overwrite: told where it is
+    assert result.returncode != 0 and f"the run that one replaces is kept in {tmp_path}/.out.old" in result.stderr
     generate(zoo, prompts, out, "--seed", 1)  # the new settings resume
     assert folder_files(out) == folder_files(tmp_path / "seed1")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "seed1"]  # the old one went when the new was done
+
+    # killed again, then the old settings asked for with --overwrite: the run set aside comes back, nothing redone
+    generate(zoo, prompts, out, "--overwrite", kill_at="images_written#1")
+    result = generate(zoo, prompts, out, "--seed", 1, "--overwrite")
+    assert "restored the finished run" in result.stdout and "0 made now" in result.stdout
+    assert folder_files(out) == folder_files(tmp_path / "seed1")
 
 
 def test_two_processes_write_the_same_folder_as_one(zoo, reference, tmp_path):

@@ -121,13 +121,15 @@ def test_train_text_encoder_killed_and_resumed_equals_straight(zoo, data, tmp_pa
     train(zoo, data, tmp_path / "halves", *flags, "--resume_from_checkpoint", "latest")
     a, b = load_file(tmp_path / "straight" / co.LORA_FILE), load_file(tmp_path / "halves" / co.LORA_FILE)
     assert {k.split(".")[0] for k in a} == {"unet", "text_encoder", "text_encoder_2"}
+    for prefix in ("unet.", "text_encoder.", "text_encoder_2."):  # up-weights start at 0: each part trained
+        assert max(v.abs().max().item() for k, v in a.items() if k.startswith(prefix) and ".up." in k) > 1e-4
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     kohya = load_file(tmp_path / "straight" / co.KOHYA_FILE)
     assert {k.split("_")[1] for k in kohya} == {"unet", "te1", "te2"}
 
 
 def test_two_processes_and_model_kind_check(zoo, data, tmp_path):
-    flags = ("--max_train_steps", 3, "--learning_rate", 1e-3, "--random_flip")
+    flags = ("--max_train_steps", 3, "--learning_rate", 1e-3, "--random_flip", "--train_text_encoder")
     result = train(zoo, data, tmp_path / "ddp", *flags, "--train_batch_size", 1, launcher=TWO_PROCESSES)
     assert "3 steps of 1 x 1 x 2 images" in result.stdout + result.stderr
     train(zoo, data, tmp_path / "one", *flags)  # batch 2 in one process: the same global batch
