@@ -141,29 +141,46 @@ def test_two_processes_score_like_one(zoo, candidates, tmp_path):
     assert (two / "rewards.jsonl").read_text() == (one / "rewards.jsonl").read_text()
 
 
+EVAL_KILL_FLAGS = ("--rewards", "jpeg,hpsv2.1")
+
+
+def eval_model_flags(folder):
+    (folder / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    return ("--prompts_file", folder / "prompts.txt", "--num_inference_steps", 2, "--num_images_per_prompt", 2,
+            "--batch_size", 2)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(zoo, candidates, tmp_path_factory):
+    """Folder mode and model mode, each run once without a kill: what the kill tests must reproduce."""
+    base = tmp_path_factory.mktemp("uninterrupted")
+    shutil.copytree(candidates, base / "folder")
+    run_script("eval_rewards.py", "--images_dir", base / "folder", *EVAL_KILL_FLAGS, *reward_flags(zoo))
+    run_script("eval_rewards.py", "--pretrained_model_name_or_path", zoo / "sd15", "--output_dir", base / "model",
+               *eval_model_flags(base), *EVAL_KILL_FLAGS, *reward_flags(zoo))
+    return {"folder": base / "folder", "model": base / "model"}
+
+
 @pytest.mark.parametrize("mode,kill_at", [("folder", "reward_written"), ("model", "images_written#2"),
                                           ("model", "logs_merged"), ("model", "reward_written")])
-def test_killed_evaluation_rerun_equals_an_uninterrupted_one(zoo, candidates, tmp_path, mode, kill_at):
+def test_killed_evaluation_rerun_equals_an_uninterrupted_one(zoo, candidates, tmp_path, mode, kill_at,
+                                                             uninterrupted):
     """Killed after the first of two rewards is saved (folder and model mode) or while generating (model mode):
     the rerun's rewards.jsonl and summary equal those of a run that was never stopped."""
+    straight, killed = uninterrupted[mode], tmp_path / "killed"
     if mode == "folder":
-        shutil.copytree(candidates, tmp_path / "straight")
-        shutil.copytree(candidates, tmp_path / "killed")
-        where = {name: ("--images_dir", tmp_path / name) for name in ("straight", "killed")}
+        shutil.copytree(candidates, killed)
+        where = ("--images_dir", killed)
     else:
-        (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-        where = {name: ("--pretrained_model_name_or_path", zoo / "sd15", "--output_dir", tmp_path / name,
-                        "--prompts_file", tmp_path / "prompts.txt", "--num_inference_steps", 2,
-                        "--num_images_per_prompt", 2, "--batch_size", 2) for name in ("straight", "killed")}
-    flags = ("--rewards", "jpeg,hpsv2.1", *reward_flags(zoo))
-    run_script("eval_rewards.py", *where["straight"], *flags)
-    run_script("eval_rewards.py", *where["killed"], *flags, kill_at=kill_at)
-    run_script("eval_rewards.py", *where["killed"], *flags)
+        where = ("--pretrained_model_name_or_path", zoo / "sd15", "--output_dir", killed,
+                 *eval_model_flags(straight.parent))
+    run_script("eval_rewards.py", *where, *EVAL_KILL_FLAGS, *reward_flags(zoo), kill_at=kill_at)
+    run_script("eval_rewards.py", *where, *EVAL_KILL_FLAGS, *reward_flags(zoo))
     for name in ("rewards.jsonl", "metadata.jsonl"):
-        assert (tmp_path / "killed" / name).read_text() == (tmp_path / "straight" / name).read_text()
-    summaries = [json.loads((tmp_path / name / "rewards_summary.json").read_text()) for name in ("straight", "killed")]
+        assert (killed / name).read_text() == (straight / name).read_text()
+    summaries = [json.loads((folder / "rewards_summary.json").read_text()) for folder in (straight, killed)]
     assert summaries[0] == summaries[1]
-    assert not [p.name for p in (tmp_path / "killed").iterdir() if p.name.startswith(".")]
+    assert not [p.name for p in killed.iterdir() if p.name.startswith(".")]
 
 
 def test_model_mode_generates_with_the_candidate_seeds_and_scores(zoo, tmp_path):

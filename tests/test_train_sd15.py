@@ -276,17 +276,26 @@ def test_resume_across_epochs_and_two_processes_equal_one(zoo, data, tmp_path):
     assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(zoo, data, tmp_path_factory):
+    """The kill tests' flags and the run they must reproduce."""
+    flags = ("--use_lora", "--learning_rate", 1e-3, "--max_train_steps", 6, "--checkpointing_steps", 2,
+             "--output_kohya_format", "--gradient_accumulation_steps", 2, "--checkpoints_total_limit", 2)
+    out = tmp_path_factory.mktemp("uninterrupted") / "out"
+    train(zoo, data, out, *flags)
+    return flags, out
+
+
 @pytest.mark.parametrize("kill_at", ["checkpoint_written", "checkpoint_written#2", "swap_old_aside",
                                      "final_weights_written", "entry_moved"])
-def test_killed_run_resumed_with_latest_equals_an_uninterrupted_one(zoo, data, tmp_path, kill_at):
+def test_killed_run_resumed_with_latest_equals_an_uninterrupted_one(zoo, data, tmp_path, kill_at,
+                                                                     uninterrupted):
     """kill -9 while the first or the second checkpoint is being saved or swapped in, or while the final weights
     are saved or moved in: a half-saved file never takes a real name, and `--resume_from_checkpoint latest` ends
     where a run that was never stopped ends (gradient accumulation 2: 2 steps an epoch), with nothing left over."""
     from safetensors.torch import load_file
 
-    flags = ("--use_lora", "--learning_rate", 1e-3, "--max_train_steps", 6, "--checkpointing_steps", 2,
-             "--output_kohya_format", "--gradient_accumulation_steps", 2, "--checkpoints_total_limit", 2)
-    train(zoo, data, tmp_path / "straight", *flags)
+    flags, straight = uninterrupted
     out = tmp_path / "killed"
     train(zoo, data, out, *flags, kill_at=kill_at)
     whole = {"checkpoint_written": [], "checkpoint_written#2": ["checkpoint-2"], "swap_old_aside": [],
@@ -297,7 +306,7 @@ def test_killed_run_resumed_with_latest_equals_an_uninterrupted_one(zoo, data, t
     result = train(zoo, data, out, *flags, "--resume_from_checkpoint", "latest")
     assert ("resumed from" in result.stderr + result.stdout) == (bool(whole) or kill_at == "swap_old_aside")
     for name in (co.LORA_FILE, co.KOHYA_FILE):
-        a, b = load_file(tmp_path / "straight" / name), load_file(out / name)
+        a, b = load_file(straight / name), load_file(out / name)
         assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
 
