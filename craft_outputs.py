@@ -67,6 +67,13 @@ def written_whole(output_dir):
     cu.move_entries_in(os.path.join(output_dir, FINAL_READY), output_dir)
 
 
+def finish_final_save(output_dir):
+    """Move in the final weights that a run had completely saved when a kill stopped their moving in."""
+    if os.path.isdir(os.path.join(output_dir, FINAL_READY)):
+        cu.move_entries_in(os.path.join(output_dir, FINAL_READY), output_dir)
+        print(f"{output_dir}: moved in the final weights that an interrupted run had saved")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints and exact resume
 

@@ -9,6 +9,7 @@ Text-conditioned rewards are called with the original prompt, so rewrites and or
 
 import gc
 import io
+import math
 import os
 
 import craft_utils as cu
@@ -109,6 +110,11 @@ def _normalized(features):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Scoring an imagefolder, cached in its rewards.jsonl
+
+
+def is_valid_score(value):
+    """A cached score is a finite number (not NaN, inf, a string, or a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def read_folder(folder, caption_column):

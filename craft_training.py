@@ -9,9 +9,9 @@ import argparse
 import json
 import math
 import os
-import re
 from dataclasses import dataclass
 
+import craft_outputs as co
 import craft_utils as cu
 
 AUTO_CACHE_LIMIT = 2000  # --cache_latents auto caches sets of up to this many images
@@ -137,11 +137,8 @@ def parse_training_args(parser, input_args):
         args.validation_reward_names = craft_rewards.parse_reward_names(args.validation_rewards, "--validation_rewards")
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         cu.fail(f"--output_dir {args.output_dir} is a file; give a folder")
-    ready = os.path.join(args.output_dir, ".final.ready")
-    if os.path.isdir(ready) and os.environ.get("RANK", "0") == "0":
-        # a kill came while a finished run's weights were moving in: they go in first (one process does it)
-        cu.move_entries_in(ready, args.output_dir)
-        print(f"{args.output_dir}: moved in the final weights that an interrupted run had saved")
+    if os.environ.get("RANK", "0") == "0":  # one process does it
+        co.finish_final_save(args.output_dir)
     # what a run writes before its first checkpoint (logs, validation grids, hidden partial saves) is no result
     in_progress = {args.logging_dir, "validation"}
     results = [name for name in os.listdir(args.output_dir) if name not in in_progress and not name.startswith(".")] \
@@ -150,8 +147,7 @@ def parse_training_args(parser, input_args):
         if args.resume_from_checkpoint is None:
             cu.fail(f"{args.output_dir} is not empty; pass --overwrite_output_dir, --resume_from_checkpoint latest, "
                     "or choose another --output_dir")
-        if args.resume_from_checkpoint == "latest" and not any(
-                re.match(r"checkpoint-\d+$", name) for name in os.listdir(args.output_dir)):
+        if args.resume_from_checkpoint == "latest" and not co.checkpoints(args.output_dir):
             cu.fail(f"{args.output_dir} is not empty and holds no checkpoint-* to resume from; pass "
                     "--overwrite_output_dir to train anew over it, or choose another --output_dir")
     return args

@@ -24,7 +24,6 @@ weight is 0 are left out of the output (they would train nothing) and counted in
 
 import argparse
 import itertools
-import math
 import os
 import shutil
 import statistics
@@ -147,7 +146,7 @@ def load_candidates(args, state):
         problem = None
         scores = {k: v for k, v in table.get(row["file_name"], {}).items() if k != "file_name"}
         bad = [name for name in args.reward_names
-               if not isinstance(scores.get(name), (int, float)) or not math.isfinite(scores[name])]
+               if not cr.is_valid_score(scores.get(name))]
         if not os.path.isfile(os.path.join(args.candidates_dir, row["file_name"])):
             problem = ("missing_image", f"image {row['file_name']} is missing")
         elif bad:

@@ -51,7 +51,7 @@ def check_scores(folder, rows, table, names):
     for number, row in enumerate(rows, start=1):
         for name in names:
             value = table[row["file_name"]].get(name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if not cr.is_valid_score(value):
                 cu.fail(f"{path}: {name} score of {row['file_name']} (image {number} of {cu.METADATA}) is {value!r}; "
                         f"delete that value to rescore it, or rerun with --overwrite")
 
