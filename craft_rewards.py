@@ -75,6 +75,19 @@ def resolve_file(spec, flag):
             "(with HF_HUB_OFFLINE=1 only local files work)")
 
 
+def load_torch_file(path, flag):
+    """torch.load with weights_only=True: tensors and plain containers, never code from a pickle."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+        cu.fail(f"{flag} {path}: not loadable as weights only ({str(error).splitlines()[0][:200]}); give a file of "
+                "tensors (a state dict), e.g. re-save a trusted checkpoint with torch.save(model.state_dict(), path)")
+
+
 def load_from_pretrained(loader, spec, flag, **kwargs):
     try:
         return loader.from_pretrained(spec, **kwargs)
@@ -187,12 +200,29 @@ def score_folder(folder, names, args, state, caption_column="text", overwrite=Fa
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def hps_pixels(image, size):
+    """HPSv2's evaluation transform in the order its code applies it: to a float tensor first, then a bicubic
+    (antialiased) resize of the longest side to `size`, zero padding to a centred square, CLIP normalisation.
+    (Resizing the 8-bit image first, as open_clip's own transform does, moves pixels by up to 24/255 on edges.)"""
+    import torchvision.transforms.functional as F
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    from torchvision.transforms import InterpolationMode
+
+    pixels = F.to_tensor(image.convert("RGB"))
+    height, width = pixels.shape[1:]
+    scale = size / max(height, width)
+    new_height, new_width = round(height * scale), round(width * scale)
+    if (new_height, new_width) != (height, width):
+        pixels = F.resize(pixels, [new_height, new_width], InterpolationMode.BICUBIC, antialias=True)
+    pad_height, pad_width = size - new_height, size - new_width
+    pixels = F.pad(pixels, [pad_width // 2, pad_height // 2, pad_width - pad_width // 2, pad_height - pad_height // 2])
+    return F.normalize(pixels, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)
+
+
 def _hps(args, device, dtype, checkpoint_flag):
     """HPSv2: open_clip model + fine-tuned checkpoint; score = cosine of the image and text embeddings."""
     import open_clip
     import torch
-    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-    from open_clip.transform import image_transform
 
     model_name = args.hps_model
     if model_name.endswith(".json"):
@@ -202,15 +232,17 @@ def _hps(args, device, dtype, checkpoint_flag):
         model_name = os.path.splitext(os.path.basename(model_name))[0]
     checkpoint = resolve_file(getattr(args, checkpoint_flag), "--" + checkpoint_flag)
     model = open_clip.create_model(model_name, pretrained=None)
-    model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"])
+    state = load_torch_file(checkpoint, "--" + checkpoint_flag)
+    if not isinstance(state, dict) or "state_dict" not in state:
+        cu.fail(f"--{checkpoint_flag} {checkpoint}: no 'state_dict' in it; is it an HPS_v2*_compressed.pt?")
+    model.load_state_dict(state["state_dict"])
     model = model.to(device, dtype).eval()
     tokenizer = open_clip.get_tokenizer(model_name)
-    # HPS preprocessing: longest side to 224, padded (not cropped), OpenAI CLIP normalisation
-    preprocess = image_transform(model.visual.image_size, is_train=False, mean=OPENAI_DATASET_MEAN,
-                                 std=OPENAI_DATASET_STD, resize_mode="longest")
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
 
     def score(images, prompts):
-        pixels = torch.stack([preprocess(image) for image in _rgb(images)]).to(device, dtype)
+        pixels = torch.stack([hps_pixels(image, size) for image in images]).to(device, dtype)
         image_features = _normalized(model.encode_image(pixels).float())
         text_features = _normalized(model.encode_text(tokenizer(prompts).to(device)).float())
         return (image_features * text_features).sum(-1).tolist()
@@ -229,10 +261,13 @@ def hpsv2_0(args, device, dtype):
 
 
 def _clip_scorer(model_spec, processor_spec, flag, device, dtype):
-    """transformers CLIP: (model, processor, image_features(images), text_features(prompts)), normalised."""
+    """transformers CLIP: (logit scale, image_features(images), text_features(prompts)), features normalised. The
+    scale is read in fp32 before the model is cast: exp() of a bf16 logit_scale is 1% off."""
     from transformers import CLIPModel, CLIPProcessor
 
-    model = load_from_pretrained(CLIPModel, model_spec, flag, dtype=dtype).to(device).eval()
+    model = load_from_pretrained(CLIPModel, model_spec, flag)
+    logit_scale = model.logit_scale.detach().float().exp().item()
+    model = model.to(device, dtype).eval()
     processor = load_from_pretrained(CLIPProcessor, processor_spec, flag)
 
     def image_features(images):
@@ -243,19 +278,18 @@ def _clip_scorer(model_spec, processor_spec, flag, device, dtype):
         tokens = processor(text=prompts, padding="max_length", truncation=True, max_length=77, return_tensors="pt")
         return _normalized(model.get_text_features(**tokens.to(device)).pooler_output.float())
 
-    return model, image_features, text_features
+    return logit_scale, image_features, text_features
 
 
 @register("pickscore")
 def pickscore(args, device, dtype):
     """PickScore: logit_scale.exp() * cosine, with the PickScore CLIP and the ViT-H-14 processor."""
     processor = args.pickscore_processor
-    model, image_features, text_features = _clip_scorer(args.pickscore_model, processor, "--pickscore_model",
-                                                        device, dtype)
+    logit_scale, image_features, text_features = _clip_scorer(args.pickscore_model, processor, "--pickscore_model",
+                                                              device, dtype)
 
     def score(images, prompts):
-        cosine = (image_features(images) * text_features(prompts)).sum(-1)
-        return (model.logit_scale.exp().float() * cosine).tolist()
+        return (logit_scale * (image_features(images) * text_features(prompts)).sum(-1)).tolist()
 
     return score
 
@@ -291,13 +325,11 @@ def aesthetic_mlp():
 @register("aesthetic")
 def aesthetic(args, device, dtype):
     """LAION aesthetic score (~1-10): the MLP on the L2-normalised CLIP ViT-L/14 image embedding."""
-    import torch
-
     _, image_features, _ = _clip_scorer(args.aesthetic_clip_model, args.aesthetic_clip_model,
                                         "--aesthetic_clip_model", device, dtype)
     mlp = aesthetic_mlp()
     checkpoint = resolve_file(args.aesthetic_checkpoint, "--aesthetic_checkpoint")
-    mlp.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+    mlp.load_state_dict(load_torch_file(checkpoint, "--aesthetic_checkpoint"))
     mlp = mlp.to(device).eval()
 
     def score(images, prompts):
@@ -440,7 +472,9 @@ def imagereward(args, device, dtype):
 
     checkpoint = resolve_file(args.imagereward_checkpoint, "--imagereward_checkpoint")
     med_config = resolve_file(args.imagereward_med_config, "--imagereward_med_config")
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state = load_torch_file(checkpoint, "--imagereward_checkpoint")
+    if "blip.visual_encoder.patch_embed.proj.weight" not in state:
+        cu.fail(f"--imagereward_checkpoint {checkpoint}: no BLIP weights in it; is it an ImageReward.pt?")
     patch = state["blip.visual_encoder.patch_embed.proj.weight"]
     depth = len({key.split(".")[3] for key in state if key.startswith("blip.visual_encoder.blocks.")})
     model = build_image_reward(med_config, args.imagereward_tokenizer, (patch.shape[0], depth, patch.shape[-1]))

@@ -3,6 +3,7 @@ built in memory (round trip through the saved files), and batching does not chan
 
 import argparse
 import io
+import math
 
 import numpy as np
 import pytest
@@ -29,7 +30,36 @@ def images():
     return noise + [wide, Image.new("RGB", (64, 64), (200, 30, 30))]
 
 
-def test_hps_is_the_cosine_of_open_clip_features_with_longest_side_padding(zoo, images):
+def official_hps_pixels(image):
+    """HPSv2's evaluation transform re-implemented from its steps with plain torch: ToTensor, then the longest side
+    to 224 with an antialiased bicubic resize of the float tensor, zero padding centred, OpenAI CLIP normalisation."""
+    pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
+    height, width = pixels.shape[1:]
+    scale = 224 / max(height, width)
+    size = (round(height * scale), round(width * scale))
+    pixels = torch.nn.functional.interpolate(pixels[None], size=size, mode="bicubic", align_corners=False,
+                                             antialias=True)[0]
+    top, left = (224 - size[0]) // 2, (224 - size[1]) // 2
+    pixels = torch.nn.functional.pad(pixels, (left, 224 - size[1] - left, top, 224 - size[0] - top))
+    mean, std = torch.tensor([0.48145466, 0.4578275, 0.40821073]), torch.tensor([0.26862954, 0.26130258, 0.27577711])
+    return (pixels - mean[:, None, None]) / std[:, None, None]
+
+
+def test_hps_preprocessing_resizes_the_float_tensor_as_the_official_code(images):
+    rng = np.random.default_rng(1)
+    large_wide = Image.fromarray(rng.integers(0, 256, (300, 500, 3), dtype=np.uint8))  # downscaled: antialias matters
+    for image in [*images, large_wide]:
+        ours = cr.hps_pixels(image, 224)
+        assert ours.shape == (3, 224, 224)
+        assert torch.allclose(ours, official_hps_pixels(image), atol=1e-5)
+    # resizing the 8-bit image first (open_clip's transform) is measurably different on this image
+    from open_clip.transform import image_transform
+
+    pil_first = image_transform(224, is_train=False, resize_mode="longest")(large_wide)
+    assert (pil_first - official_hps_pixels(large_wide)).abs().max() > 0.02
+
+
+def test_hps_is_the_cosine_of_open_clip_features(zoo, images):
     import open_clip
 
     scores = cr.load_reward("hpsv2.1", reward_args(zoo), "cpu")(images, PROMPTS)
@@ -37,21 +67,12 @@ def test_hps_is_the_cosine_of_open_clip_features_with_longest_side_padding(zoo, 
     torch.manual_seed(5)  # the zoo's seed: the same weights, built in memory
     model = open_clip.create_model("tiny-ViT", pretrained=None).eval()
     tokenizer = open_clip.get_tokenizer("tiny-ViT")
-    mean, std = torch.tensor([0.48145466, 0.4578275, 0.40821073]), torch.tensor([0.26862954, 0.26130258, 0.27577711])
     for image, prompt, score in zip(images, PROMPTS, scores):
-        # by hand: longest side to 224 (bicubic), centred on a black 224x224 canvas, then normalised
-        w, h = image.size
-        scale = 224 / max(w, h)
-        resized = image.resize((round(w * scale), round(h * scale)), Image.BICUBIC)
-        canvas = Image.new("RGB", (224, 224))
-        canvas.paste(resized, ((224 - resized.width) // 2, (224 - resized.height) // 2))
-        pixels = torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255).permute(2, 0, 1)
-        pixels = (pixels - mean[:, None, None]) / std[:, None, None]
         with torch.no_grad():
-            image_features = model.encode_image(pixels[None])[0]
+            image_features = model.encode_image(official_hps_pixels(image)[None])[0]
             text_features = model.encode_text(tokenizer([prompt]))[0]
         cosine = torch.dot(image_features, text_features) / (image_features.norm() * text_features.norm())
-        assert score == pytest.approx(cosine.item(), abs=2e-3)
+        assert score == pytest.approx(cosine.item(), abs=1e-5)
     assert len(set(scores)) == len(scores)
 
 
@@ -83,6 +104,31 @@ def test_pickscore_and_clip_score_formulas(zoo, images):
         a, b = clip_embeddings(clip_model, clip_processor, image, prompt)
         cosine = torch.dot(a, b) / (a.norm() * b.norm())
         assert clip_score == pytest.approx(max(100 * cosine.item(), 0.0), abs=1e-3)
+
+
+def test_pickscore_scale_is_exp_of_the_fp32_logit_scale_under_bf16(zoo, images, tmp_path):
+    from transformers import CLIPModel
+
+    model = CLIPModel.from_pretrained(zoo / "pickscore" / "model")
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(100.0))  # PickScore's: bf16 rounds it to 4.59375, exp() to 98.86
+    model.save_pretrained(tmp_path / "model")
+    args = reward_args(zoo)
+    args.pickscore_model, args.reward_precision = str(tmp_path / "model"), "bf16"
+    scores = cr.load_reward("pickscore", args, "cpu")(images, PROMPTS)
+    _, image_features, text_features = cr._clip_scorer(args.pickscore_model, args.pickscore_processor, "--flag",
+                                                       "cpu", torch.bfloat16)
+    with torch.no_grad():
+        cosines = (image_features(images) * text_features(PROMPTS)).sum(-1).tolist()
+    assert scores == pytest.approx([100 * c for c in cosines], rel=1e-6)
+
+
+def test_weights_files_load_without_running_pickled_code(zoo, tmp_path):
+    args = reward_args(zoo)
+    args.aesthetic_checkpoint = str(tmp_path / "aesthetic.pth")
+    torch.save({"layers": argparse.Namespace(a=1)}, args.aesthetic_checkpoint)  # an object, not tensors
+    with pytest.raises(SystemExit, match=r"--aesthetic_checkpoint .*aesthetic.pth: not loadable as weights only"):
+        cr.load_reward("aesthetic", args, "cpu")
 
 
 def test_aesthetic_is_the_linear_mlp_on_the_normalised_clip_embedding(zoo, images):
