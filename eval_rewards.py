@@ -13,6 +13,13 @@ Both modes print and save a summary (rewards_summary.json/.md: mean, std, median
 the score distributions (rewards_hist.png). `--compare_to OTHER_DIR` pairs images by (prompt, seed) and reports
 the per-reward mean delta, its standard error and the win/tie/loss rates: the comparison with the base model.
 Under `accelerate launch` the images are split across processes; the scores equal a single-process run.
+
+Benchmark mode (`--benchmark hpsv2|drawbench|parti`): the model (or, with --images_dir, the images of an earlier
+benchmark run) is evaluated on each part of a named prompt benchmark, one subfolder per part, and
+benchmark_NAME.md/.json/.png report the table the papers print: rows = models (this one and --compare_to, the base's
+benchmark folder), columns = rewards, with the mean delta, its standard error and the win rate, per part and
+averaged over the parts (each part weighs the same, as the HPSv2 leaderboard averages its four styles). HPSv2
+scores are shown x100, as the paper and the leaderboard print them.
 """
 
 import argparse
@@ -25,6 +32,17 @@ import time
 import craft_rewards as cr
 import craft_utils as cu
 
+# name -> the parts of a benchmark, and where their prompts are read from --benchmark_prompts
+BENCHMARKS = {
+    "hpsv2": {"parts": ["anime", "concept-art", "paintings", "photo"], "source": "files"},  # HPDv2 benchmark/*.json
+    "drawbench": {"parts": ["drawbench"], "source": "files"},  # HPDv2 benchmark/drawbench.json
+    "parti": {"parts": ["parti"], "source": "dataset", "default": "nateraw/parti-prompts", "column": "Prompt"},
+}
+SHOWN_X100 = {"hpsv2.1", "hpsv2.0"}
+LABELS = {"hpsv2.1": "HPSv2.1", "hpsv2.0": "HPSv2", "imagereward": "ImageReward", "pickscore": "PickScore",
+          "aesthetic": "AES", "clip": "CLIP"}
+
+
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images_dir", help="folder mode: an imagefolder (images + metadata.jsonl) to score")
@@ -35,12 +53,23 @@ def parse_args(input_args=None):
     parser.add_argument("--compare_to", help="a baseline folder (scored too, if needed) to pair by (prompt, seed)")
     parser.add_argument("--overwrite", action="store_true", help="recompute rewards already in rewards.jsonl")
     parser.add_argument("--output_dir", default="eval", help="model mode: where generated images are written")
+    parser.add_argument("--benchmark", choices=sorted(BENCHMARKS),
+                        help="evaluate on a named benchmark, one subfolder per part: hpsv2 (HPDv2's four styles), "
+                             "drawbench, parti (PartiPrompts); --max_prompts then counts per part")
+    parser.add_argument("--benchmark_prompts",
+                        help="hpsv2/drawbench: the folder of HPDv2's benchmark/*.json (hf download ymhao/HPDv2 "
+                             "--repo-type dataset --include 'benchmark/*' --local-dir hpdv2 gives hpdv2/benchmark); "
+                             "parti: a dataset Hub id or local copy (default nateraw/parti-prompts)")
     cu.add_generation_args(parser, model_required=False)
     cu.add_prompt_args(parser)
     cr.add_reward_args(parser)
     args = parser.parse_args(input_args)
     if bool(args.images_dir) == bool(args.pretrained_model_name_or_path):
         parser.error("give --images_dir (score a folder) or --pretrained_model_name_or_path (score a model)")
+    if args.benchmark and (args.prompts_file or args.dataset_name):
+        parser.error("--benchmark reads its own prompts (--benchmark_prompts); drop --prompts_file/--dataset_name")
+    if args.benchmark_prompts and not args.benchmark:
+        parser.error("--benchmark_prompts needs --benchmark")
     args.reward_names = cr.parse_reward_names(args.rewards)
     return args
 
@@ -146,8 +175,9 @@ def generate_eval_images(args, state):
     return args.output_dir
 
 
-def main(args):
-    state = cu.process_state()
+def evaluate(args, state):
+    """Score one folder (model mode: generate it first) and compare it with --compare_to; writes its reports.
+    Returns (summary, comparison) on the main process, None on the others."""
     started = time.time()
     names = args.reward_names
     if args.compare_to:
@@ -159,7 +189,7 @@ def main(args):
         other_rows, other_table = cr.score_folder(args.compare_to, names, args, state, args.caption_column,
                                                  args.overwrite)
     if not state.is_main_process:
-        return
+        return None
     check_scores(folder, rows, table, names)
     if other_rows:
         check_scores(args.compare_to, other_rows, other_table, names)
@@ -175,6 +205,158 @@ def main(args):
     print(report)
     print(f"{len(rows)} images scored with {', '.join(names)} in {time.time() - started:.0f} s: "
           f"{os.path.join(folder, cr.REWARDS_FILE)}, rewards_summary.json/.md, rewards_hist.png")
+    return summary, comparison
+
+
+def part_prompts(args, part):
+    """Model mode: the prompt flags that read one part of the benchmark."""
+    benchmark = BENCHMARKS[args.benchmark]
+    if benchmark["source"] == "dataset":
+        return {"dataset_name": args.benchmark_prompts or benchmark["default"], "prompt_column": benchmark["column"]}
+    if not args.benchmark_prompts:
+        cu.fail(f"--benchmark {args.benchmark} needs --benchmark_prompts, the folder of HPDv2's benchmark files: "
+                "hf download ymhao/HPDv2 --repo-type dataset --include 'benchmark/*' --local-dir hpdv2, then "
+                "--benchmark_prompts hpdv2/benchmark")
+    path = os.path.join(args.benchmark_prompts, part + ".json")
+    if not os.path.isfile(path):
+        cu.fail(f"--benchmark_prompts {args.benchmark_prompts}: no {part}.json in it; --benchmark {args.benchmark} "
+                f"reads {', '.join(p + '.json' for p in benchmark['parts'])} (HPDv2's benchmark/ folder)")
+    return {"prompts_file": path}
+
+
+def benchmark_parts(args):
+    """The benchmark's folder and [(part, the arguments that evaluate it)]: one subfolder per part."""
+    parts = []
+    for part in BENCHMARKS[args.benchmark]["parts"]:
+        changes = {"images_dir": args.images_dir and os.path.join(args.images_dir, part),
+                   "output_dir": os.path.join(args.output_dir, part),
+                   "compare_to": args.compare_to and os.path.join(args.compare_to, part)}
+        for folder in (changes["images_dir"], changes["compare_to"]):
+            if folder and not os.path.isdir(folder):
+                cu.fail(f"{folder} does not exist: {os.path.dirname(folder)} is not a --benchmark {args.benchmark} "
+                        f"folder (one subfolder per part: {', '.join(BENCHMARKS[args.benchmark]['parts'])})")
+        if not args.images_dir:
+            changes.update(part_prompts(args, part))
+        parts.append((part, argparse.Namespace(**{**vars(args), **changes})))
+    return args.images_dir or args.output_dir, parts
+
+
+def benchmark_table(results):
+    """Per reward, per part and averaged over the parts (each part weighs the same): the model's mean, and against
+    the baseline its mean, the mean delta, its standard error and the win rate, on the paired images."""
+    table = {"parts": {}, "average": {}}
+    for part, (summary, comparison) in results.items():
+        table["parts"][part] = {"n": next(iter(summary.values()))["n"], "rewards": {}}
+        for name, stats in summary.items():
+            row = {"mean": stats["mean"]}
+            if comparison:
+                paired = comparison["rewards"][name]
+                row = {key: paired[key] for key in ("mean", "baseline_mean", "mean_delta", "stderr", "win_rate")}
+            table["parts"][part]["rewards"][name] = row
+    parts = list(table["parts"].values())
+    for name in parts[0]["rewards"]:
+        rows = [part["rewards"][name] for part in parts]
+        average = {key: statistics.fmean(row[key] for row in rows) for key in rows[0] if key != "stderr"}
+        if "stderr" in rows[0]:  # the parts are independent samples
+            average["stderr"] = math.sqrt(sum(row["stderr"] ** 2 for row in rows)) / len(rows)
+        table["average"][name] = average
+    return table
+
+
+def shown(name, value, form=".4g"):
+    return format(value * (100 if name in SHOWN_X100 else 1), form)
+
+
+def shown_delta(name, row):
+    return f"{shown(name, row['mean_delta'], '+.3g')} +- {shown(name, row['stderr'], '.2g')}"
+
+
+def benchmark_markdown(args, folder, table):
+    names = list(table["average"])
+    parts = table["parts"]
+    baseline = args.compare_to
+    counts = sorted({part["n"] for part in parts.values()})
+    lines = [f"# {args.benchmark} benchmark: {folder}" + (f" against {baseline}" if baseline else ""), "",
+             f"{len(parts)} part(s) ({', '.join(parts)}), {'/'.join(map(str, counts))} images each; the average "
+             "weighs each part the same." + (" HPSv2 scores x100." if SHOWN_X100 & set(names) else ""), "",
+             "| model | " + " | ".join(LABELS.get(name, name) for name in names) + " |",
+             "|---" * (len(names) + 1) + "|"]
+    average = table["average"]
+    if baseline:
+        lines.append(f"| {baseline} | " + " | ".join(shown(n, average[n]["baseline_mean"]) for n in names) + " |")
+    lines.append(f"| {folder} | " + " | ".join(shown(n, average[n]["mean"]) for n in names) + " |")
+    if baseline:
+        lines.append("| delta +- s.e. | " + " | ".join(shown_delta(n, average[n]) for n in names) + " |")
+        lines.append("| win rate | " + " | ".join(f"{average[n]['win_rate']:.1%}" for n in names) + " |")
+    if len(parts) > 1:
+        for name in names:
+            lines += ["", f"{LABELS.get(name, name)} per part", "",
+                      "| part | " + (f"{baseline} | {folder} | delta +- s.e. | win |" if baseline else f"{folder} |"),
+                      "|---" * (5 if baseline else 2) + "|"]
+            for part, row in [*((p, parts[p]["rewards"][name]) for p in parts), ("average", average[name])]:
+                cells = [shown(name, row["mean"])]
+                if baseline:
+                    cells = [shown(name, row["baseline_mean"]), *cells, shown_delta(name, row),
+                             f"{row['win_rate']:.1%}"]
+                lines.append(f"| {part} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_benchmark(path, args, folder, table):
+    """One panel per reward: the mean per part and averaged, this model beside the baseline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(table["average"])
+    groups = [*table["parts"], "average"] if len(table["parts"]) > 1 else list(table["parts"])
+    rows = {**{part: table["parts"][part]["rewards"] for part in table["parts"]}, "average": table["average"]}
+    figure, axes = plt.subplots(1, len(names), figsize=(1.2 * len(groups) * len(names) + 2, 3.4), squeeze=False)
+    positions = range(len(groups))
+    for axis, name in zip(axes[0], names):
+        scale = 100 if name in SHOWN_X100 else 1
+        bars = [(os.path.basename(folder.rstrip("/")), "mean")]
+        if args.compare_to:
+            bars.insert(0, (os.path.basename(args.compare_to.rstrip("/")), "baseline_mean"))
+        width = 0.8 / len(bars)
+        for i, (label, key) in enumerate(bars):
+            heights = [rows[group][name][key] * scale for group in groups]
+            errors = ([rows[group][name]["stderr"] * scale for group in groups] if key == "mean" and args.compare_to
+                      else None)
+            axis.bar([p + (i - (len(bars) - 1) / 2) * width for p in positions], heights, width, yerr=errors,
+                     label=label, capsize=3)
+        axis.set_xticks(list(positions), groups, rotation=30, ha="right")
+        axis.set_title(LABELS.get(name, name) + (" (x100)" if scale == 100 else ""))
+        low = min(rows[g][name][k] * scale for g in groups for _, k in bars)
+        high = max(rows[g][name][k] * scale for g in groups for _, k in bars)
+        margin = (high - low) * 0.5 or abs(high) * 0.05 or 1
+        axis.set_ylim(low - margin, high + margin)  # the differences, not the distance from zero
+    axes[0][0].legend(fontsize=8)
+    figure.suptitle(f"{args.benchmark} benchmark" + (" (error bars: s.e. of the delta)" if args.compare_to else ""))
+    figure.tight_layout()
+    cu.write_atomic(path, lambda f: figure.savefig(f, format="png", dpi=100))
+    plt.close(figure)
+
+
+def main(args):
+    state = cu.process_state()
+    if not args.benchmark:
+        evaluate(args, state)
+        return
+    folder, parts = benchmark_parts(args)
+    results = {part: evaluate(part_args, state) for part, part_args in parts}
+    if not state.is_main_process:
+        return
+    table = benchmark_table(results)
+    base = os.path.join(folder, f"benchmark_{args.benchmark}")
+    cu.write_json_atomic(base + ".json", {"benchmark": args.benchmark, "model": folder, "baseline": args.compare_to,
+                                          "shown_x100": sorted(SHOWN_X100 & set(args.reward_names)), **table})
+    report = benchmark_markdown(args, folder, table)
+    cu.write_text_atomic(base + ".md", report)
+    plot_benchmark(base + ".png", args, folder, table)
+    print(report)
+    print(f"the {args.benchmark} benchmark report: {base}.md/.json/.png")
 
 
 if __name__ == "__main__":

@@ -240,3 +240,105 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(zoo, tmp_path, case):
     assert not (folder / "rewards.jsonl").exists() or case in ("missing_weights", "nan_cached", "string_cached")
     if case == "missing_weights":  # jpeg was done and kept; the failing reward left nothing half
         assert set(cu.read_jsonl(folder / "rewards.jsonl")[0]) == {"file_name", "jpeg"}
+
+
+STYLES = ("anime", "concept-art", "paintings", "photo")
+
+
+def hpdv2_benchmark_files(folder):
+    """HPDv2's benchmark/ layout: one JSON array of prompt strings per style."""
+    folder.mkdir()
+    for style in STYLES:
+        prompts = [f"a {colour} {shape}, {style}" for colour, shape in [("red", "circle"), ("blue", "star"),
+                                                                         ("green", "square")]]
+        (folder / f"{style}.json").write_text(json.dumps(prompts))
+    return folder
+
+
+def test_hpsv2_benchmark_reports_each_style_and_their_average_against_the_base(zoo, tmp_path):
+    prompts = hpdv2_benchmark_files(tmp_path / "benchmark")
+    common = ("--pretrained_model_name_or_path", zoo / "sd15", "--benchmark", "hpsv2", "--benchmark_prompts", prompts,
+              "--max_prompts", 2, "--num_images_per_prompt", 1, "--rewards", "hpsv2.1,jpeg")
+    evaluate(zoo, *common, "--num_inference_steps", 2, "--output_dir", tmp_path / "base")
+    result = evaluate(zoo, *common, "--num_inference_steps", 3, "--output_dir", tmp_path / "tuned",
+                      "--compare_to", tmp_path / "base")
+    report = json.loads((tmp_path / "tuned" / "benchmark_hpsv2.json").read_text())
+    assert list(report["parts"]) == list(STYLES) and report["shown_x100"] == ["hpsv2.1"]
+
+    # by hand from each style's folders: pairs by (prompt, seed), the first 2 prompts of each style file
+    for style in STYLES:
+        def scores(model):
+            metadata = cu.read_jsonl(tmp_path / model / style / "metadata.jsonl")
+            table = {r["file_name"]: r for r in cu.read_jsonl(tmp_path / model / style / "rewards.jsonl")}
+            return {(r["text"], r["seed"]): table[r["file_name"]] for r in metadata}
+
+        tuned, base = scores("tuned"), scores("base")
+        assert sorted(text for text, _ in tuned) == sorted(json.loads((prompts / f"{style}.json").read_text())[:2])
+        for name in ("jpeg", "hpsv2.1"):
+            deltas = [tuned[key][name] - base[key][name] for key in tuned]
+            assert report["parts"][style]["rewards"][name] == pytest.approx({
+                "mean": statistics.fmean(tuned[key][name] for key in tuned),
+                "baseline_mean": statistics.fmean(base[key][name] for key in tuned),
+                "mean_delta": statistics.fmean(deltas), "stderr": statistics.stdev(deltas) / 2 ** 0.5,
+                "win_rate": sum(d > 0 for d in deltas) / 2})
+    for name in ("jpeg", "hpsv2.1"):
+        rows = [report["parts"][style]["rewards"][name] for style in STYLES]
+        average = report["average"][name]
+        assert average["mean"] == pytest.approx(statistics.fmean(r["mean"] for r in rows))
+        assert average["mean_delta"] == pytest.approx(statistics.fmean(r["mean_delta"] for r in rows))
+        assert average["stderr"] == pytest.approx(sum(r["stderr"] ** 2 for r in rows) ** 0.5 / 4)
+
+    # the paper's layout: the base's row, the tuned row, HPSv2.1 x100, then a table per reward with each style
+    markdown = (tmp_path / "tuned" / "benchmark_hpsv2.md").read_text()
+    hps = report["average"]["hpsv2.1"]
+    assert f"| {tmp_path / 'base'} | {hps['baseline_mean'] * 100:.4g} |" in markdown
+    assert f"| {tmp_path / 'tuned'} | {hps['mean'] * 100:.4g} |" in markdown
+    assert f"| anime | {report['parts']['anime']['rewards']['hpsv2.1']['baseline_mean'] * 100:.4g} |" in markdown
+    assert "HPSv2.1 per part" in markdown and "| average |" in markdown and markdown in result.stdout
+    assert Image.open(tmp_path / "tuned" / "benchmark_hpsv2.png").size[0] > 400
+
+    # folder mode on the same images: the scores are reused, the report is the same
+    evaluate(zoo, "--images_dir", tmp_path / "tuned", "--benchmark", "hpsv2", "--compare_to", tmp_path / "base",
+             "--rewards", "jpeg,hpsv2.1")
+    assert json.loads((tmp_path / "tuned" / "benchmark_hpsv2.json").read_text()) == report
+
+
+def test_parti_benchmark_reads_the_prompt_column_of_a_dataset(zoo, tmp_path):
+    (tmp_path / "parti").mkdir()
+    (tmp_path / "parti" / "PartiPrompts.csv").write_text(
+        "Prompt,Category\na red circle,Basic\na blue star,Basic\na green square,Basic\n")
+    evaluate(zoo, "--pretrained_model_name_or_path", zoo / "sd15", "--benchmark", "parti", "--benchmark_prompts",
+             tmp_path / "parti", "--max_prompts", 2, "--num_images_per_prompt", 1, "--num_inference_steps", 2,
+             "--rewards", "jpeg",
+             "--output_dir", tmp_path / "eval")
+    assert [r["text"] for r in cu.read_jsonl(tmp_path / "eval" / "parti" / "metadata.jsonl")] == [
+        "a red circle", "a blue star"]
+    report = json.loads((tmp_path / "eval" / "benchmark_parti.json").read_text())
+    jpeg = [r["jpeg"] for r in cu.read_jsonl(tmp_path / "eval" / "parti" / "rewards.jsonl")]
+    assert report["average"]["jpeg"] == {"mean": pytest.approx(statistics.fmean(jpeg))}
+    assert report["baseline"] is None
+
+
+@pytest.mark.parametrize("case", ["no_prompts_folder", "missing_style", "not_a_benchmark_folder", "with_prompts_file"])
+def test_bad_benchmark_input_is_one_clear_error(zoo, tmp_path, case):
+    prompts = hpdv2_benchmark_files(tmp_path / "benchmark")
+    model = ("--pretrained_model_name_or_path", zoo / "sd15", "--benchmark", "hpsv2", "--rewards", "jpeg",
+             "--output_dir", tmp_path / "eval")
+    if case == "no_prompts_folder":
+        args, expected = model, "error: --benchmark hpsv2 needs --benchmark_prompts, the folder of HPDv2's benchmark"
+    elif case == "missing_style":
+        (prompts / "photo.json").unlink()
+        args = (*model, "--benchmark_prompts", prompts)
+        expected = f"error: --benchmark_prompts {prompts}: no photo.json in it; --benchmark hpsv2 reads anime.json"
+    elif case == "not_a_benchmark_folder":
+        (tmp_path / "flat").mkdir()
+        args = ("--images_dir", tmp_path / "flat", "--benchmark", "hpsv2", "--rewards", "jpeg")
+        expected = (f"error: {tmp_path / 'flat' / 'anime'} does not exist: {tmp_path / 'flat'} is not a --benchmark "
+                    "hpsv2 folder (one subfolder per part: anime, concept-art, paintings, photo)")
+    else:
+        args = (*model, "--benchmark_prompts", prompts, "--prompts_file", prompts / "anime.json")
+        expected = "error: --benchmark reads its own prompts (--benchmark_prompts); drop --prompts_file/--dataset_name"
+    result = run_script("eval_rewards.py", *args, check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].endswith(expected) or expected in result.stderr.splitlines()[-1]
+    assert not (tmp_path / "eval").exists()
