@@ -54,6 +54,9 @@ def parse_args(input_args=None):
     group.add_argument("--expansion_instruction", default=DEFAULT_INSTRUCTION, help="system message for the LLM")
     group.add_argument("--expansion_max_new_tokens", type=int, default=77)
     group.add_argument("--expansion_temperature", type=float, default=0.8)
+    group.add_argument("--expansion_batch_size", type=int, default=16,
+                       help="prompts rewritten per LLM call (each gives --num_variants samples); the rewrites of a "
+                            "batch are seeded by its first prompt, so this setting is recorded like the others")
     parser.add_argument("--output_dir", default="candidates", help="where the candidates imagefolder is written")
     parser.add_argument("--overwrite", action="store_true",
                         help="delete an existing candidates folder made with other settings and start over")
@@ -65,6 +68,8 @@ def parse_args(input_args=None):
         parser.error("--expansion llm needs --expansion_model (a Hub id or local folder)")
     if args.num_variants and args.expansion == "file" and not args.expansion_file:
         parser.error("--expansion file needs --expansion_file")
+    if args.expansion_batch_size < 1:
+        parser.error(f"--expansion_batch_size must be at least 1 (got {args.expansion_batch_size})")
     if args.expansion == "template" and args.num_variants > len(TEMPLATES):
         parser.error(f"--expansion template has {len(TEMPLATES)} templates; ask for --num_variants <= {len(TEMPLATES)}")
     return args
@@ -75,7 +80,8 @@ def expansion_settings(args):
     if args.num_variants and args.expansion == "llm":
         settings.update(expansion_model=args.expansion_model, expansion_instruction=args.expansion_instruction,
                         expansion_max_new_tokens=args.expansion_max_new_tokens,
-                        expansion_temperature=args.expansion_temperature)
+                        expansion_temperature=args.expansion_temperature,
+                        expansion_batch_size=args.expansion_batch_size)
     if args.num_variants and args.expansion == "file":
         settings["expansion_file_sha256"] = cu.sha256_of(load_expansion_file(args.expansion_file))
     return settings
@@ -102,54 +108,68 @@ def load_expander(args, device):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(args.expansion_model)
+        tokenizer = AutoTokenizer.from_pretrained(args.expansion_model, padding_side="left")  # batched generation
         model = AutoModelForCausalLM.from_pretrained(
             args.expansion_model, dtype=getattr(torch, cu.TORCH_DTYPES[args.mixed_precision]))
     except (OSError, ValueError) as error:
         cu.fail(f"could not load --expansion_model {args.expansion_model} ({str(error).splitlines()[0]})")
     if not tokenizer.chat_template:
         cu.fail(f"--expansion_model {args.expansion_model} has no chat template; use an instruction-tuned model")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
     return tokenizer, model.to(device).eval()
 
 
-def llm_variants(prompt, group_id, args, tokenizer, model):
+def llm_variants(prompts, first_group_id, args, tokenizer, model):
+    """K sampled rewrites of each prompt, the whole batch in one generate call seeded by its first group."""
     import torch
 
-    messages = [{"role": "system", "content": args.expansion_instruction}, {"role": "user", "content": prompt}]
-    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+    chats = [[{"role": "system", "content": args.expansion_instruction}, {"role": "user", "content": prompt}]
+             for prompt in prompts]
+    inputs = tokenizer.apply_chat_template(chats, add_generation_prompt=True, padding=True, return_tensors="pt",
                                            return_dict=True).to(model.device)
-    torch.manual_seed(cu.derive_seed(args.seed, group_id, 0, 0))
+    torch.manual_seed(cu.derive_seed(args.seed, first_group_id, 0, 0))
     with torch.no_grad():
         output = model.generate(**inputs, do_sample=True, temperature=args.expansion_temperature,
                                 max_new_tokens=args.expansion_max_new_tokens, num_return_sequences=args.num_variants,
-                                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+                                pad_token_id=tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     # An empty answer would train on nothing: fall back to the original prompt (counted in the log line).
-    return [(text.strip().splitlines() or [""])[0].strip().strip('"').strip() or prompt for text in texts]
+    texts = [(text.strip().splitlines() or [""])[0].strip().strip('"').strip() for text in texts]
+    k = args.num_variants
+    return [[text or prompt for text in texts[i * k: (i + 1) * k]] for i, prompt in enumerate(prompts)]
 
 
 def expand_prompts(prompts, args, state):
     """[(prompt, [prompt, rewrite 1..K])] for every group; rewrites are logged as made and reused on rerun."""
+    from tqdm.auto import tqdm
+
     if not args.num_variants:
         return [(prompt, [prompt]) for prompt in prompts]
     known = {row["group_id"]: row["variants"] for row in cu.read_logged_rows(args.output_dir, EXPANSIONS, "expansions")}
     table = load_expansion_file(args.expansion_file) if args.expansion == "file" else None
-    todo = [g for g in range(len(prompts))[state.process_index:: state.num_processes] if g not in known]
+    # Fixed batches of group ids, dealt to the processes: a batch's rewrites never depend on the process count,
+    # and a batch is redone whole (the same rewrites) if a kill lost part of it.
+    size = args.expansion_batch_size if args.expansion == "llm" else 1
+    batches = [list(range(start, min(start + size, len(prompts)))) for start in range(0, len(prompts), size)]
+    todo = [batch for batch in batches[state.process_index:: state.num_processes] if any(g not in known for g in batch)]
     if todo and args.expansion == "llm":
         tokenizer, model = load_expander(args, state.device)
     log = cu.AppendLog(os.path.join(args.output_dir, cu.PROGRESS_DIR, f"expansions-{state.process_index:05d}.jsonl"))
-    for group_id in todo:
-        prompt = prompts[group_id]
+    for batch in tqdm(todo, desc="rewrites", unit="batch", disable=not state.is_local_main_process or not todo):
         if args.expansion == "template":
-            variants = template_variants(prompt, group_id, args)
+            variants = [template_variants(prompts[g], g, args) for g in batch]
         elif args.expansion == "file":
-            if prompt not in table or len(table[prompt]) < args.num_variants:
-                cu.fail(f"{args.expansion_file} has {len(table.get(prompt, []))} variants for the prompt "
-                        f"{prompt!r}, {args.num_variants} needed; add them or lower --num_variants")
-            variants = table[prompt][: args.num_variants]
+            for g in batch:
+                if prompts[g] not in table or len(table[prompts[g]]) < args.num_variants:
+                    cu.fail(f"{args.expansion_file} has {len(table.get(prompts[g], []))} variants for the prompt "
+                            f"{prompts[g]!r}, {args.num_variants} needed; add them or lower --num_variants")
+            variants = [table[prompts[g]][: args.num_variants] for g in batch]
         else:
-            variants = llm_variants(prompt, group_id, args, tokenizer, model)
-        log.append([{"group_id": group_id, "prompt": prompt, "variants": variants}])
+            variants = llm_variants([prompts[g] for g in batch], batch[0], args, tokenizer, model)
+        log.append([{"group_id": g, "prompt": prompts[g], "variants": v} for g, v in zip(batch, variants)
+                    if g not in known])
+        cu.fault_point("expansions_logged")
     log.close()
     state.wait_for_everyone()
     if state.is_main_process:

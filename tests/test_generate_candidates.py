@@ -172,6 +172,37 @@ def test_sdxl_with_llm_expansion_and_rerun_reuses_everything(zoo, tmp_path):
     assert folder_files(out) == before
 
 
+def test_llm_rewrites_in_a_padded_batch_equal_one_prompt_at_a_time(zoo):
+    """Left padding and the attention mask keep a short prompt's rewrites what they are alone (near-greedy)."""
+    import generate_candidates
+
+    # a short instruction: the tiny random LM's answer then depends on the prompt
+    args = SimpleNamespace(expansion_model=str(zoo / "expander"), mixed_precision="no", seed=0, num_variants=2,
+                           expansion_instruction="rewrite", expansion_temperature=1e-4, expansion_max_new_tokens=8)
+    tokenizer, model = generate_candidates.load_expander(args, "cpu")
+    short, long = PROMPTS[0], PROMPTS[2] + " " + PROMPTS[4]
+    batched = generate_candidates.llm_variants([short, long], 0, args, tokenizer, model)
+    alone = [generate_candidates.llm_variants([prompt], 0, args, tokenizer, model)[0] for prompt in (short, long)]
+    assert batched == alone and batched[0] != batched[1]
+
+
+def test_llm_rewrites_are_batched_and_equal_across_process_counts_and_kills(zoo, tmp_path):
+    prompts = write_lines(tmp_path / "prompts.txt", PROMPTS[:3])
+    extra = ("--expansion", "llm", "--expansion_model", zoo / "expander", "--expansion_max_new_tokens", 10,
+             "--expansion_batch_size", 2, "--num_images_per_prompt", 1)
+    generate(zoo, prompts, tmp_path / "one", *extra)
+    generate(zoo, prompts, tmp_path / "two", *extra, launcher=TWO_PROCESSES)  # batch [0, 1] here, [2] there
+    generate(zoo, prompts, tmp_path / "killed", *extra, kill_at="expansions_logged")  # after the first batch
+    logged = cu.read_jsonl(tmp_path / "killed" / cu.PROGRESS_DIR / "expansions-00000.jsonl")
+    assert [row["group_id"] for row in logged] == [0, 1]
+    generate(zoo, prompts, tmp_path / "killed", *extra)
+    expected = (tmp_path / "one" / "expansions.jsonl").read_text()
+    assert [row["prompt"] for row in cu.read_jsonl(tmp_path / "one" / "expansions.jsonl")] == PROMPTS[:3]
+    for other in ("two", "killed"):
+        assert (tmp_path / other / "expansions.jsonl").read_text() == expected
+    assert folder_files(tmp_path / "killed") == folder_files(tmp_path / "one")
+
+
 def test_file_expansion_uses_the_given_rewrites(zoo, tmp_path):
     prompts = write_lines(tmp_path / "prompts.txt", PROMPTS[:2])
     table = tmp_path / "rewrites.jsonl"
