@@ -153,48 +153,60 @@ def read_folder(folder, caption_column):
     return rows
 
 
-def score_folder(folder, names, args, state, caption_column="text", overwrite=False):
-    """Add the rewards `names` to folder/rewards.jsonl where missing (all of them with `overwrite`).
+def score_folders(folders, names, args, state, caption_column="text", overwrite=False):
+    """Add the rewards `names` to each folder's rewards.jsonl where missing (all of them with `overwrite`), loading
+    each reward model once for all the folders.
 
-    Returns the folder's rows (with `_text`, the text scored) and {file_name: {reward: score}}. Each image is scored
-    in the same fixed batch whatever the process count, so a multi-process run writes what one process would.
+    Returns {folder: (its rows, with `_text` the text scored; {file_name: {reward: score}})}. Each image is
+    scored in the same fixed batch whatever the process count, so a multi-process run writes what one process would.
     """
     import torch
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
-    rows = read_folder(folder, caption_column)
+    folders = list(dict.fromkeys(folders))
+    rows = {folder: read_folder(folder, caption_column) for folder in folders}
     if state.is_main_process:
-        cu.remove_temp_files(folder)  # a kill while rewards.jsonl was being replaced
+        for folder in folders:
+            cu.remove_temp_files(folder)  # a kill while rewards.jsonl was being replaced
     state.wait_for_everyone()
-    path = os.path.join(folder, REWARDS_FILE)
-    table = {row["file_name"]: row for row in cu.read_jsonl(path)} if os.path.exists(path) else {}
-    table = {row["file_name"]: {**table.get(row["file_name"], {}), "file_name": row["file_name"]} for row in rows}
+    paths = {folder: os.path.join(folder, REWARDS_FILE) for folder in folders}
+    tables = {}
+    for folder, path in paths.items():
+        cached = {row["file_name"]: row for row in cu.read_jsonl(path)} if os.path.exists(path) else {}
+        tables[folder] = {row["file_name"]: {**cached.get(row["file_name"], {}), "file_name": row["file_name"]}
+                          for row in rows[folder]}
     for name in names:
-        if not overwrite and all(table[row["file_name"]].get(name) is not None for row in rows):
-            if state.is_main_process:
-                print(f"{name}: already in {path}, kept (--overwrite recomputes)")
+        todo = [folder for folder in folders
+                if overwrite or any(tables[folder][row["file_name"]].get(name) is None for row in rows[folder])]
+        if state.is_main_process:
+            for folder in folders:
+                if folder not in todo:
+                    print(f"{name}: already in {paths[folder]}, kept (--overwrite recomputes)")
+        if not todo:
             continue
         reward = load_reward(name, args, state.device)
-        batches = [rows[i: i + args.reward_batch_size] for i in range(0, len(rows), args.reward_batch_size)]
-        mine = batches[state.process_index:: state.num_processes]
-        scored = []
-        for batch in tqdm(mine, desc=f"{name} ({os.path.basename(folder.rstrip('/'))})", unit="batch",
-                          disable=not state.is_local_main_process):
-            images = [cu.open_image(os.path.join(folder, row["file_name"]), row["_where"]) for row in batch]
-            scores = reward(images, [row["_text"] for row in batch])
-            scored += [(row["file_name"], score) for row, score in zip(batch, scores)]
-        for file_name, score in gather_object(scored):
-            table[file_name][name] = score
-        if state.is_main_process:  # after each reward, so a kill loses at most the reward being computed
-            cu.write_jsonl_atomic(path, [table[row["file_name"]] for row in rows])
-            cu.fault_point("reward_written")
+        for folder in todo:
+            table, size = tables[folder], args.reward_batch_size
+            batches = [rows[folder][i: i + size] for i in range(0, len(rows[folder]), size)]
+            scored = []
+            for batch in tqdm(batches[state.process_index:: state.num_processes], unit="batch",
+                              desc=f"{name} ({os.path.basename(folder.rstrip('/'))})",
+                              disable=not state.is_local_main_process):
+                images = [cu.open_image(os.path.join(folder, row["file_name"]), row["_where"]) for row in batch]
+                scores = reward(images, [row["_text"] for row in batch])
+                scored += [(row["file_name"], score) for row, score in zip(batch, scores)]
+            for file_name, score in gather_object(scored):
+                table[file_name][name] = score
+            if state.is_main_process:  # after each reward, so a kill loses at most the reward being computed
+                cu.write_jsonl_atomic(paths[folder], [table[row["file_name"]] for row in rows[folder]])
+                cu.fault_point("reward_written")
         del reward
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     state.wait_for_everyone()
-    return rows, table
+    return {folder: (rows[folder], tables[folder]) for folder in folders}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -139,7 +139,7 @@ def load_candidates(args, state):
     if missing:
         if state.is_main_process:
             print(f"scoring {', '.join(missing)} first (cached in {rewards_path})")
-        _, table = cr.score_folder(args.candidates_dir, missing, args, state)
+        _, table = cr.score_folders([args.candidates_dir], missing, args, state)[args.candidates_dir]
     skipped = {"missing_image": 0, "invalid_score": 0, "group_without_original": 0}
     valid = []
     for number, row in enumerate(rows, start=1):

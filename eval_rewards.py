@@ -160,49 +160,43 @@ def plot_histograms(path, names, folder, values, other=None, other_values=None):
     plt.close(figure)
 
 
-def generate_eval_images(args, state):
-    """Model mode: one image per prompt and seed, the same seeds as generate_candidates.py's variant 0."""
-    prompts = cu.load_prompts(args)
-    settings = {**cu.generation_settings(args), "prompts_source": args.prompts_file or args.dataset_name,
-                "num_prompts": len(prompts), "prompts_sha256": cu.sha256_of(prompts)}
-    start_over = cu.check_generation_folder(args.output_dir, settings, args.overwrite)
-    pipe = cu.load_pipeline(args, state.device)
-    cu.start_generation_folder(args.output_dir, settings, pipe, args, start_over, state)
-    planned = cu.plan_images([(prompt, [prompt]) for prompt in prompts], args.num_images_per_prompt, args.seed)
-    cu.generate_images(pipe, planned, args.output_dir, args, state)
+def generate_eval_images(jobs, state):
+    """Model mode: for each job (its prompts, its --output_dir) one image per prompt and seed, with the seeds of
+    generate_candidates.py's variant 0. Every folder is checked before the pipeline loads, once for all of them."""
+    plans = []
+    for args in jobs:
+        prompts = cu.load_prompts(args)
+        settings = {**cu.generation_settings(args), "prompts_source": args.prompts_file or args.dataset_name,
+                    "num_prompts": len(prompts), "prompts_sha256": cu.sha256_of(prompts)}
+        plans.append((args, prompts, settings, cu.check_generation_folder(args.output_dir, settings, args.overwrite)))
+    pipe = cu.load_pipeline(jobs[0], state.device)
+    for args, prompts, settings, start_over in plans:
+        cu.start_generation_folder(args.output_dir, settings, pipe, args, start_over, state)
+        planned = cu.plan_images([(prompt, [prompt]) for prompt in prompts], args.num_images_per_prompt, args.seed)
+        cu.generate_images(pipe, planned, args.output_dir, args, state)
     del pipe
     gc.collect()
-    return args.output_dir
 
 
-def evaluate(args, state):
-    """Score one folder (model mode: generate it first) and compare it with --compare_to; writes its reports.
-    Returns (summary, comparison) on the main process, None on the others."""
-    started = time.time()
+def report(args, scored, started):
+    """One folder's summary, its comparison with --compare_to and its histograms, written beside its images."""
     names = args.reward_names
-    if args.compare_to:
-        cr.read_folder(args.compare_to, args.caption_column)  # refuse a bad baseline before any work
-    folder = args.images_dir or generate_eval_images(args, state)
-    rows, table = cr.score_folder(folder, names, args, state, args.caption_column, args.overwrite)
-    other_rows = other_table = None
-    if args.compare_to:
-        other_rows, other_table = cr.score_folder(args.compare_to, names, args, state, args.caption_column,
-                                                 args.overwrite)
-    if not state.is_main_process:
-        return None
+    folder = args.images_dir or args.output_dir
+    rows, table = scored[folder]
+    other_rows, other_table = scored[args.compare_to] if args.compare_to else (None, None)
     check_scores(folder, rows, table, names)
     if other_rows:
         check_scores(args.compare_to, other_rows, other_table, names)
     summary = summarize(rows, table, names)
     comparison = compare(rows, table, other_rows, other_table, names, folder, args.compare_to) if other_rows else None
     cu.write_json_atomic(os.path.join(folder, "rewards_summary.json"), {"rewards": summary, "comparison": comparison})
-    report = markdown(folder, summary, comparison)
-    cu.write_text_atomic(os.path.join(folder, "rewards_summary.md"), report)
+    text = markdown(folder, summary, comparison)
+    cu.write_text_atomic(os.path.join(folder, "rewards_summary.md"), text)
     values = {name: [table[row["file_name"]][name] for row in rows] for name in names}
     other_values = ({name: [other_table[row["file_name"]][name] for row in other_rows] for name in names}
                     if other_rows else None)
     plot_histograms(os.path.join(folder, "rewards_hist.png"), names, folder, values, args.compare_to, other_values)
-    print(report)
+    print(text)
     print(f"{len(rows)} images scored with {', '.join(names)} in {time.time() - started:.0f} s: "
           f"{os.path.join(folder, cr.REWARDS_FILE)}, rewards_summary.json/.md, rewards_hist.png")
     return summary, comparison
@@ -341,21 +335,29 @@ def plot_benchmark(path, args, folder, table):
 
 def main(args):
     state = cu.process_state()
-    if not args.benchmark:
-        evaluate(args, state)
-        return
-    folder, parts = benchmark_parts(args)
-    results = {part: evaluate(part_args, state) for part, part_args in parts}
+    started = time.time()
+    folder, parts = benchmark_parts(args) if args.benchmark else (None, [(None, args)])
+    jobs = [job for _, job in parts]
+    for job in jobs:
+        if job.compare_to:
+            cr.read_folder(job.compare_to, job.caption_column)  # refuse a bad baseline before any work
+    if not args.images_dir:
+        generate_eval_images(jobs, state)
+    folders = [job.images_dir or job.output_dir for job in jobs] + [job.compare_to for job in jobs if job.compare_to]
+    scored = cr.score_folders(folders, args.reward_names, args, state, args.caption_column, args.overwrite)
     if not state.is_main_process:
+        return
+    results = {part: report(job, scored, started) for part, job in parts}
+    if not args.benchmark:
         return
     table = benchmark_table(results)
     base = os.path.join(folder, f"benchmark_{args.benchmark}")
     cu.write_json_atomic(base + ".json", {"benchmark": args.benchmark, "model": folder, "baseline": args.compare_to,
                                           "shown_x100": sorted(SHOWN_X100 & set(args.reward_names)), **table})
-    report = benchmark_markdown(args, folder, table)
-    cu.write_text_atomic(base + ".md", report)
+    text = benchmark_markdown(args, folder, table)
+    cu.write_text_atomic(base + ".md", text)
     plot_benchmark(base + ".png", args, folder, table)
-    print(report)
+    print(text)
     print(f"the {args.benchmark} benchmark report: {base}.md/.json/.png")
 
 

@@ -17,7 +17,9 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 : "${EXPANSION_MODEL:=Qwen/Qwen2.5-7B-Instruct}"
 : "${FILTER_REWARDS:=hpsv2.1,pickscore,aesthetic}"  # the paper's strictest level (~100 kept); looser: hpsv2.1,aesthetic or hpsv2.1
 : "${EVAL_REWARDS:=hpsv2.1,imagereward,pickscore,aesthetic,clip}"
-: "${EVAL_PROMPTS_PER_STYLE:=100}"
+: "${BENCHMARKS:=hpsv2 parti}"              # evaluated as the paper does: HPDv2's benchmark and PartiPrompts
+: "${PARTI_PROMPTS:=nateraw/parti-prompts}"  # a dataset with a Prompt column (Hub id or local copy)
+: "${EVAL_PROMPTS_PER_PART:=100}"            # per HPSv2 style, and of PartiPrompts
 : "${REWARD_FLAGS:=}"                        # reward weights other than the Hub defaults (e.g. local files offline)
 : "${REWARD_PRECISION:=fp16}"
 : "${SEED:=0}"
@@ -58,12 +60,19 @@ if [ ! -e "$MODEL_DIR/$FINAL_FILE" ]; then  # a finished run is kept; a killed o
     --output_dir "$MODEL_DIR" --resume_from_checkpoint latest --seed "$SEED" $TRAINING_FLAGS
 fi
 
-echo "== 8. the HPSv2 benchmark ($EVAL_PROMPTS_PER_STYLE prompts per style), base and tuned, same seeds"
-evaluate() {
-  $LAUNCH "$REPO/eval_rewards.py" $GENERATION_FLAGS --benchmark hpsv2 --benchmark_prompts "$BENCHMARK_PROMPTS" \
-    --max_prompts "$EVAL_PROMPTS_PER_STYLE" --shuffle_prompts --num_images_per_prompt 1 --seed "$SEED" \
-    --rewards "$EVAL_REWARDS" --reward_precision "$REWARD_PRECISION" $REWARD_FLAGS "$@"
-}
-evaluate --pretrained_model_name_or_path "$BASE_MODEL" --output_dir "$OUT/eval/base"
-evaluate $TUNED_MODEL_FLAGS --output_dir "$OUT/eval/craft-$LEVEL" --compare_to "$OUT/eval/base"
-echo "the report: $OUT/eval/craft-$LEVEL/benchmark_hpsv2.md (.json, .png)"
+echo "== 8. $BENCHMARKS: base and tuned on the same prompts and seeds, $EVAL_PROMPTS_PER_PART prompts per part"
+for benchmark in $BENCHMARKS; do
+  prompts=$BENCHMARK_PROMPTS
+  [ "$benchmark" = parti ] && prompts=$PARTI_PROMPTS
+  for model in base tuned; do
+    if [ $model = base ]; then
+      where="--pretrained_model_name_or_path $BASE_MODEL --output_dir $OUT/eval/base"
+    else
+      where="$TUNED_MODEL_FLAGS --output_dir $OUT/eval/craft-$LEVEL --compare_to $OUT/eval/base"
+    fi
+    $LAUNCH "$REPO/eval_rewards.py" $where $GENERATION_FLAGS --benchmark "$benchmark" --benchmark_prompts "$prompts" \
+      --max_prompts "$EVAL_PROMPTS_PER_PART" --shuffle_prompts --num_images_per_prompt 1 --seed "$SEED" \
+      --rewards "$EVAL_REWARDS" --reward_precision "$REWARD_PRECISION" $REWARD_FLAGS
+  done
+  echo "the report: $OUT/eval/craft-$LEVEL/benchmark_$benchmark.md (.json, .png)"
+done
