@@ -14,6 +14,12 @@ Filter (--mode):
   topk       keep the --top_k images of each group by the weighted sum of per-group z-scored rewards
              (--reward_weights); for prompt sets without rewrites.
   none       keep every image with weight 1, whatever --weighting (the paper's "unfiltered SFT" ablation).
+  pairs      preference pairs for Diffusion-DPO (--loss dpo in the trainers), the baseline the paper compares with:
+             per group, the image of highest advantage (preferred, `file_name`) against the one of lowest
+             (`rejected_file_name`), captioned with the original prompt; groups whose advantages are all equal give
+             none. One pair per prompt, the clearest comparison its candidates offer, as Diffusion-DPO's data has
+             one comparison per prompt; every pair of a group would weigh prompts by their image count squared.
+             load_dataset("imagefolder") reads both images (columns `image` and `rejected`).
 
 Advantage (per group): z_r = (r - mean_group(r)) / (std_group(r) + eps) for each filter reward,
 r_total = sum_r w_r z_r, A = (r_total - mean_group(r_total)) / (std_group(r_total) + eps), eps = 1e-8, population
@@ -42,7 +48,7 @@ def parse_args(input_args=None):
     parser.add_argument("--filter_rewards", default="hpsv2.1,pickscore,aesthetic",
                         help="rewards an image must all win (paper: hpsv2.1 | hpsv2.1,aesthetic | "
                              "hpsv2.1,pickscore,aesthetic = the default and best)")
-    parser.add_argument("--mode", choices=["dominance", "topk", "none"], default="dominance")
+    parser.add_argument("--mode", choices=["dominance", "topk", "none", "pairs"], default="dominance")
     parser.add_argument("--reference", choices=["mean", "max"], default="mean",
                         help="dominance: compare with the mean or the max of the original-prompt images' scores")
     parser.add_argument("--margin", type=float, default=0.0,
@@ -53,7 +59,8 @@ def parse_args(input_args=None):
     parser.add_argument("--reward_weights", help="weights of the filter rewards in r_total, e.g. 1,1,0.5")
     parser.add_argument("--weighting", choices=["advantage", "uniform"], default="advantage")
     parser.add_argument("--weight_clip", type=float, help="cap each weight at this value")
-    parser.add_argument("--max_samples", type=int, help="keep at most N images, those of highest advantage")
+    parser.add_argument("--max_samples", type=int,
+                        help="keep at most N images, those of highest advantage (pairs: of largest advantage gap)")
     parser.add_argument("--caption", choices=["original", "expanded"], default="original",
                         help="training caption: the original prompt (default) or the rewrite that made the image")
     parser.add_argument("--link", action="store_true", help="hard-link images instead of copying them")
@@ -76,6 +83,8 @@ def parse_args(input_args=None):
         args.weights = [1.0] * len(args.reward_names)
     if args.top_k < 1 or (args.max_samples is not None and args.max_samples < 1):
         parser.error("--top_k and --max_samples must be >= 1")
+    if args.mode == "pairs" and args.caption == "expanded":
+        parser.error("--mode pairs captions both images of a pair with their original prompt; drop --caption expanded")
     return args
 
 
@@ -104,6 +113,13 @@ def filter_group(rows, names, args, counts):
         return rows
     if args.mode == "topk":
         return sorted(rows, key=lambda r: -r["advantage"])[: args.top_k]
+    if args.mode == "pairs":
+        ranked = sorted(rows, key=lambda r: (r["advantage"], r["variant_id"], r.get("image_index", 0)))
+        preferred, rejected = ranked[-1], ranked[0]
+        if preferred["advantage"] <= rejected["advantage"]:
+            counts["groups_without_pair"] += 1
+            return []
+        return [{**preferred, "rejected": rejected, "advantage_gap": preferred["advantage"] - rejected["advantage"]}]
     references = [row for row in rows if row["variant_id"] == 0]
     rewrites = [row for row in rows if row["variant_id"] != 0]
     pick = max if args.reference == "max" else statistics.fmean
@@ -190,14 +206,16 @@ def first_original(group_rows):
 
 def write_preview(path, kept, groups, source_dir, names, count):
     """One row per group: the first original-prompt image (under it, the reference scores in dominance mode), then
-    the kept images with their weight and scores."""
+    the kept images with their weight and scores (pairs mode: the preferred and the rejected image)."""
     from PIL import Image, ImageDraw
 
     shown = preview_groups(kept, count)
     if not shown:
         return
     tile, caption = 160, 14 * (len(names) + 1)
-    per_group = {g: [r for r in kept if r["group_id"] == g] for g in shown}
+    per_group = {g: [shown_row for r in kept if r["group_id"] == g
+                     for shown_row in ([r, {**r["rejected"], "is_rejected": True}] if "rejected" in r else [r])]
+                 for g in shown}
     width = 1 + max(len(rows) for rows in per_group.values())
     sheet = Image.new("RGB", (width * tile, len(shown) * (tile + caption)), "white")
     draw = ImageDraw.Draw(sheet)
@@ -206,7 +224,10 @@ def write_preview(path, kept, groups, source_dir, names, count):
             image = Image.open(os.path.join(source_dir, row["file_name"])).convert("RGB").resize((tile, tile))
             top = y * (tile + caption)
             sheet.paste(image, (x * tile, top))
-            if row["variant_id"] == 0:
+            if x and ("rejected" in row or row.get("is_rejected")):
+                label = [f"{'rejected' if row.get('is_rejected') else 'preferred'}, A {row['advantage']:+.2f}"]
+                values = row["scores"]
+            elif row["variant_id"] == 0:
                 reference = per_group[group_id][0].get("reference")
                 label, values = ["reference" if reference else "original"], reference or row["scores"]
             else:
@@ -214,6 +235,22 @@ def write_preview(path, kept, groups, source_dir, names, count):
             label += [f"{name} {values[name]:.3f}" for name in names]
             draw.multiline_text((x * tile + 2, top + tile + 1), "\n".join(label), fill="black", spacing=1)
     cu.save_image_atomic(sheet, path)
+
+
+def copy_image(args, row, staging):
+    """Copy (or hard-link) a candidate image into the folder being built; returns its source path."""
+    source = os.path.abspath(os.path.join(args.candidates_dir, row["file_name"]))
+    target = os.path.join(staging, row["file_name"])
+    try:
+        if args.link:
+            os.link(source, target)
+        else:
+            shutil.copy2(source, target)
+    except OSError as error:
+        shutil.rmtree(staging)
+        cu.fail(f"cannot {'hard-link' if args.link else 'copy'} {source} ({error.strerror}); "
+                f"{'drop --link (different filesystems?)' if args.link else 'check the disk'}")
+    return source
 
 
 def main(args):
@@ -227,25 +264,30 @@ def main(args):
     rows, groups, skipped = load_candidates(args, state)
     if not state.is_main_process:
         return
-    counts = {"rewrite_images": 0, "pass": {}, "dropped_by_require_all_variants": 0}
+    counts = {"rewrite_images": 0, "pass": {}, "dropped_by_require_all_variants": 0, "groups_without_pair": 0}
     kept = []
     for group_id in sorted(groups, key=str):
         kept += filter_group(groups[group_id], args.reward_names, args, counts)
     filtered = len(kept)
     for row in kept:
-        weight = 1.0 if args.mode == "none" or args.weighting == "uniform" else max(row["advantage"], 0.0)
+        weight = 1.0 if args.mode in ("none", "pairs") or args.weighting == "uniform" else max(row["advantage"], 0.0)
         row["weight"] = min(weight, args.weight_clip) if args.weight_clip else weight
     zero_weight = sum(row["weight"] == 0 for row in kept)
     kept = [row for row in kept if row["weight"] > 0]
-    kept.sort(key=lambda r: (-r["advantage"], str(r["group_id"]), r["variant_id"], r.get("image_index", 0)))
+    rank = "advantage_gap" if args.mode == "pairs" else "advantage"
+    kept.sort(key=lambda r: (-r[rank], str(r["group_id"]), r["variant_id"], r.get("image_index", 0)))
     capped = max(len(kept) - args.max_samples, 0) if args.max_samples else 0
     kept = kept[: len(kept) - capped]
+    if not kept and args.mode == "pairs":
+        cu.fail(f"no group of {args.candidates_dir} has images of different advantage to pair; give candidates with "
+                "several images per prompt")
     if not kept:
         cu.fail(f"no image of {args.candidates_dir} passed the filter ({filtered} passed, {zero_weight} with zero "
                 "advantage); try fewer --filter_rewards, --reference mean, a smaller --margin or more candidates")
     kept.sort(key=lambda r: (str(r["group_id"]), r["variant_id"], r.get("image_index", 0)))
     shown = preview_groups(kept, args.preview_groups)
-    for row in kept + [original for g in shown for original in first_original(groups[g])]:
+    pairs = [row["rejected"] for row in kept if "rejected" in row]
+    for row in kept + pairs + [original for g in shown for original in first_original(groups[g])]:
         # every pixel of what is copied or shown decodes, before anything is written
         cu.check_image(os.path.join(args.candidates_dir, row["file_name"]),
                        f"{os.path.join(args.candidates_dir, cu.METADATA)}, row {row['row_number']}")
@@ -256,24 +298,24 @@ def main(args):
     for number, row in enumerate(tqdm(kept, desc="writing", unit="img")):
         if number == len(kept) // 2:
             cu.fault_point("crf_writing")
-        source = os.path.abspath(os.path.join(args.candidates_dir, row["file_name"]))
-        target = os.path.join(staging, row["file_name"])
-        try:
-            os.link(source, target) if args.link else shutil.copy2(source, target)
-        except OSError as error:
-            shutil.rmtree(staging)
-            cu.fail(f"cannot {'hard-link' if args.link else 'copy'} {source} ({error.strerror}); "
-                    f"{'drop --link (different filesystems?)' if args.link else 'check the disk'}")
+        source = copy_image(args, row, staging)
         caption = row["original_prompt"] if args.caption == "original" else row["text"]
         metadata.append({"file_name": row["file_name"], "text": caption, "weight": row["weight"],
                          "advantage": row["advantage"], "group_id": row["group_id"], "source_file": source,
                          "variant_id": row["variant_id"], "seed": row.get("seed"), "rewrite": row["text"],
                          **row["scores"]})
+        if "rejected" in row:  # the pair's other image: datasets reads *_file_name columns as images too
+            rejected = row["rejected"]
+            metadata[-1].update(rejected_file_name=rejected["file_name"],
+                                rejected_source_file=copy_image(args, rejected, staging),
+                                rejected_advantage=rejected["advantage"], advantage_gap=row["advantage_gap"],
+                                rejected_rewrite=rejected["text"], rejected_scores=rejected["scores"])
     cu.write_jsonl_atomic(os.path.join(staging, cu.METADATA), metadata)
     report = {
         "candidates": len(rows), "groups": len(groups), "skipped": skipped, "rewrite_images": counts["rewrite_images"],
         "passed": counts["pass"], "passed_filter": filtered, "zero_advantage": zero_weight,
         "dropped_by_require_all_variants": counts["dropped_by_require_all_variants"],
+        "groups_without_pair": counts["groups_without_pair"],
         "dropped_by_max_samples": capped, "kept": len(metadata), "kept_groups": len({r["group_id"] for r in kept}),
         "weight_sum": sum(r["weight"] for r in metadata),
         "settings": {k: getattr(args, k) for k in ("candidates_dir", "filter_rewards", "mode", "reference", "margin",
@@ -290,8 +332,13 @@ def main(args):
         print(f"rewrite images (of {counts['rewrite_images']}) beating the reference ({args.reference}) on:")
         for key, number in counts["pass"].items():
             print(f"  {key:40s} {number}")
-    print(f"kept {len(metadata)} images from {report['kept_groups']} groups (passed {filtered}, zero advantage "
-          f"{zero_weight}, capped {capped}, skipped {sum(skipped.values())}); weight sum {report['weight_sum']:.2f}")
+    if args.mode == "pairs":
+        print(f"{len(metadata)} preference pairs, one per group ({counts['groups_without_pair']} groups of equal "
+              f"advantages gave none, capped {capped}, skipped {sum(skipped.values())})")
+    else:
+        print(f"kept {len(metadata)} images from {report['kept_groups']} groups (passed {filtered}, zero advantage "
+              f"{zero_weight}, capped {capped}, skipped {sum(skipped.values())}); weight sum "
+              f"{report['weight_sum']:.2f}")
     print(f"-> {args.output_dir}/metadata.jsonl, {REPORT}, crf_preview.png")
 
 

@@ -139,6 +139,37 @@ def test_topk_with_reward_weights(tmp_path):
     assert kept_names(rows) == [(0, 0, 1), (0, 0, 2)]
 
 
+def test_pairs_are_each_groups_best_against_its_worst_by_advantage(tmp_path):
+    from datasets import load_dataset
+
+    tied = [(0, 0, (0.3, 20.0, 5.0)), (1, 0, (0.3, 20.0, 5.0))]  # equal advantages: no pair
+    candidates = make_candidates(tmp_path / "c", {0: GROUP_0, 1: GROUP_1, 3: tied})
+    rows = run_filter(candidates, tmp_path / "p", "--mode", "pairs")
+    advantages = hand_advantages([scores for _, _, scores in GROUP_0], [1, 1, 1])
+    names = [f"000000_v{variant:02d}_i{index:02d}.png" for variant, index, _ in GROUP_0]
+    best, worst = names[int(np.argmax(advantages))], names[int(np.argmin(advantages))]
+    assert (best, worst) == ("000000_v01_i00.png", "000000_v00_i00.png")  # by hand: A = +1.47 and -1.71
+    assert set(rows) == {best, "000001_v01_i00.png"}
+    pair = rows[best]
+    assert pair["rejected_file_name"] == worst and pair["text"] == "prompt 0"
+    assert pair["advantage_gap"] == pytest.approx(advantages.max() - advantages.min(), abs=1e-6)
+    assert pair["rejected_scores"] == dict(zip(NAMES, GROUP_0[0][2])) and pair["weight"] == 1.0
+    assert rows["000001_v01_i00.png"]["rejected_file_name"] == "000001_v00_i00.png"
+    assert rows["000001_v01_i00.png"]["advantage_gap"] == pytest.approx(2.0, abs=1e-6)  # z = -1, +1
+    report = json.loads((tmp_path / "p" / "crf_report.json").read_text())
+    assert report["groups_without_pair"] == 1 and report["kept"] == 2
+
+    dataset = load_dataset("imagefolder", data_dir=str(tmp_path / "p"), split="train")
+    assert len(dataset) == 2 and {"image", "rejected", "text", "advantage_gap"} <= set(dataset.column_names)
+    first = [row for row in dataset if row["advantage_gap"] > 2][0]
+    assert first["rejected"].getpixel((0, 0)) == Image.open(candidates / worst).getpixel((0, 0))
+
+    capped = run_filter(candidates, tmp_path / "capped", "--mode", "pairs", "--max_samples", 1)
+    assert list(capped) == [best]  # the larger gap (3.18 > 2)
+    with pytest.raises(SystemExit):
+        crf_filter.parse_args(["--candidates_dir", str(candidates), "--mode", "pairs", "--caption", "expanded"])
+
+
 def test_output_is_an_imagefolder_with_a_report_and_preview(tmp_path):
     from datasets import load_dataset
 
