@@ -14,7 +14,8 @@ Filter (--mode):
   topk       keep the --top_k images of each group by the weighted sum of per-group z-scored rewards
              (--reward_weights); for prompt sets without rewrites.
   none       keep every image with weight 1, whatever --weighting (the paper's "unfiltered SFT" ablation).
-  pairs      preference pairs for Diffusion-DPO (--loss dpo in the trainers), the baseline the paper compares with:
+  pairs      preference pairs for Diffusion-DPO, the baseline the paper compares with (no trainer of this pack has
+             a DPO loss yet; the rows have no `weight`, so the CRAFT trainers refuse the folder):
              per group, the image of highest advantage (preferred, `file_name`) against the one of lowest
              (`rejected_file_name`), captioned with the original prompt; groups whose advantages are all equal give
              none. One pair per prompt, the clearest comparison its candidates offer, as Diffusion-DPO's data has
@@ -83,8 +84,13 @@ def parse_args(input_args=None):
         args.weights = [1.0] * len(args.reward_names)
     if args.top_k < 1 or (args.max_samples is not None and args.max_samples < 1):
         parser.error("--top_k and --max_samples must be >= 1")
-    if args.mode == "pairs" and args.caption == "expanded":
-        parser.error("--mode pairs captions both images of a pair with their original prompt; drop --caption expanded")
+    if args.mode == "pairs":
+        defaults = {"caption": "original", "weighting": "advantage", "weight_clip": None, "margin": 0.0,
+                    "reference": "mean", "require_all_variants": False}
+        ignored = [flag for flag, default in defaults.items() if getattr(args, flag) != default]
+        if ignored:
+            parser.error(f"--mode pairs pairs each group's best and worst image by advantage, captioned with the "
+                         f"original prompt; --{ignored[0]} does not apply to it")
     return args
 
 
@@ -300,8 +306,9 @@ def main(args):
             cu.fault_point("crf_writing")
         source = copy_image(args, row, staging)
         caption = row["original_prompt"] if args.caption == "original" else row["text"]
-        metadata.append({"file_name": row["file_name"], "text": caption, "weight": row["weight"],
-                         "advantage": row["advantage"], "group_id": row["group_id"], "source_file": source,
+        metadata.append({"file_name": row["file_name"], "text": caption,
+                         **({} if args.mode == "pairs" else {"weight": row["weight"]}), "advantage": row["advantage"],
+                         "group_id": row["group_id"], "source_file": source,
                          "variant_id": row["variant_id"], "seed": row.get("seed"), "rewrite": row["text"],
                          **row["scores"]})
         if "rejected" in row:  # the pair's other image: datasets reads *_file_name columns as images too
@@ -317,7 +324,7 @@ def main(args):
         "dropped_by_require_all_variants": counts["dropped_by_require_all_variants"],
         "groups_without_pair": counts["groups_without_pair"],
         "dropped_by_max_samples": capped, "kept": len(metadata), "kept_groups": len({r["group_id"] for r in kept}),
-        "weight_sum": sum(r["weight"] for r in metadata),
+        "weight_sum": sum(r.get("weight", 0.0) for r in metadata),
         "settings": {k: getattr(args, k) for k in ("candidates_dir", "filter_rewards", "mode", "reference", "margin",
                                                      "require_all_variants", "top_k", "weights", "weighting",
                                                      "weight_clip", "max_samples", "caption")},

@@ -58,7 +58,7 @@ def parse_args(input_args=None):
                              "drawbench, parti (PartiPrompts); --max_prompts then counts per part")
     parser.add_argument("--benchmark_prompts",
                         help="hpsv2/drawbench: the folder of HPDv2's benchmark/*.json (hf download ymhao/HPDv2 "
-                             "--repo-type dataset --include 'benchmark/*' --local-dir hpdv2 gives hpdv2/benchmark); "
+                             "benchmark/ --repo-type dataset --local-dir hpdv2 gives hpdv2/benchmark); "
                              "parti: a dataset Hub id or local copy (default nateraw/parti-prompts)")
     cu.add_generation_args(parser, model_required=False)
     cu.add_prompt_args(parser)
@@ -68,8 +68,8 @@ def parse_args(input_args=None):
         parser.error("give --images_dir (score a folder) or --pretrained_model_name_or_path (score a model)")
     if args.benchmark and (args.prompts_file or args.dataset_name):
         parser.error("--benchmark reads its own prompts (--benchmark_prompts); drop --prompts_file/--dataset_name")
-    if args.benchmark_prompts and not args.benchmark:
-        parser.error("--benchmark_prompts needs --benchmark")
+    if args.benchmark_prompts and (not args.benchmark or args.images_dir):
+        parser.error("--benchmark_prompts goes with --benchmark in model mode (--images_dir has its images already)")
     args.reward_names = cr.parse_reward_names(args.rewards)
     return args
 
@@ -209,7 +209,7 @@ def part_prompts(args, part):
         return {"dataset_name": args.benchmark_prompts or benchmark["default"], "prompt_column": benchmark["column"]}
     if not args.benchmark_prompts:
         cu.fail(f"--benchmark {args.benchmark} needs --benchmark_prompts, the folder of HPDv2's benchmark files: "
-                "hf download ymhao/HPDv2 --repo-type dataset --include 'benchmark/*' --local-dir hpdv2, then "
+                "hf download ymhao/HPDv2 benchmark/ --repo-type dataset --local-dir hpdv2, then "
                 "--benchmark_prompts hpdv2/benchmark")
     path = os.path.join(args.benchmark_prompts, part + ".json")
     if not os.path.isfile(path):
@@ -240,7 +240,9 @@ def benchmark_table(results):
     the baseline its mean, the mean delta, its standard error and the win rate, on the paired images."""
     table = {"parts": {}, "average": {}}
     for part, (summary, comparison) in results.items():
-        table["parts"][part] = {"n": next(iter(summary.values()))["n"], "rewards": {}}
+        # n: the images the part's numbers come from (with a baseline, those paired with one of its images)
+        table["parts"][part] = {"n": comparison["pairs"] if comparison else next(iter(summary.values()))["n"],
+                                "rewards": {}}
         for name, stats in summary.items():
             row = {"mean": stats["mean"]}
             if comparison:

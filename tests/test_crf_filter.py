@@ -153,7 +153,7 @@ def test_pairs_are_each_groups_best_against_its_worst_by_advantage(tmp_path):
     pair = rows[best]
     assert pair["rejected_file_name"] == worst and pair["text"] == "prompt 0"
     assert pair["advantage_gap"] == pytest.approx(advantages.max() - advantages.min(), abs=1e-6)
-    assert pair["rejected_scores"] == dict(zip(NAMES, GROUP_0[0][2])) and pair["weight"] == 1.0
+    assert pair["rejected_scores"] == dict(zip(NAMES, GROUP_0[0][2])) and "weight" not in pair  # not a CRAFT set
     assert rows["000001_v01_i00.png"]["rejected_file_name"] == "000001_v00_i00.png"
     assert rows["000001_v01_i00.png"]["advantage_gap"] == pytest.approx(2.0, abs=1e-6)  # z = -1, +1
     report = json.loads((tmp_path / "p" / "crf_report.json").read_text())
@@ -166,8 +166,9 @@ def test_pairs_are_each_groups_best_against_its_worst_by_advantage(tmp_path):
 
     capped = run_filter(candidates, tmp_path / "capped", "--mode", "pairs", "--max_samples", 1)
     assert list(capped) == [best]  # the larger gap (3.18 > 2)
-    with pytest.raises(SystemExit):
-        crf_filter.parse_args(["--candidates_dir", str(candidates), "--mode", "pairs", "--caption", "expanded"])
+    for flag in (("--caption", "expanded"), ("--weighting", "uniform"), ("--margin", "0.5")):
+        with pytest.raises(SystemExit):
+            crf_filter.parse_args(["--candidates_dir", str(candidates), "--mode", "pairs", *flag])
 
 
 def test_output_is_an_imagefolder_with_a_report_and_preview(tmp_path):

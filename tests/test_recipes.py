@@ -12,22 +12,29 @@ import craft_utils as cu
 from conftest import REPO, subprocess_env
 from make_tiny_models import reward_flags
 
-# recipe: (zoo model, final file, learning rate, the filter level it runs at here). The SDXL recipes share one
-# folder, as the paper's filter levels do: the second reuses the candidates, their scores and the base's evaluation.
+# recipe: (zoo model, final file, learning rate, the filter level it runs at here). The two SDXL recipes are given
+# one OUT, as a user running both would to share candidates: the second reuses the candidates, their scores and the
+# base's evaluation, and trains at another level.
 RECIPES = {
-    "sd15_full_finetune.sh": ("sd15", "model_index.json", 5e-5, "hpsv2.1,pickscore,aesthetic"),
-    "sdxl_paper.sh": ("sdxl", "pytorch_lora_weights.safetensors", 1e-4, "hpsv2.1,pickscore,aesthetic"),
-    "sdxl_lora_16gb.sh": ("sdxl", "pytorch_lora_weights.safetensors", 1e-4, "hpsv2.1"),
+    "sd15_full_finetune": ("sd15", "model_index.json", 5e-5, "hpsv2.1,pickscore,aesthetic"),
+    "sdxl_paper": ("sdxl", "pytorch_lora_weights.safetensors", 1e-4, "hpsv2.1,pickscore,aesthetic"),
+    "sdxl_lora_16gb": ("sdxl", "pytorch_lora_weights.safetensors", 1e-4, "hpsv2.1"),
 }
-PARTI_TOO = "sdxl_lora_16gb.sh"  # the recipe run with both of the paper's benchmarks (the others: HPSv2 only)
+PARTI_TOO = "sdxl_lora_16gb"  # the recipe run with both of the paper's benchmarks (the others: HPSv2 only)
 STYLES = ["anime", "concept-art", "paintings", "photo"]
 PROMPTS = ["a red circle", "a blue star at night", "a green square on the left", "a yellow house", "a cat"]
+# `hf download` as the recipes call it, faked: records its arguments, copies the files a real download would bring
+FAKE_HF = """#!/usr/bin/env bash
+echo "$@" >> "$FAKE_HF_LOG"
+while [ $# -gt 0 ]; do [ "$1" = --local-dir ] && dest=$2; shift; done
+mkdir -p "$dest" && cp -r "$FAKE_HF_FILES"/train.json "$FAKE_HF_FILES"/benchmark "$dest"/
+"""
 
 
 @pytest.fixture(scope="module")
 def hpdv2(tmp_path_factory):
     """HPDv2's files as the recipes download them: train.json (one record per compared pair, prompts repeat) and
-    benchmark/<style>.json (arrays of prompts)."""
+    benchmark/<style>.json (arrays of prompts); and a local PartiPrompts-like dataset."""
     folder = tmp_path_factory.mktemp("hpdv2")
     records = [{"prompt": prompt, "image_path": [f"{i}-0.jpg", f"{i}-1.jpg"], "human_preference": [1, 0]}
                for i, prompt in enumerate(PROMPTS + PROMPTS[:2])]
@@ -35,8 +42,11 @@ def hpdv2(tmp_path_factory):
     (folder / "benchmark").mkdir()
     for style in STYLES:
         (folder / "benchmark" / f"{style}.json").write_text(json.dumps([f"{p}, {style}" for p in PROMPTS[:2]]))
-    (folder / "parti").mkdir()  # a local copy of a PartiPrompts-like dataset
+    (folder / "parti").mkdir()
     (folder / "parti" / "prompts.csv").write_text("Prompt,Category\na red circle,Basic\na blue star,Basic\n")
+    (folder / "bin").mkdir()
+    (folder / "bin" / "hf").write_text(FAKE_HF)
+    (folder / "bin" / "hf").chmod(0o755)
     return folder
 
 
@@ -45,20 +55,21 @@ def workdirs(tmp_path_factory):
     return {"sd15": tmp_path_factory.mktemp("sd15"), "sdxl": tmp_path_factory.mktemp("sdxl")}
 
 
-def run_recipe(recipe, zoo, hpdv2, workdir):
+def run_recipe(recipe, zoo, hpdv2, workdir, check=True, **extra):
     model, _, _, level = RECIPES[recipe]
     env = subprocess_env()
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env["PATH"]
-    env.update(BASE_MODEL=str(zoo / model), VAE=str(zoo / "sdxl" / "vae"), HPDV2=str(hpdv2),
+    env["PATH"] = os.pathsep.join([str(hpdv2 / "bin"), os.path.dirname(sys.executable), env["PATH"]])
+    env.update(BASE_MODEL=str(zoo / model), VAE=str(zoo / "sdxl" / "vae"), HPDV2=str(workdir / "hpdv2"),
+               FAKE_HF_FILES=str(hpdv2), FAKE_HF_LOG=str(workdir / "hf.log"), OUT=f"craft_run/{model}",
                EXPANSION_MODEL=str(zoo / "expander"), REWARD_FLAGS=" ".join(reward_flags(zoo)), LAUNCH="python",
                NUM_PROMPTS="4", NUM_VARIANTS="2", INFERENCE_STEPS="2", GENERATION_BATCH_SIZE="8",
                RESOLUTION="64", TRAIN_BATCH_SIZE="2", GRADIENT_ACCUMULATION="2", MAX_TRAIN_STEPS="2",
                MIXED_PRECISION="no", REWARD_PRECISION="no", EVAL_PROMPTS_PER_PART="1", EVAL_REWARDS="hpsv2.1,jpeg",
                PARTI_PROMPTS=str(hpdv2 / "parti"), BENCHMARKS="hpsv2 parti" if recipe == PARTI_TOO else "hpsv2",
-               FILTER_REWARDS=level)
-    result = subprocess.run(["bash", os.path.join(REPO, "examples", "recipes", recipe)], cwd=workdir, env=env,
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+               FILTER_REWARDS=level, **extra)
+    result = subprocess.run(["bash", os.path.join(REPO, "examples", "recipes", recipe + ".sh")], cwd=workdir,
+                            env=env, capture_output=True, text=True)
+    assert result.returncode == 0 or not check, result.stdout[-2000:] + result.stderr[-4000:]
     return result
 
 
@@ -66,32 +77,40 @@ def run_recipe(recipe, zoo, hpdv2, workdir):
 def test_recipe_runs_every_stage(recipe, zoo, hpdv2, workdirs):
     model, final_file, learning_rate, level = RECIPES[recipe]
     workdir = workdirs[model]
-    out, folder_level = workdir / "craft_run", level.replace(",", "+")
+    out, folder_level = workdir / "craft_run" / model, level.replace(",", "+")
     base_images = {p: p.stat().st_mtime_ns for p in (out / "eval" / "base").rglob("*.png") if p.name[0].isdigit()}
     result = run_recipe(recipe, zoo, hpdv2, workdir)
     candidates = cu.read_jsonl(out / "candidates" / "metadata.jsonl")
     assert len(candidates) == 4 * 3 * 2  # prompts x (prompt + 2 rewrites) x seeds
     assert {r["original_prompt"] for r in candidates} <= set(PROMPTS)  # from train.json's prompt field
     scores = cu.read_jsonl(out / "candidates" / "rewards.jsonl")
-    assert all({"hpsv2.1", "pickscore", "aesthetic"} <= set(row) for row in scores)  # the paper's training rewards
+    assert all(set(level.split(",")) <= set(row) for row in scores)
     crf = json.loads((out / f"filtered-{folder_level}" / "crf_report.json").read_text())
     assert crf["settings"]["filter_rewards"] == level
     if base_images:  # the other SDXL recipe's candidates and base images were reused, not made again
         assert "(0 made now" in result.stdout
         assert {p: p.stat().st_mtime_ns for p in base_images} == base_images
+    else:  # HPDv2 downloaded once, its train.json and benchmark/ in one call
+        assert (workdir / "hf.log").read_text() == \
+            f"download ymhao/HPDv2 train.json benchmark/ --repo-type dataset --local-dir {workdir / 'hpdv2'}\n"
     assert (out / f"model-{folder_level}" / final_file).is_file()
     config = json.loads((out / f"model-{folder_level}" / "training_config.json").read_text())["args"]
     assert (config["learning_rate"], config["gradient_accumulation_steps"]) == (learning_rate, 2)
     report = json.loads((out / "eval" / f"craft-{folder_level}" / "benchmark_hpsv2.json").read_text())
-    assert list(report["parts"]) == STYLES and report["baseline"] == "craft_run/eval/base"
+    assert list(report["parts"]) == STYLES and report["baseline"] == f"craft_run/{model}/eval/base"
     assert (out / "eval" / f"craft-{folder_level}" / "benchmark_hpsv2.md").is_file()
     if recipe == PARTI_TOO:
         parti = json.loads((out / "eval" / f"craft-{folder_level}" / "benchmark_parti.json").read_text())
         assert list(parti["parts"]) == ["parti"] and parti["parts"]["parti"]["n"] == 1
 
-    if recipe == "sd15_full_finetune.sh":  # a rerun reuses every finished stage and changes nothing
+    if recipe == "sd15_full_finetune":  # a rerun reuses every finished stage and changes nothing...
         before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and "logs" not in p.parts}
         result = run_recipe(recipe, zoo, hpdv2, workdir)
         assert "(0 made now" in result.stdout
         after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and "logs" not in p.parts}
         assert after == before
+        # ...and a finished model is not passed off as one trained with other settings
+        result = run_recipe(recipe, zoo, hpdv2, workdir, check=False, MAX_TRAIN_STEPS="3")
+        assert result.returncode != 0 and result.stderr.strip().splitlines()[-1] == (
+            f"error: craft_run/sd15/model-{folder_level} was trained with other settings "
+            f"(craft_run/sd15/model-{folder_level}.trained_with.txt); set another OUT")

@@ -14,6 +14,7 @@
 : "${MAX_TRAIN_STEPS:=200}"
 : "${RANK:=16}"
 : "${REWARD_FLAGS:=--reward_batch_size 8}"
+RECIPE=sdxl_lora_16gb
 TRAINER=train_craft_sdxl_lora.py
 TUNED_MODEL=lora
 GENERATION_FLAGS="--num_inference_steps $INFERENCE_STEPS --guidance_scale 5.0 --mixed_precision $MIXED_PRECISION

@@ -13,6 +13,7 @@
 : "${GRADIENT_ACCUMULATION:=8}"              # 16 x 8 = the paper's batch of 128
 : "${MAX_TRAIN_STEPS:=200}"
 : "${RANK:=64}"
+RECIPE=sdxl_paper
 TRAINER=train_craft_sdxl_lora.py
 TUNED_MODEL=lora
 GENERATION_FLAGS="--num_inference_steps $INFERENCE_STEPS --guidance_scale 5.0 --mixed_precision $MIXED_PRECISION
