@@ -66,7 +66,8 @@ def run_recipe(recipe, zoo, hpdv2, workdir, check=True, **extra):
                RESOLUTION="64", TRAIN_BATCH_SIZE="2", GRADIENT_ACCUMULATION="2", MAX_TRAIN_STEPS="2",
                MIXED_PRECISION="no", REWARD_PRECISION="no", EVAL_PROMPTS_PER_PART="1", EVAL_REWARDS="hpsv2.1,jpeg",
                PARTI_PROMPTS=str(hpdv2 / "parti"), BENCHMARKS="hpsv2 parti" if recipe == PARTI_TOO else "hpsv2",
-               FILTER_REWARDS=level, **extra)
+               FILTER_REWARDS=level)
+    env.update(extra)
     result = subprocess.run(["bash", os.path.join(REPO, "examples", "recipes", recipe + ".sh")], cwd=workdir,
                             env=env, capture_output=True, text=True)
     assert result.returncode == 0 or not check, result.stdout[-2000:] + result.stderr[-4000:]
