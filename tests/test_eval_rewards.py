@@ -325,11 +325,14 @@ def test_bad_benchmark_input_is_one_clear_error(zoo, tmp_path, case):
     model = ("--pretrained_model_name_or_path", zoo / "sd15", "--benchmark", "hpsv2", "--rewards", "jpeg",
              "--output_dir", tmp_path / "eval")
     if case == "no_prompts_folder":
-        args, expected = model, "error: --benchmark hpsv2 needs --benchmark_prompts, the folder of HPDv2's benchmark"
+        args, expected = model, ("error: --benchmark hpsv2 needs --benchmark_prompts, the folder of HPDv2's benchmark "
+                                 "files: hf download ymhao/HPDv2 benchmark/ --repo-type dataset --local-dir hpdv2, "
+                                 "then --benchmark_prompts hpdv2/benchmark")
     elif case == "missing_style":
         (prompts / "photo.json").unlink()
         args = (*model, "--benchmark_prompts", prompts)
-        expected = f"error: --benchmark_prompts {prompts}: no photo.json in it; --benchmark hpsv2 reads anime.json"
+        expected = (f"error: --benchmark_prompts {prompts}: no photo.json in it; --benchmark hpsv2 reads anime.json, "
+                    "concept-art.json, paintings.json, photo.json (HPDv2's benchmark/ folder)")
     elif case == "not_a_benchmark_folder":
         (tmp_path / "flat").mkdir()
         args = ("--images_dir", tmp_path / "flat", "--benchmark", "hpsv2", "--rewards", "jpeg")
@@ -340,5 +343,5 @@ def test_bad_benchmark_input_is_one_clear_error(zoo, tmp_path, case):
         expected = "error: --benchmark reads its own prompts (--benchmark_prompts); drop --prompts_file/--dataset_name"
     result = run_script("eval_rewards.py", *args, check=False)
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1].endswith(expected)
+    assert result.stderr.strip().splitlines()[-1].endswith(expected)  # argparse's lines start with the usage
     assert not (tmp_path / "eval").exists()
