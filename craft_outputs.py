@@ -325,13 +325,21 @@ def write_model_card(args, is_lora, stats):
     from huggingface_hub import ModelCard, ModelCardData
 
     kind = "LoRA" if is_lora else "full fine-tune"
-    description = (
-        f"# CRAFT {kind} of {args.pretrained_model_name_or_path}\n\n"
-        "Aligned with human preference by CRAFT (Composite Reward Assisted Fine-Tuning): the base model generated "
-        "its own candidates, reward models scored them, Composite Reward Filtering kept the images that beat the "
-        "original-prompt image on every reward, and the model was fine-tuned with an advantage-weighted denoising "
-        "loss on that set.\n\n"
-        f"- training images: {stats['num_images']} ({stats['weights']})\n"
+    if args.loss == "dpo":
+        description = (
+            f"# Diffusion-DPO {kind} of {args.pretrained_model_name_or_path}\n\n"
+            "Trained with Diffusion-DPO (Wallace et al., 2023), the baseline CRAFT is compared with: the base model "
+            "generated its own candidates, reward models scored them, and each prompt's best image against its worst "
+            f"(crf_filter.py --mode pairs) taught the model, against the frozen base, beta {args.beta_dpo:g}.\n\n")
+    else:
+        description = (
+            f"# CRAFT {kind} of {args.pretrained_model_name_or_path}\n\n"
+            "Aligned with human preference by CRAFT (Composite Reward Assisted Fine-Tuning): the base model "
+            "generated its own candidates, reward models scored them, Composite Reward Filtering kept the images that "
+            "beat the original-prompt image on every reward, and the model was fine-tuned with an advantage-weighted "
+            "denoising loss on that set.\n\n")
+    description += (
+        f"- training {'pairs' if args.loss == 'dpo' else 'images'}: {stats['num_images']} ({stats['weights']})\n"
         f"- steps: {stats['steps']}, batch {args.train_batch_size} x {args.gradient_accumulation_steps} accumulation, "
         f"learning rate {args.learning_rate}, resolution {args.resolution}\n")
     report = crf_report(args)
@@ -351,7 +359,8 @@ def write_model_card(args, is_lora, stats):
     card = ModelCard.from_template(
         ModelCardData(license="openrail++", library_name="diffusers", base_model=args.pretrained_model_name_or_path),
         template_path=MODEL_CARD_TEMPLATE_PATH, model_description=description)
-    tags = ["text-to-image", "diffusers", "craft", "diffusers-training"] + (["lora"] if is_lora else [])
+    tags = ["text-to-image", "diffusers", "diffusion-dpo" if args.loss == "dpo" else "craft", "diffusers-training"]
+    tags += ["lora"] if is_lora else []
     populate_model_card(card, tags=tags).save(os.path.join(args.output_dir, "README.md"))
 
 

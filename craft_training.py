@@ -6,6 +6,7 @@ written in each trainer script; what the loop writes (checkpoints, validation, e
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -21,7 +22,8 @@ AUTO_CACHE_LIMIT = 2000  # --cache_latents auto caches sets of up to this many i
 # Flags
 
 
-def add_training_args(parser, resolution):
+def add_training_args(parser, resolution, beta_dpo):
+    """resolution, beta_dpo: the model family's defaults (diffusers' examples use 2500 for SD1.5, 5000 for SDXL)."""
     a = parser.add_argument
     a("--config", help="JSON or TOML file of flag defaults (keys = flag names); command-line flags win")
     a("--pretrained_model_name_or_path", required=True, help="base pipeline: Hub id or local folder")
@@ -33,6 +35,12 @@ def add_training_args(parser, resolution):
     a("--caption_column", default="text")
     a("--weight_column", default="weight",
       help="per-sample loss weight (the CRAFT advantage); 'none' trains every sample with weight 1 (plain SFT)")
+    a("--loss", choices=["craft", "dpo"], default="craft",
+      help="craft: the advantage-weighted denoising loss; dpo: the Diffusion-DPO baseline, on a folder of preference "
+           "pairs (crf_filter.py --mode pairs) against the frozen base model")
+    a("--beta_dpo", type=float, default=beta_dpo, help="--loss dpo: how far from the base the preference may pull")
+    a("--rejected_image_column", default="rejected",
+      help="--loss dpo with --dataset_name: the rejected image's column (a pairs folder names it rejected_file_name)")
     a("--resolution", type=int, default=resolution)
     a("--center_crop", action="store_true", help="center crop (default: random crop)")
     a("--random_flip", action="store_true")
@@ -125,6 +133,8 @@ def parse_training_args(parser, input_args):
             import bitsandbytes  # noqa: F401 (checked before any model loads)
         except ImportError:
             parser.error("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes")
+    if args.loss == "dpo" and args.snr_gamma:
+        parser.error("--snr_gamma weights the CRAFT loss's terms; Diffusion-DPO's (--loss dpo) has none")
     if not 0 <= args.proportion_empty_prompts <= 1:
         parser.error("--proportion_empty_prompts must be between 0 and 1")
     for flag in ("checkpointing_steps", "checkpoints_total_limit", "validation_steps", "validation_epochs",
@@ -162,6 +172,7 @@ class Example:
     image: object  # a path, or a PIL image for Hub datasets
     caption: str
     weight: float
+    rejected: object = None  # --loss dpo: the pair's rejected image, as `image`
 
 
 def load_examples(args):
@@ -190,7 +201,16 @@ def load_examples(args):
         rows = cu.read_jsonl(source)
     if not rows:
         cu.fail(f"{source} has no rows")
-    has_weights = args.weight_column != "none"
+    rejected_column = args.rejected_image_column if folder is None else "rejected_file_name"
+    is_pairs = all(rejected_column in row for row in rows)
+    if args.loss == "dpo" and not is_pairs:
+        first = next(number for number, row in enumerate(rows, start=1) if rejected_column not in row)
+        cu.fail(f"{source}, row {first}: no '{rejected_column}' (the rejected image): --loss dpo trains on preference "
+                "pairs; make them with crf_filter.py --mode pairs")
+    has_weights = args.weight_column != "none" and args.loss == "craft"
+    if has_weights and is_pairs and not any(args.weight_column in row for row in rows):
+        cu.fail(f"{source} holds preference pairs (crf_filter.py --mode pairs): train them with --loss dpo, or give "
+                "the CRAFT set (crf_filter.py's default mode)")
     if has_weights:
         missing = [number for number, row in enumerate(rows, start=1) if args.weight_column not in row]
         if len(missing) == len(rows):
@@ -209,25 +229,33 @@ def load_examples(args):
         if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
             cu.fail(f"{where}: weight {weight!r} must be a finite number >= 0")
         image = row[args.image_column] if folder is None else os.path.join(folder, str(row.get("file_name")))
+        rejected = None
+        if args.loss == "dpo":
+            rejected = row[rejected_column] if folder is None else os.path.join(folder, str(row[rejected_column]))
         if folder is not None:
-            cu.check_image(image, where)
-        examples.append(Example(image, caption, float(weight)))
+            for path in (image, rejected) if rejected else (image,):
+                cu.check_image(path, where)
+        examples.append(Example(image, caption, float(weight), rejected))
     if not any(e.weight > 0 for e in examples):
         cu.fail(f"{source}: every weight is 0, nothing would train; check crf_filter.py's output")
-    note = (f"weights from column '{args.weight_column}' (sum {sum(e.weight for e in examples):.2f})" if has_weights
-            else "--weight_column none: every sample has weight 1 (plain SFT)")
+    if args.loss == "dpo":
+        note = f"--loss dpo: {len(examples)} preference pairs, beta {args.beta_dpo:g}"
+    elif has_weights:
+        note = f"weights from column '{args.weight_column}' (sum {sum(e.weight for e in examples):.2f})"
+    else:
+        note = "--weight_column none: every sample has weight 1 (plain SFT)"
     return examples, note
 
 
-def preprocess(example, resolution, center_crop, flip, crop_seed):
-    """-> pixels in [-1, 1], original (h, w), crop top-left (y, x) in the resized image, as SDXL's time ids need.
-    A flip mirrors the crop: its left edge becomes width - left - resolution."""
+def preprocess(image, resolution, center_crop, flip, crop_seed):
+    """An example's image (path or PIL) -> pixels in [-1, 1], original (h, w), crop top-left (y, x) in the resized
+    image, as SDXL's time ids need. A flip mirrors the crop: its left edge becomes width - left - resolution."""
     import random
 
     from PIL import Image, ImageOps
     from torchvision.transforms import functional as F
 
-    image = example.image if not isinstance(example.image, str) else Image.open(example.image)
+    image = Image.open(image) if isinstance(image, str) else image
     image = ImageOps.exif_transpose(image).convert("RGB")
     original_size = (image.height, image.width)
     image = F.resize(image, resolution, interpolation=F.InterpolationMode.BILINEAR)
@@ -251,8 +279,9 @@ def flip_of(args, epoch, index):
 
 
 class ImageDataset:
-    """Index -> what a training sample needs: caption, weight, flip, and the pixels unless latents are cached.
-    Flips are drawn per epoch: the trainer sets `epoch` before each one."""
+    """Index -> what a training sample needs: caption, weight, flip, and the pixels unless latents are cached (with
+    --loss dpo the rejected image's too, `rejected_*`, cropped and flipped alike). Flips are drawn per epoch: the
+    trainer sets `epoch` before each one."""
 
     def __init__(self, examples, args, cached):
         self.examples, self.args, self.cached, self.epoch = examples, args, cached, 0
@@ -265,9 +294,12 @@ class ImageDataset:
         flip = flip_of(self.args, self.epoch, index)
         item = {"index": index, "flip": flip, "caption": example.caption, "weight": example.weight}
         if not self.cached:
-            pixels, original_size, crop = preprocess(example, self.args.resolution, self.args.center_crop, flip,
-                                                     cu.derive(self.args.seed, "crop", index))
-            item.update(pixels=pixels, original_size=original_size, crop_top_left=crop)
+            for prefix, image in (("", example.image), ("rejected_", example.rejected)):
+                if image is not None:
+                    pixels, original_size, crop = preprocess(image, self.args.resolution, self.args.center_crop, flip,
+                                                             cu.derive(self.args.seed, "crop", index))
+                    item.update({f"{prefix}pixels": pixels, f"{prefix}original_size": original_size,
+                                 f"{prefix}crop_top_left": crop})
         return item
 
 
@@ -276,8 +308,9 @@ def collate(items):
 
     batch = {key: [item[key] for item in items] for key in items[0]}
     batch["weight"] = torch.tensor(batch["weight"], dtype=torch.float32)
-    if "pixels" in batch:
-        batch["pixels"] = torch.stack(batch["pixels"])
+    for key in ("pixels", "rejected_pixels"):
+        if key in batch:
+            batch[key] = torch.stack(batch[key])
     return batch
 
 
@@ -349,8 +382,8 @@ def should_cache(args, examples):
 
 
 class Encodings:
-    """The training set's VAE posteriors (per image and flip) and caption embeddings: encoded once and kept
-    (`cache`), or encoded for each batch. The encode functions are the script's:
+    """The training set's VAE posteriors (per image, flip, and preferred or rejected image of a pair) and caption
+    embeddings: encoded once and kept (`cache`), or encoded for each batch. The encode functions are the script's:
     `encode_images(pixels) -> (mean, std)`, `encode_captions(captions) -> {name: tensor, batch first}`;
     without `encode_captions` the script encodes the captions itself (its text encoders train)."""
 
@@ -363,12 +396,14 @@ class Encodings:
         if not cache:
             return
         flips = (False, True) if args.random_flip else (False,)
-        keys = [(i, flip) for i in range(len(examples)) for flip in flips]
+        kinds = (False, True) if examples[0].rejected is not None else (False,)
+        keys = [(i, flip, rejected) for i in range(len(examples)) for flip in flips for rejected in kinds]
         for start in tqdm(range(0, len(keys), args.train_batch_size), desc="caching latents",
                           disable=not show_progress):
             chunk = keys[start: start + args.train_batch_size]
-            prepared = [preprocess(examples[i], args.resolution, args.center_crop, flip, cu.derive(args.seed, "crop", i))
-                        for i, flip in chunk]
+            prepared = [preprocess(examples[i].rejected if rejected else examples[i].image, args.resolution,
+                                   args.center_crop, flip, cu.derive(args.seed, "crop", i))
+                        for i, flip, rejected in chunk]
             with torch.no_grad():
                 mean, std = encode_images(torch.stack([p[0] for p in prepared]))
             for j, key in enumerate(chunk):
@@ -383,15 +418,18 @@ class Encodings:
             for j, caption in enumerate(chunk):
                 self.texts[caption] = {name: value[j] for name, value in encoded.items()}
 
-    def latent_dist(self, batch):
-        """-> posterior mean, std (batch first) and sizes: original (h, w) and crop top-left (y, x) per sample."""
+    def latent_dist(self, batch, rejected=False):
+        """-> posterior mean, std (batch first) and sizes: original (h, w) and crop top-left (y, x) per sample; of
+        each pair's rejected image with `rejected`."""
         import torch
 
         if not self.cache:
+            prefix = "rejected_" if rejected else ""
             with torch.no_grad():
-                mean, std = self.encode_images(batch["pixels"])
-            return mean, std, {"original_size": batch["original_size"], "crop_top_left": batch["crop_top_left"]}
-        parts = [self.latents[(i, flip)] for i, flip in zip(batch["index"], batch["flip"])]
+                mean, std = self.encode_images(batch[f"{prefix}pixels"])
+            return mean, std, {"original_size": batch[f"{prefix}original_size"],
+                               "crop_top_left": batch[f"{prefix}crop_top_left"]}
+        parts = [self.latents[(i, flip, rejected)] for i, flip in zip(batch["index"], batch["flip"])]
         sizes = {"original_size": [p[2] for p in parts], "crop_top_left": [p[3] for p in parts]}
         return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts]), sizes
 
@@ -412,6 +450,20 @@ class Encodings:
 def per_sample_mse(model_pred, target):
     """|| pred_i - target_i ||^2 / (elements per sample), in fp32: one value per sample, for the CRAFT weights."""
     return ((model_pred.float() - target.float()) ** 2).mean(dim=list(range(1, model_pred.dim())))
+
+
+@contextlib.contextmanager
+def adapters_disabled(*models):
+    """The base model inside models that train LoRAs (a no-op for models without): Diffusion-DPO's reference."""
+    from diffusers.utils.peft_utils import set_adapter_layers
+
+    for model in models:
+        set_adapter_layers(model, enabled=False)
+    try:
+        yield
+    finally:
+        for model in models:
+            set_adapter_layers(model, enabled=True)
 
 
 def min_snr_weights(noise_scheduler, timesteps, snr_gamma):

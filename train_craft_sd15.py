@@ -11,15 +11,23 @@ the batch; the loop in main() computes it where the comment shows this formula:
     L = mean_i [ w_i * s_i * || eps_theta(x_t, t, c_i) - target_i ||^2 / (C H W) ]
 
 with s_i the min-SNR factor under --snr_gamma (else 1). No reference model, no KL: the short schedule and the small
-learning rate keep the model close to the base. The paper's SD1.5 recipe: full UNet, AdamW, lr 5e-5, batch 128
-(e.g. --train_batch_size 8 --gradient_accumulation_steps 16), 120 steps; the text encoder and VAE stay frozen
-(--use_lora --train_text_encoder gives the text encoder a LoRA too).
+learning rate keep the model close to the base. --loss dpo trains the baseline CRAFT is compared with, Diffusion-DPO
+(Wallace et al., 2023), on crf_filter.py --mode pairs's folder: for each pair, preferred w and rejected l noised alike,
+
+    L = mean_i [ -log sigmoid( -beta/2 * ((e_w - e_l) - (e_ref_w - e_ref_l)) ) ],   e = ||pred - target||^2 / (C H W)
+
+with e_ref the frozen base's errors (the LoRAs switched off, or a frozen copy of the UNet for a full fine-tune).
+
+The paper's SD1.5 recipe: full UNet, AdamW, lr 5e-5, batch 128 (e.g. --train_batch_size 8
+--gradient_accumulation_steps 16), 120 steps; the text encoder and VAE stay frozen (--use_lora --train_text_encoder
+gives the text encoder a LoRA too).
 
 Output: a full pipeline folder (full fine-tune) or pytorch_lora_weights.safetensors (--use_lora; with
 --output_kohya_format also a kohya file), training_config.json, validation grids and a model card.
 """
 
 import argparse
+import copy
 import math
 import os
 import statistics
@@ -31,7 +39,7 @@ import craft_utils as cu
 
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ct.add_training_args(parser, resolution=512)
+    ct.add_training_args(parser, resolution=512, beta_dpo=2500)
     parser.add_argument("--use_lora", action="store_true", help="train a LoRA instead of the full UNet")
     parser.add_argument("--train_text_encoder", action="store_true",
                         help="with --use_lora: a LoRA on the text encoder too (captions are then encoded every step)")
@@ -93,6 +101,8 @@ def main(args):
                                                target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]), text_encoder)
     else:
         unet.requires_grad_(True)
+    # Diffusion-DPO's reference: a LoRA's base is the UNet with its adapters off; a full fine-tune needs a copy
+    reference_unet = copy.deepcopy(unet).requires_grad_(False) if args.loss == "dpo" and not args.use_lora else None
     ema_unet = EMAModel(unet.parameters(), decay=args.ema_decay, model_cls=UNet2DConditionModel,
                         model_config=unet.config) if args.use_ema else None
     trained = {"unet": unet, **({"text_encoder": text_encoder} if args.train_text_encoder else {})}
@@ -130,6 +140,8 @@ def main(args):
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
     unet.to(accelerator.device, weight_dtype if args.use_lora else torch.float32)
+    if reference_unet is not None:
+        reference_unet.to(accelerator.device, weight_dtype)
     cast_training_params(list(trained.values()), torch.float32)  # no "Attempting to unscale FP16 gradients"
     if ema_unet is not None:
         ema_unet.to(accelerator.device)
@@ -186,14 +198,15 @@ def main(args):
             move_frozen("cpu")
 
     accelerator.print(
-        f"{len(examples)} training images ({weights_note}); latents {'cached' if cache else 'encoded'}, text "
+        f"{len(examples)} training {'pairs' if args.loss == 'dpo' else 'images'} ({weights_note}); "
+        f"latents {'cached' if cache else 'encoded'}, text "
         + ("encoded each step (the text encoder trains)" if args.train_text_encoder else
            "cached" if cache else "encoded each step")
         + f"; {max_train_steps} steps of {args.train_batch_size} x {args.gradient_accumulation_steps} x "
           f"{accelerator.num_processes} images")
     progress_bar = tqdm(range(max_train_steps), initial=global_step, desc="steps",
                         disable=not accelerator.is_local_main_process)
-    clock, losses = co.StepClock(), []
+    clock, losses, accuracies = co.StepClock(), [], []
     for epoch in range(first_epoch, num_train_epochs):
         if global_step >= max_train_steps:  # resumed from the last checkpoint: only the outputs are left to write
             break
@@ -209,16 +222,23 @@ def main(args):
                 captions = ct.drop_captions(batch["caption"], args.proportion_empty_prompts, random)
                 mean, std, _ = encodings.latent_dist(batch)
                 latents = (mean + std * random.randn(*mean.shape[1:]).to(mean.device)) * vae.config.scaling_factor
+                copies = 1
+                if args.loss == "dpo":  # each pair's rejected image goes after the batch's preferred ones
+                    mean, std, _ = encodings.latent_dist(batch, rejected=True)
+                    rejected = (mean + std * random.randn(*mean.shape[1:]).to(mean.device)) * vae.config.scaling_factor
+                    latents, copies = torch.cat([latents, rejected]), 2
                 if args.train_text_encoder:
                     prompt_embeds = encode_prompt(captions, text_encoder)["prompt_embeds"]
                 else:
                     prompt_embeds = encodings.text(captions)["prompt_embeds"]
+                prompt_embeds = prompt_embeds.repeat(copies, 1, 1)
 
-                # the forward diffusion: noise, a uniform timestep per sample, the scheduler's target
+                # the forward diffusion: noise, a uniform timestep per sample (a pair's images share both), the target
                 noise = random.randn(*latents.shape[1:]).to(latents.device)
                 if args.noise_offset:
                     noise = noise + args.noise_offset * random.randn(latents.shape[1], 1, 1).to(latents.device)
                 timesteps = random.randint(noise_scheduler.config.num_train_timesteps).to(latents.device)
+                noise, timesteps = noise.repeat(copies, 1, 1, 1), timesteps.repeat(copies)
                 noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
                 if noise_scheduler.config.prediction_type == "epsilon":
                     target = noise
@@ -226,14 +246,32 @@ def main(args):
                     target = noise_scheduler.get_velocity(latents, noise, timesteps)
                 model_pred = unet(noisy_latents.to(weight_dtype), timesteps,
                                   encoder_hidden_states=prompt_embeds.to(latents.device)).sample
-
-                # The CRAFT loss: L = mean_i [ w_i * s_i * ||pred_i - target_i||^2 / (C*H*W) ], w_i the sample's weight
-                # (its CRF advantage; 1 in plain SFT), s_i the min-SNR factor (1 without --snr_gamma). No reference
-                # model and no KL term: the short schedule and the small learning rate keep the model near the base.
                 per_sample_loss = ct.per_sample_mse(model_pred, target)
-                if args.snr_gamma:
-                    per_sample_loss = per_sample_loss * ct.min_snr_weights(noise_scheduler, timesteps, args.snr_gamma)
-                loss = (per_sample_loss * batch["weight"].to(per_sample_loss.device)).mean()
+
+                if args.loss == "craft":
+                    # The CRAFT loss: L = mean_i [ w_i * s_i * ||pred_i - target_i||^2 / (C*H*W) ], w_i the sample's
+                    # weight (its CRF advantage; 1 in plain SFT), s_i the min-SNR factor (1 without --snr_gamma). No
+                    # reference model and no KL term: the short schedule and the small learning rate keep the model
+                    # near the base.
+                    if args.snr_gamma:
+                        per_sample_loss = per_sample_loss * ct.min_snr_weights(noise_scheduler, timesteps,
+                                                                               args.snr_gamma)
+                    loss = (per_sample_loss * batch["weight"].to(per_sample_loss.device)).mean()
+                else:
+                    # Diffusion-DPO: L = mean_i -log sigmoid(-beta/2 * ((e_w - e_l) - (e_ref_w - e_ref_l))), the
+                    # errors e of the model and of the frozen base on each pair's preferred (w) and rejected (l) image
+                    with torch.no_grad(), ct.adapters_disabled(*(accelerator.unwrap_model(m) for m in models_to_train)):
+                        if args.train_text_encoder:
+                            prompt_embeds = encode_prompt(captions, text_encoder)["prompt_embeds"].repeat(2, 1, 1)
+                        reference = accelerator.unwrap_model(unet) if reference_unet is None else reference_unet
+                        reference_pred = reference(noisy_latents.to(weight_dtype), timesteps,
+                                                   encoder_hidden_states=prompt_embeds.to(latents.device)).sample
+                    model_w, model_l = per_sample_loss.chunk(2)
+                    reference_w, reference_l = ct.per_sample_mse(reference_pred, target).chunk(2)
+                    inside = -0.5 * args.beta_dpo * ((model_w - model_l) - (reference_w - reference_l))
+                    loss = -torch.nn.functional.logsigmoid(inside).mean()
+                    # the share of pairs where the model prefers w more than the base does
+                    accuracies.append(accelerator.gather((inside > 0).float()).mean().item())
 
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm:
@@ -249,7 +287,9 @@ def main(args):
             if ema_unet is not None:
                 ema_unet.step(accelerator.unwrap_model(unet).parameters())
             logs = {"loss": statistics.fmean(losses), "lr": lr_scheduler.get_last_lr()[0]}
-            losses = []
+            if accuracies:
+                logs["implicit_acc"] = statistics.fmean(accuracies)
+            losses, accuracies = [], []
             progress_bar.update(1)
             progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
             accelerator.log(logs, step=global_step)

@@ -5,7 +5,8 @@
       --pretrained_vae_model_name_or_path madebyollin/sdxl-vae-fp16-fix --train_data_dir filtered \\
       --mixed_precision bf16 --use_8bit_adam --gradient_checkpointing --rank 16 --output_dir craft-sdxl-lora
 
-The loss is train_craft_sd15.py's: per-sample denoising MSE times the sample's CRAFT weight, averaged over the batch.
+The loss is train_craft_sd15.py's: per-sample denoising MSE times the sample's CRAFT weight, averaged over the batch;
+with --loss dpo, Diffusion-DPO on crf_filter.py --mode pairs's folder, against the base (the LoRAs switched off).
 CRAFT's sets are tiny (~100 images), so latents and both text encoders' embeddings are computed once and the VAE and
 text encoders leave the GPU (unlike diffusers' SDXL LoRA script, which re-encodes every step); with
 --train_text_encoder the encoders get LoRAs too and the captions are encoded every step. Each sample keeps its own
@@ -27,7 +28,7 @@ import craft_utils as cu
 
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ct.add_training_args(parser, resolution=1024)
+    ct.add_training_args(parser, resolution=1024, beta_dpo=5000)
     parser.add_argument("--pretrained_vae_model_name_or_path",
                         help="a VAE that works in fp16 (madebyollin/sdxl-vae-fp16-fix); without it the VAE stays fp32")
     parser.add_argument("--train_text_encoder", action="store_true",
@@ -203,14 +204,15 @@ def main(args):
             move_frozen("cpu")
 
     accelerator.print(
-        f"{len(examples)} training images ({weights_note}); latents {'cached' if cache else 'encoded'}, text "
+        f"{len(examples)} training {'pairs' if args.loss == 'dpo' else 'images'} ({weights_note}); "
+        f"latents {'cached' if cache else 'encoded'}, text "
         + ("encoded each step (the text encoders train)" if args.train_text_encoder else
            "cached" if cache else "encoded each step")
         + f"; {max_train_steps} steps of {args.train_batch_size} x {args.gradient_accumulation_steps} x "
           f"{accelerator.num_processes} images")
     progress_bar = tqdm(range(max_train_steps), initial=global_step, desc="steps",
                         disable=not accelerator.is_local_main_process)
-    clock, losses = co.StepClock(), []
+    clock, losses, accuracies = co.StepClock(), [], []
     for epoch in range(first_epoch, num_train_epochs):
         if global_step >= max_train_steps:  # resumed from the last checkpoint: only the outputs are left to write
             break
@@ -226,35 +228,59 @@ def main(args):
                 captions = ct.drop_captions(batch["caption"], args.proportion_empty_prompts, random)
                 mean, std, sizes = encodings.latent_dist(batch)
                 latents = (mean + std * random.randn(*mean.shape[1:]).to(mean.device)) * vae.config.scaling_factor
-                if args.train_text_encoder:
-                    text = encode_prompt(captions, (text_encoder, text_encoder_2))
-                else:
-                    text = encodings.text(captions)
                 # SDXL's micro-conditioning, per sample: original size, crop top-left (mirrored by a flip), target size
                 add_time_ids = time_ids(sizes, args.resolution).to(latents)
+                copies = 1
+                if args.loss == "dpo":  # each pair's rejected image goes after the batch's preferred ones
+                    mean, std, sizes = encodings.latent_dist(batch, rejected=True)
+                    rejected = (mean + std * random.randn(*mean.shape[1:]).to(mean.device)) * vae.config.scaling_factor
+                    latents, copies = torch.cat([latents, rejected]), 2
+                    add_time_ids = torch.cat([add_time_ids, time_ids(sizes, args.resolution).to(latents)])
 
-                # the forward diffusion: noise, a uniform timestep per sample, the scheduler's target
+                def encode_text(captions):
+                    text = encode_prompt(captions, (text_encoder, text_encoder_2)) if args.train_text_encoder \
+                        else encodings.text(captions)
+                    return {name: value.repeat(copies, *[1] * (value.dim() - 1)) for name, value in text.items()}
+
+                # the forward diffusion: noise, a uniform timestep per sample (a pair's images share both), the target
                 noise = random.randn(*latents.shape[1:]).to(latents.device)
                 if args.noise_offset:
                     noise = noise + args.noise_offset * random.randn(latents.shape[1], 1, 1).to(latents.device)
                 timesteps = random.randint(noise_scheduler.config.num_train_timesteps).to(latents.device)
+                noise, timesteps = noise.repeat(copies, 1, 1, 1), timesteps.repeat(copies)
                 noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
                 if noise_scheduler.config.prediction_type == "epsilon":
                     target = noise
                 else:
                     target = noise_scheduler.get_velocity(latents, noise, timesteps)
-                model_pred = unet(noisy_latents.to(weight_dtype), timesteps,
-                                  encoder_hidden_states=text["prompt_embeds"].to(latents.device),
-                                  added_cond_kwargs={"text_embeds": text["pooled_prompt_embeds"].to(latents.device),
-                                                     "time_ids": add_time_ids}).sample
 
-                # The CRAFT loss: L = mean_i [ w_i * s_i * ||pred_i - target_i||^2 / (C*H*W) ], w_i the sample's weight
-                # (its CRF advantage; 1 in plain SFT), s_i the min-SNR factor (1 without --snr_gamma). No reference
-                # model and no KL term: the short schedule and the small learning rate keep the model near the base.
-                per_sample_loss = ct.per_sample_mse(model_pred, target)
-                if args.snr_gamma:
-                    per_sample_loss = per_sample_loss * ct.min_snr_weights(noise_scheduler, timesteps, args.snr_gamma)
-                loss = (per_sample_loss * batch["weight"].to(per_sample_loss.device)).mean()
+                def predict(unet, text):
+                    return unet(noisy_latents.to(weight_dtype), timesteps,
+                                encoder_hidden_states=text["prompt_embeds"].to(latents.device),
+                                added_cond_kwargs={"text_embeds": text["pooled_prompt_embeds"].to(latents.device),
+                                                   "time_ids": add_time_ids}).sample
+
+                per_sample_loss = ct.per_sample_mse(predict(unet, encode_text(captions)), target)
+                if args.loss == "craft":
+                    # The CRAFT loss: L = mean_i [ w_i * s_i * ||pred_i - target_i||^2 / (C*H*W) ], w_i the sample's
+                    # weight (its CRF advantage; 1 in plain SFT), s_i the min-SNR factor (1 without --snr_gamma). No
+                    # reference model and no KL term: the short schedule and the small learning rate keep the model
+                    # near the base.
+                    if args.snr_gamma:
+                        per_sample_loss = per_sample_loss * ct.min_snr_weights(noise_scheduler, timesteps,
+                                                                               args.snr_gamma)
+                    loss = (per_sample_loss * batch["weight"].to(per_sample_loss.device)).mean()
+                else:
+                    # Diffusion-DPO: L = mean_i -log sigmoid(-beta/2 * ((e_w - e_l) - (e_ref_w - e_ref_l))), the
+                    # errors e of the model and of the base (LoRAs off) on each pair's preferred (w) and rejected (l)
+                    with torch.no_grad(), ct.adapters_disabled(*(accelerator.unwrap_model(m) for m in models_to_train)):
+                        reference_pred = predict(accelerator.unwrap_model(unet), encode_text(captions))
+                    model_w, model_l = per_sample_loss.chunk(2)
+                    reference_w, reference_l = ct.per_sample_mse(reference_pred, target).chunk(2)
+                    inside = -0.5 * args.beta_dpo * ((model_w - model_l) - (reference_w - reference_l))
+                    loss = -torch.nn.functional.logsigmoid(inside).mean()
+                    # the share of pairs where the model prefers w more than the base does
+                    accuracies.append(accelerator.gather((inside > 0).float()).mean().item())
 
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm:
@@ -268,7 +294,9 @@ def main(args):
             global_step += 1
             clock.step_done(global_step)
             logs = {"loss": statistics.fmean(losses), "lr": lr_scheduler.get_last_lr()[0]}
-            losses = []
+            if accuracies:
+                logs["implicit_acc"] = statistics.fmean(accuracies)
+            losses, accuracies = [], []
             progress_bar.update(1)
             progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
             accelerator.log(logs, step=global_step)

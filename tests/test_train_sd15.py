@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import sys
 from types import SimpleNamespace
@@ -13,7 +14,7 @@ import craft_outputs as co
 import craft_training as ct
 import craft_utils as cu
 from conftest import TWO_PROCESSES, run_script
-from make_tiny_models import make_training_set
+from make_tiny_models import make_pairs_set, make_training_set
 
 def train(zoo, data, out, *flags, **run):
     return run_script("train_craft_sd15.py", "--pretrained_model_name_or_path", zoo / "sd15", "--train_data_dir", data,
@@ -83,13 +84,95 @@ def test_first_step_loss_is_the_craft_formula_by_hand(zoo, data, tmp_path):
     assert logged == pytest.approx(sum(terms) / 4, rel=1e-4)
 
 
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    return make_pairs_set(tmp_path_factory.mktemp("pairs") / "pairs")
+
+
+def test_dpo_loss_is_the_formula_by_hand(zoo, pairs, tmp_path):
+    """Diffusion-DPO's loss as logged at steps 1 and 2 against the formula computed here: each pair's preferred and
+    rejected images with one noise and timestep, the errors of the model (the LoRA of checkpoint-1) and of the base."""
+    import torch.nn.functional as F
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "out"
+    train(zoo, pairs, out, "--use_lora", "--loss", "dpo", "--beta_dpo", 500, "--learning_rate", 3e-3,
+          "--max_train_steps", 2, "--checkpointing_steps", 1, "--center_crop", "--report_to", "tensorboard")
+    logged = tensorboard_scalars(out, "loss")
+    assert logged[1] == pytest.approx(math.log(2), abs=1e-6)  # a new LoRA adds 0: the model is its reference
+
+    base = StableDiffusionPipeline.from_pretrained(zoo / "sd15")
+    tuned = StableDiffusionPipeline.from_pretrained(zoo / "sd15")
+    tuned.load_lora_weights(out / "checkpoint-1", weight_name=co.LORA_FILE)
+    rows = cu.read_jsonl(pairs / "metadata.jsonl")
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cu.derive(3, "order", 0))).tolist()
+    terms = []
+    for index in order[2:4]:  # the second batch of two
+        row = rows[index]
+        draws = torch.Generator().manual_seed(cu.derive(3, "sample", 0, index))
+        torch.rand((), generator=draws)  # caption dropout's draw (proportion 0)
+        with torch.no_grad():
+            latents = []
+            for name in (row["file_name"], row["rejected_file_name"]):
+                dist = base.vae.encode(center_crop_pixels(pairs / name)).latent_dist
+                latents.append((dist.mean + dist.std * torch.randn(dist.mean.shape[1:], generator=draws)) * 0.18215)
+            noise = torch.randn(latents[0].shape[1:], generator=draws)[None]
+            t = torch.randint(0, 1000, (), generator=draws).reshape(1)
+            ids = base.tokenizer([row["text"]], padding="max_length", max_length=77, return_tensors="pt").input_ids
+            errors = {}
+            for kind, pipe in (("model", tuned), ("reference", base)):
+                text = pipe.text_encoder(ids)[0]
+                errors[kind] = [((pipe.unet(base.scheduler.add_noise(x, noise, t), t, encoder_hidden_states=text).sample
+                                  - noise) ** 2).mean().item() for x in latents]
+        (model_w, model_l), (reference_w, reference_l) = errors["model"], errors["reference"]
+        inside = -0.5 * 500 * ((model_w - model_l) - (reference_w - reference_l))
+        terms.append(-F.logsigmoid(torch.tensor(inside, dtype=torch.float64)).item())
+    assert abs(logged[2] - math.log(2)) > 1e-3  # the LoRA moved: model and reference differ
+    assert logged[2] == pytest.approx(sum(terms) / 2, rel=1e-4)
+    assert set(tensorboard_scalars(out, "implicit_acc").values()) <= {0.0, 0.5, 1.0}
+
+
+def test_dpo_with_beta_0_gives_no_gradient(zoo, pairs, tmp_path):
+    """beta 0: the loss is log 2 whatever the model does, so neither a LoRA (text encoder's too) nor a full
+    fine-tune moves (weight decay off: AdamW would shrink the weights without any gradient)."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    flags = ("--loss", "dpo", "--beta_dpo", 0, "--adam_weight_decay", 0, "--max_train_steps", 2,
+             "--learning_rate", 1e-2)
+    train(zoo, pairs, tmp_path / "lora", *flags, "--use_lora", "--train_text_encoder")
+    lora = load_file(tmp_path / "lora" / co.LORA_FILE)
+    assert {k.split(".")[0] for k in lora} == {"unet", "text_encoder"}
+    assert all(torch.all(v == 0) for k, v in lora.items() if "lora.up" in k or "lora_B" in k)
+    train(zoo, pairs, tmp_path / "full", *flags)
+    tuned = UNet2DConditionModel.from_pretrained(tmp_path / "full", subfolder="unet").state_dict()
+    base = UNet2DConditionModel.from_pretrained(zoo / "sd15", subfolder="unet").state_dict()
+    assert all(torch.equal(tuned[k], base[k]) for k in base)
+
+
+def test_dpo_full_fine_tune_resumes_exactly(zoo, pairs, tmp_path):
+    """The reference stays the base model after a resume (not the checkpoint's weights); flips and the uncached path
+    on the rejected image too."""
+    from diffusers import UNet2DConditionModel
+
+    flags = ("--loss", "dpo", "--learning_rate", 1e-3, "--random_flip", "--cache_latents", "no",
+             "--checkpointing_steps", 2)
+    train(zoo, pairs, tmp_path / "straight", *flags, "--max_train_steps", 4)
+    train(zoo, pairs, tmp_path / "halves", *flags, "--max_train_steps", 2)
+    train(zoo, pairs, tmp_path / "halves", *flags, "--max_train_steps", 4, "--resume_from_checkpoint", "latest")
+    a, b, base = (UNet2DConditionModel.from_pretrained(folder, subfolder="unet").state_dict()
+                  for folder in (tmp_path / "straight", tmp_path / "halves", zoo / "sd15"))
+    assert max((a[k] - base[k]).abs().max().item() for k in a) > 1e-4  # it trained
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
 def test_cached_and_encoded_latents_and_text_are_the_same(zoo, data):
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(zoo / "sd15")
     args = SimpleNamespace(dataset_name=None, train_data_dir=str(data), caption_column="text", weight_column="weight",
                            image_column="image", resolution=64, center_crop=False, random_flip=True, seed=3,
-                           train_batch_size=2)
+                           train_batch_size=2, loss="craft")
     examples, _ = ct.load_examples(args)
 
     def encode_images(pixels):
@@ -343,6 +426,11 @@ def test_model_card_and_hub_upload_without_network(tmp_path, data):
     card = (tmp_path / "out" / "README.md").read_text()
     assert "base_model: base/model" in card and "- craft" in card and "- lora" in card
     assert 'pipe.load_lora_weights("me/craft-sd15"' in card
+    args.loss, args.beta_dpo = "dpo", 2500.0
+    co.write_model_card(args, True, {"num_images": 8, "weights": "w", "steps": 5})
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "# Diffusion-DPO LoRA of base/model" in card and "beta 2500" in card and "- diffusion-dpo" in card
+    assert "- craft\n" not in card and "- training pairs: 8" in card
     with mock.patch("huggingface_hub.create_repo") as create_repo, mock.patch("huggingface_hub.upload_folder") as up:
         create_repo.return_value = SimpleNamespace(repo_id="me/craft-sd15")
         assert co.push_to_hub(args) == "me/craft-sd15"
@@ -425,3 +513,37 @@ def test_bad_input_is_one_clear_error(zoo, tmp_path, case):
     assert expected in result.stderr.strip().splitlines()[-1]
     if case in ("output_not_empty", "resume_latest_without_checkpoint"):
         assert os.listdir(tmp_path / "out") == ["keep.txt"]
+
+
+@pytest.mark.parametrize("case", ["dpo_on_the_craft_set", "craft_on_pairs", "no_rejected_in_a_row",
+                                  "corrupt_rejected_image", "snr_gamma"])
+def test_bad_dpo_input_is_one_clear_error(zoo, tmp_path, case):
+    data = make_pairs_set(tmp_path / "pairs", n=3)
+    extra = ["--loss", "dpo"]
+    expected = {
+        "dpo_on_the_craft_set": f"{tmp_path}/craft/metadata.jsonl, row 1: no 'rejected_file_name' (the rejected "
+                                "image): --loss dpo trains on preference pairs; make them with crf_filter.py "
+                                "--mode pairs",
+        "craft_on_pairs": f"{data}/metadata.jsonl holds preference pairs (crf_filter.py --mode pairs): train them with "
+                          "--loss dpo, or give the CRAFT set",
+        "no_rejected_in_a_row": f"{data}/metadata.jsonl, row 2: no 'rejected_file_name'",
+        "corrupt_rejected_image": f"{data}/metadata.jsonl, row 3: cannot read image {data}/002_rejected.png",
+        "snr_gamma": "--snr_gamma weights the CRAFT loss's terms; Diffusion-DPO's (--loss dpo) has none",
+    }[case]
+    if case == "dpo_on_the_craft_set":
+        data = make_training_set(tmp_path / "craft", n=3)
+    elif case == "craft_on_pairs":
+        extra = []
+    elif case == "no_rejected_in_a_row":
+        rows = cu.read_jsonl(data / "metadata.jsonl")
+        del rows[1]["rejected_file_name"]
+        cu.write_jsonl_atomic(data / "metadata.jsonl", rows)
+    elif case == "corrupt_rejected_image":
+        (data / "002_rejected.png").write_bytes(b"not a png")
+    else:
+        extra += ["--snr_gamma", "5"]
+    result = run_script("train_craft_sd15.py", "--pretrained_model_name_or_path", zoo / "sd15", "--train_data_dir",
+                        data, "--output_dir", tmp_path / "out", "--max_train_steps", 1, *extra, check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert expected in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "out").exists()

@@ -1,3 +1,4 @@
+import math
 import os
 import random
 import subprocess
@@ -13,8 +14,8 @@ import craft_outputs as co
 import craft_training as ct
 import craft_utils as cu
 from conftest import TWO_PROCESSES, run_script, subprocess_env
-from make_tiny_models import make_training_set
-from test_train_sd15 import center_crop_pixels
+from make_tiny_models import make_pairs_set, make_training_set
+from test_train_sd15 import center_crop_pixels, tensorboard_scalars
 
 
 def train(zoo, data, out, *flags, **run):
@@ -33,15 +34,14 @@ def test_time_ids_of_a_resized_cropped_flipped_image():
 
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (60, 100, 3), dtype=np.uint8))  # h 60, w 100
-    example = ct.Example(image, "a cat", 1.0)
-    pixels, original, crop = ct.preprocess(example, 32, center_crop=False, flip=True, crop_seed=7)
+    pixels, original, crop = ct.preprocess(image, 32, center_crop=False, flip=True, crop_seed=7)
     # by hand: shorter side 60 -> 32, so width 100 -> int(32 * 100 / 60) = 53; the crop's left edge is drawn in
     # [0, 53 - 32]; a flip mirrors it to 53 - left - 32
     draw = random.Random(7)
     draw.randint(0, 0)  # the top edge: the resized height is the crop's
     left = draw.randint(0, 21)
     assert original == (60, 100) and crop == (0, 53 - left - 32)
-    unflipped, _, same = ct.preprocess(example, 32, center_crop=False, flip=False, crop_seed=7)
+    unflipped, _, same = ct.preprocess(image, 32, center_crop=False, flip=False, crop_seed=7)
     assert same == (0, left) and torch.equal(pixels, unflipped.flip(-1))
     ids = train_craft_sdxl_lora.time_ids({"original_size": [original, (64, 64)], "crop_top_left": [crop, (0, 0)]}, 32)
     assert ids.tolist() == [[60, 100, 0, 21 - left, 32, 32], [64, 64, 0, 0, 32, 32]]
@@ -140,3 +140,52 @@ def test_two_processes_and_model_kind_check(zoo, data, tmp_path):
                         "--train_data_dir", data, "--output_dir", tmp_path / "x", check=False)
     assert result.returncode != 0
     assert "is an SD1.5-style model (no SDXL micro-conditioning); use train_craft_sd15.py" in result.stderr
+
+
+def test_dpo_loss_by_hand_and_a_killed_run_resumed_equals_straight(zoo, tmp_path):
+    """SDXL's Diffusion-DPO: the loss logged at step 2 against the formula computed here (both images of each pair,
+    one noise and timestep, SDXL's conditioning, the model = checkpoint-1's LoRA, the reference = the base); then a
+    run killed while checkpoint-2 is saved, resumed, ends where the straight run ends."""
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler, StableDiffusionXLPipeline
+
+    pairs = make_pairs_set(tmp_path / "pairs")
+    flags = ("--loss", "dpo", "--beta_dpo", 500, "--learning_rate", 3e-3, "--max_train_steps", 3,
+             "--checkpointing_steps", 1, "--center_crop")
+    train(zoo, pairs, tmp_path / "straight", *flags, "--report_to", "tensorboard")
+    logged = tensorboard_scalars(tmp_path / "straight", "loss")
+    assert logged[1] == pytest.approx(math.log(2), abs=1e-6) and abs(logged[2] - math.log(2)) > 1e-3
+
+    base = StableDiffusionXLPipeline.from_pretrained(zoo / "sdxl")
+    tuned = StableDiffusionXLPipeline.from_pretrained(zoo / "sdxl")
+    tuned.load_lora_weights(tmp_path / "straight" / "checkpoint-1", weight_name=co.LORA_FILE)
+    scheduler = DDPMScheduler.from_pretrained(zoo / "sdxl", subfolder="scheduler")  # the pipeline's is Euler's
+    rows = cu.read_jsonl(pairs / "metadata.jsonl")
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cu.derive(5, "order", 0))).tolist()
+    cond = {"time_ids": torch.tensor([[64.0, 80, 0, 8, 64, 64]])}  # 80x64 images, centre-cropped to 64
+    terms = []
+    for index in order[2:4]:  # the second batch of two
+        row = rows[index]
+        draws = torch.Generator().manual_seed(cu.derive(5, "sample", 0, index))
+        torch.rand((), generator=draws)  # caption dropout's draw (proportion 0)
+        with torch.no_grad():
+            latents = []
+            for name in (row["file_name"], row["rejected_file_name"]):
+                dist = base.vae.encode(center_crop_pixels(pairs / name)).latent_dist
+                scale = base.vae.config.scaling_factor
+                latents.append((dist.mean + dist.std * torch.randn(dist.mean.shape[1:], generator=draws)) * scale)
+            noise = torch.randn(latents[0].shape[1:], generator=draws)[None]
+            t = torch.randint(0, 1000, (), generator=draws).reshape(1)
+            embeds, _, pooled, _ = base.encode_prompt(row["text"], device="cpu", do_classifier_free_guidance=False)
+            errors = [[((pipe.unet(scheduler.add_noise(x, noise, t), t, encoder_hidden_states=embeds,
+                                   added_cond_kwargs={**cond, "text_embeds": pooled}).sample - noise) ** 2)
+                        .mean().item() for x in latents] for pipe in (tuned, base)]
+        (model_w, model_l), (reference_w, reference_l) = errors
+        inside = -0.5 * 500 * ((model_w - model_l) - (reference_w - reference_l))
+        terms.append(-F.logsigmoid(torch.tensor(inside, dtype=torch.float64)).item())
+    assert logged[2] == pytest.approx(sum(terms) / 2, rel=1e-4)
+
+    train(zoo, pairs, tmp_path / "halves", *flags, kill_at="checkpoint_written#2")
+    train(zoo, pairs, tmp_path / "halves", *flags, "--resume_from_checkpoint", "latest")
+    a, b = load_file(tmp_path / "straight" / co.LORA_FILE), load_file(tmp_path / "halves" / co.LORA_FILE)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

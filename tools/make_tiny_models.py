@@ -328,6 +328,29 @@ def make_training_set(folder, n=8, weights=None):
     return folder
 
 
+def make_pairs_set(folder, n=6):
+    """A pairs-like imagefolder (crf_filter.py --mode pairs): per caption, a square of its colour (preferred) and one
+    of the next colour (rejected), as file_name and rejected_file_name."""
+    from PIL import Image, ImageDraw
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import craft_utils as cu
+
+    folder.mkdir(parents=True)
+    names = list(COLOURS)
+    rows = []
+    for i in range(n):
+        colour, other = names[i % len(names)], names[(i + 1) % len(names)]
+        for name, fill in ((f"{i:03d}.png", colour), (f"{i:03d}_rejected.png", other)):
+            image = Image.new("RGB", (80, 64), "white")
+            ImageDraw.Draw(image).rectangle([16 + 4 * i, 12, 56 + 2 * i, 52], fill=COLOURS[fill])
+            image.save(folder / name)
+        rows.append({"file_name": f"{i:03d}.png", "rejected_file_name": f"{i:03d}_rejected.png",
+                     "text": f"a {colour} square", "advantage_gap": 1.0 + i, "group_id": i})
+    cu.write_jsonl_atomic(folder / "metadata.jsonl", rows)
+    return folder
+
+
 def reward_flags(zoo):
     """Command-line flags pointing every reward of craft_rewards at this zoo's files."""
     path = lambda *parts: os.path.join(str(zoo), *parts)  # noqa: E731

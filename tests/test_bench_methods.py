@@ -1,0 +1,65 @@
+"""benchmarks/bench_methods.py, reduced: every stage of CRAFT vs plain SFT vs Diffusion-DPO on the demo's model runs,
+and the table, JSON and plot say what the evaluation folders hold. The full-size comparison is in docs/methods.md."""
+import json
+import math
+import os
+import sys
+
+import pytest
+from PIL import Image
+
+from conftest import REPO
+
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+import bench_methods  # noqa: E402
+
+
+def test_learning_rate_choice_reach_and_seed_statistics_by_hand():
+    assert bench_methods.best_learning_rate({1e-3: 0.1, 4e-3: 0.3, 2e-3: 0.3}) == 2e-3  # a tie: the smaller rate
+    assert bench_methods.steps_to_reach({200: 0.15, 50: 0.1, 100: 0.2}, 0.15) == 100
+    assert bench_methods.steps_to_reach({50: 0.1, 100: 0.12}, 0.15) is None
+    mean, stderr = bench_methods.mean_and_stderr([0.1, 0.2, 0.6], [0.01, 0.02, 0.03])
+    assert mean == pytest.approx(0.3) and stderr == pytest.approx(math.sqrt(0.07) / math.sqrt(3))
+    assert bench_methods.mean_and_stderr([0.1], [0.02]) == (0.1, 0.02)  # one seed: its evaluation's s.e.
+
+
+def test_reduced_comparison_writes_what_the_evaluations_hold(tmp_path, capsys):
+    out = tmp_path / "methods"
+    flags = ["--output_dir", str(out), "--seeds", "0", "--learning_rates", "2e-3", "--eval_steps", "2", "4",
+             "--num_prompts", "6", "--eval_images_per_prompt", "1", "--num_inference_steps", "4"]
+    bench_methods.main(flags)
+    saved = json.loads((out / "methods.json").read_text())
+    assert saved["learning_rates"] == {"CRAFT": 2e-3, "plain SFT": 2e-3, "Diffusion-DPO": 2e-3}
+    seed = out / "seed-0"
+    pairs = [json.loads(line) for line in (seed / "dpo" / "metadata.jsonl").read_text().splitlines()]
+    assert pairs and all("rejected_file_name" in row for row in pairs)
+    for method, folder in (("CRAFT", "craft"), ("plain SFT", "sft"), ("Diffusion-DPO", "dpo")):
+        run = seed / f"train-{folder}-lr0.002"
+        config = json.loads((run / "training_config.json").read_text())
+        assert config["args"]["loss"] == ("dpo" if folder == "dpo" else "craft")
+        assert config["args"]["train_data_dir"] == str(seed / folder)
+        for step in (2, 4):
+            summary = json.loads((run / f"eval-{step}" / "rewards_summary.json").read_text())
+            assert summary["comparison"]["pairs"] == 6  # 6 held-out prompts x 1 seed, paired with the base's
+            for reward in ("color", "jpeg"):
+                mean, stderr = saved["results"][method]["curves"][reward][str(step)]
+                compared = summary["comparison"]["rewards"][reward]
+                assert (mean, stderr) == (compared["mean_delta"], compared["stderr"])  # one seed: its own s.e.
+    # the reach of CRAFT's final color gain, recomputed from the curves
+    target = saved["results"]["CRAFT"]["curves"]["color"]["4"][0]
+    assert saved["target"] == target and saved["results"]["CRAFT"]["reach"]["steps"] <= 4
+    for method, result in saved["results"].items():
+        reached = [s for s in (2, 4) if result["curves"]["color"][str(s)][0] >= target]
+        expected = {"steps": reached[0], "images": reached[0] * 8 * (2 if method == "Diffusion-DPO" else 1),
+                    "seconds": reached[0] * result["seconds_per_step"]} if reached else None
+        assert result["reach"] == (pytest.approx(expected) if expected else None)
+    table = (out / "methods.md").read_text()
+    assert table.count("| Diffusion-DPO |") == 3 and "| CRAFT | color |" in table  # two rewards + the reach row
+    with Image.open(out / "methods.png") as plot:
+        assert plot.size == (1500, 400)
+
+    capsys.readouterr()
+    bench_methods.main(flags)  # a rerun reuses every finished stage: nothing trains or evaluates again
+    printed = capsys.readouterr().out
+    assert "== seed 0" not in printed  # no candidates, scores, training sets, training or evaluation
+    assert json.loads((out / "methods.json").read_text())["results"] == saved["results"]
