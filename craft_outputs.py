@@ -227,8 +227,9 @@ def load_validation_rewards(args, accelerator):
     return {name: craft_rewards.load_reward(name, args, accelerator.device) for name in args.validation_reward_names}
 
 
-def log_validation(pipeline, args, accelerator, rewards, step):
-    """Images for every validation prompt from fixed seeds -> validation/step-N.png, the trackers, reward means."""
+def log_validation(pipeline, args, accelerator, rewards, step, **pipeline_kwargs):
+    """Images for every validation prompt from fixed seeds -> validation/step-N.png, the trackers, reward means.
+    `pipeline_kwargs`: what the model family's pipeline call needs beyond the prompt (size, guidance...)."""
     import torch
 
     pipeline.set_progress_bar_config(disable=True)
@@ -238,7 +239,7 @@ def log_validation(pipeline, args, accelerator, rewards, step):
             for i in range(args.num_validation_images):
                 generator = torch.Generator().manual_seed(cu.derive(args.seed, "validation", p, i))
                 images += pipeline(prompt, num_inference_steps=args.validation_inference_steps,
-                                   generator=generator).images
+                                   generator=generator, **pipeline_kwargs).images
                 prompts.append(prompt)
     folder = os.path.join(args.output_dir, "validation")
     os.makedirs(folder, exist_ok=True)

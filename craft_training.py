@@ -22,8 +22,9 @@ AUTO_CACHE_LIMIT = 2000  # --cache_latents auto caches sets of up to this many i
 # Flags
 
 
-def add_training_args(parser, resolution, beta_dpo):
-    """resolution, beta_dpo: the model family's defaults (diffusers' examples use 2500 for SD1.5, 5000 for SDXL)."""
+def add_training_args(parser, resolution, beta_dpo=None):
+    """resolution, beta_dpo: the model family's defaults (diffusers' examples use 2500 for SD1.5, 5000 for SDXL);
+    without beta_dpo the script trains the CRAFT loss only (no --loss flag)."""
     a = parser.add_argument
     a("--config", help="JSON or TOML file of flag defaults (keys = flag names); command-line flags win")
     a("--pretrained_model_name_or_path", required=True, help="base pipeline: Hub id or local folder")
@@ -35,12 +36,15 @@ def add_training_args(parser, resolution, beta_dpo):
     a("--caption_column", default="text")
     a("--weight_column", default="weight",
       help="per-sample loss weight (the CRAFT advantage); 'none' trains every sample with weight 1 (plain SFT)")
-    a("--loss", choices=["craft", "dpo"], default="craft",
-      help="craft: the advantage-weighted denoising loss; dpo: the Diffusion-DPO baseline, on a folder of preference "
-           "pairs (crf_filter.py --mode pairs) against the frozen base model")
-    a("--beta_dpo", type=float, default=beta_dpo, help="--loss dpo: how far from the base the preference may pull")
-    a("--rejected_image_column", default="rejected",
-      help="--loss dpo with --dataset_name: the rejected image's column (a pairs folder names it rejected_file_name)")
+    if beta_dpo is None:
+        parser.set_defaults(loss="craft", beta_dpo=None, rejected_image_column=None)
+    else:
+        a("--loss", choices=["craft", "dpo"], default="craft",
+          help="craft: the advantage-weighted denoising loss; dpo: the Diffusion-DPO baseline, on a folder of "
+               "preference pairs (crf_filter.py --mode pairs) against the frozen base model")
+        a("--beta_dpo", type=float, default=beta_dpo, help="--loss dpo: how far from the base the preference may pull")
+        a("--rejected_image_column", default="rejected",
+          help="--loss dpo with --dataset_name: the rejected image's column (a pairs folder: rejected_file_name)")
     a("--resolution", type=int, default=resolution)
     a("--center_crop", action="store_true", help="center crop (default: random crop)")
     a("--random_flip", action="store_true")
@@ -161,6 +165,27 @@ def parse_training_args(parser, input_args):
             cu.fail(f"{args.output_dir} is not empty and holds no checkpoint-* to resume from; pass "
                     "--overwrite_output_dir to train anew over it, or choose another --output_dir")
     return args
+
+
+FAMILIES = {  # a pipeline's model_index.json class -> (what it is, the script that trains it)
+    "StableDiffusionPipeline": ("an SD1.5-style model", "train_craft_sd15.py"),
+    "StableDiffusionXLPipeline": ("an SDXL model", "train_craft_sdxl_lora.py"),
+    "FluxPipeline": ("a FLUX model", "train_craft_flux_lora.py"),
+}
+
+
+def check_model_family(path, revision, script):
+    """Refuse, in one line naming the right script, a pipeline of a family another of our scripts trains. Pipelines
+    of other classes (or without a model_index.json) go on to the script's own loading and its errors."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        class_name = DiffusionPipeline.load_config(path, revision=revision).get("_class_name")
+    except Exception:  # not a pipeline folder, or not reachable: the model loading says why
+        return
+    what, right_script = FAMILIES.get(class_name, (None, script))
+    if right_script != script:
+        cu.fail(f"{path} is {what} ({class_name}); use {right_script}")
 
 
 # ----------------------------------------------------------------------------------------------------------------

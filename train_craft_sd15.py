@@ -59,6 +59,7 @@ def load_models(args):
 
     common = {"revision": args.revision}
     path = args.pretrained_model_name_or_path
+    ct.check_model_family(path, args.revision, os.path.basename(__file__))
     try:
         scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **common)
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **common)

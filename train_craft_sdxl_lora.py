@@ -50,6 +50,7 @@ def load_models(args):
     from transformers import AutoTokenizer
 
     path, revision, variant = args.pretrained_model_name_or_path, args.revision, args.variant
+    ct.check_model_family(path, revision, os.path.basename(__file__))
     try:
         scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=revision)
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=revision, variant=variant)

@@ -480,7 +480,7 @@ def test_bad_input_is_one_clear_error(zoo, tmp_path, case):
         "output_not_empty": f"{tmp_path}/out is not empty; pass --overwrite_output_dir",
         "resume_latest_without_checkpoint": f"{tmp_path}/out is not empty and holds no checkpoint-* to resume from; "
                                             "pass --overwrite_output_dir to train anew over it, or choose another",
-        "sdxl_model": "is an SDXL model; use train_craft_sdxl_lora.py",
+        "sdxl_model": "is an SDXL model (StableDiffusionXLPipeline); use train_craft_sdxl_lora.py",
     }[case]
     change = {"no_caption": (1, "text", None), "negative_weight": (0, "weight", -1.0),
               "nan_weight": (1, "weight", float("nan")), "weight_missing_in_a_row": (1, "weight", None)}

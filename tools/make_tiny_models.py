@@ -9,6 +9,8 @@ downloads. Everything is seeded: the same command writes the same files.
 OUTDIR/
   sd15/                       StableDiffusionPipeline folder (64x64 images)
   sdxl/                       StableDiffusionXLPipeline folder (two text encoders, text_time embedding)
+  flux/                       FluxPipeline folder (FLUX.1-dev layout: guidance embedding, CLIP + T5, 16x16 latents)
+  t5_tokenizer/               T5 (Unigram) tokenizer built from a generated vocab
   clip_tokenizer/             CLIPTokenizer built from a generated vocab
   expander/                   tiny causal LM + tokenizer with a chat template (for --expansion llm)
   hps/                        open_clip checkpoint {"state_dict": ...} like HPS_v2.1_compressed.pt + model config
@@ -178,6 +180,57 @@ def make_sdxl(out_dir, tokenizer):
     pipe.save_pretrained(out_dir)
 
 
+def make_t5_tokenizer(out_dir, extra_ids=8):
+    """A T5 (Unigram) tokenizer in FLUX.1's tokenizer_2 layout: <pad> </s> <unk>, then WORDS and single characters
+    as sentencepiece pieces, then the sentinel <extra_id_N> tokens."""
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [(f"▁{word}", -5.0) for word in sorted(set(WORDS))]
+    pieces += [(char, -10.0) for char in "abcdefghijklmnopqrstuvwxyz0123456789,.'-"]
+    pieces += [(f"<extra_id_{i}>", 0.0) for i in reversed(range(extra_ids))]
+    tokenizer = T5Tokenizer(vocab=pieces, extra_ids=extra_ids)
+    tokenizer.model_max_length = 512
+    tokenizer.save_pretrained(out_dir)
+    return T5Tokenizer.from_pretrained(out_dir)
+
+
+def make_flux(out_dir, tokenizer, t5_tokenizer):
+    """A guidance-distilled FLUX.1-dev-style pipeline: transformer (double and single stream blocks, guidance
+    embedding), CLIP (pooled) + T5 text encoders, a VAE with FLUX's shift and scaling factors and no quant convs."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    latent_channels = 4  # FLUX.1 has 16; packed 2x2 into tokens of 4x as many channels
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=4 * latent_channels, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=TEXT_HIDDEN, pooled_projection_dim=TEXT_HIDDEN,
+        guidance_embeds=True, axes_dims_rope=(2, 2, 4),
+    )
+    torch.manual_seed(1)
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=latent_channels, sample_size=64,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), use_quant_conv=False, use_post_quant_conv=False,
+        shift_factor=0.1159, scaling_factor=0.3611,  # FLUX.1's
+    )
+    torch.manual_seed(2)
+    text_encoder = CLIPTextModel(clip_text_config(len(tokenizer)))
+    torch.manual_seed(3)
+    text_encoder_2 = T5EncoderModel(T5Config(
+        vocab_size=len(t5_tokenizer), d_model=TEXT_HIDDEN, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    ))
+    scheduler = FlowMatchEulerDiscreteScheduler(  # FLUX.1-dev's: the shift grows with the image's token count
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096,
+    )
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                        text_encoder_2=text_encoder_2, tokenizer_2=t5_tokenizer, transformer=transformer)
+    pipe.save_pretrained(out_dir)
+
+
 def make_expander(out_dir):
     """A random Llama-style chat model; its rewrites are gibberish, but the transformers code path is real."""
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders
@@ -290,6 +343,7 @@ def make_zoo(out_dir):
     tokenizer = make_clip_tokenizer(os.path.join(out_dir, "clip_tokenizer"))
     make_sd15(os.path.join(out_dir, "sd15"), tokenizer)
     make_sdxl(os.path.join(out_dir, "sdxl"), tokenizer)
+    make_flux(os.path.join(out_dir, "flux"), tokenizer, make_t5_tokenizer(os.path.join(out_dir, "t5_tokenizer")))
     make_expander(os.path.join(out_dir, "expander"))
     for name in ("hps", "aesthetic", "imagereward"):
         os.makedirs(os.path.join(out_dir, name), exist_ok=True)

@@ -1,0 +1,133 @@
+"""train_craft_flux_lora.py on the zoo's tiny FLUX.1-dev-style pipeline (guidance embedding, CLIP + T5, a VAE with
+FLUX's shift and scale): the flow-matching CRAFT loss by hand, exact resume, two processes, the LoRA file in
+FluxPipeline, and models of the wrong family refused in one line naming the right script."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import craft_outputs as co
+import craft_utils as cu
+from conftest import TWO_PROCESSES, run_script
+from make_tiny_models import make_training_set
+from test_train_sd15 import center_crop_pixels, tensorboard_scalars
+
+
+def train(zoo, data, out, *flags, **run):
+    return run_script("train_craft_flux_lora.py", "--pretrained_model_name_or_path", zoo / "flux", "--train_data_dir",
+                      data, "--output_dir", out, "--resolution", 64, "--train_batch_size", 2, "--report_to", "none",
+                      "--max_sequence_length", 16, "--seed", 7, *flags, **run)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_training_set(tmp_path_factory.mktemp("data") / "filtered")
+
+
+def test_first_step_loss_is_the_flow_matching_craft_formula_by_hand(zoo, data, tmp_path):
+    """The loss logged at step 1 against the formula computed here from each sample's seed: caption dropout, the
+    posterior sample shifted and scaled, noise, a logit-normal sigma, x_t = (1 - s) x0 + s noise, the velocity target
+    noise - x0, the guidance embedding, the pipeline's own text encoding and packing; times the CRAFT weight."""
+    from diffusers import FluxPipeline
+
+    out = tmp_path / "out"
+    train(zoo, data, out, "--max_train_steps", 1, "--train_batch_size", 4, "--center_crop", "--proportion_empty_prompts",
+          0.5, "--weighting_scheme", "logit_normal", "--logit_mean", 0.3, "--guidance_scale", 2.5, "--report_to",
+          "tensorboard")
+    logged = tensorboard_scalars(out, "loss")[1]
+
+    pipe = FluxPipeline.from_pretrained(zoo / "flux")  # a new LoRA's up-weights are 0: the base transformer
+    vae = pipe.vae
+    assert (vae.config.shift_factor, vae.config.scaling_factor) == (0.1159, 0.3611)
+    rows = cu.read_jsonl(data / "metadata.jsonl")
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cu.derive(7, "order", 0))).tolist()
+    terms, dropped = [], []
+    for index in order[:4]:
+        row = rows[index]
+        draws = torch.Generator().manual_seed(cu.derive(7, "sample", 0, index))
+        dropped.append(torch.rand((), generator=draws).item() < 0.5)
+        with torch.no_grad():
+            dist = vae.encode(center_crop_pixels(data / row["file_name"])).latent_dist
+            x0 = (dist.mean + dist.std * torch.randn(dist.mean.shape[1:], generator=draws) - 0.1159) * 0.3611
+            noise = torch.randn(x0.shape[1:], generator=draws)[None]
+            u = torch.sigmoid(0.3 + torch.randn((), generator=draws))
+            sigma = 1 - int(u * 1000) / 1000  # the training schedule: sigma = t / 1000, t = 1000 ... 1
+            noisy = (1 - sigma) * x0 + sigma * noise
+            embeds, pooled, text_ids = pipe.encode_prompt("" if dropped[-1] else row["text"], prompt_2=None,
+                                                          max_sequence_length=16)
+            _, channels, height, width = x0.shape
+            pred = pipe.transformer(
+                hidden_states=pipe._pack_latents(noisy, 1, channels, height, width), timestep=torch.tensor([sigma]),
+                guidance=torch.tensor([2.5]), pooled_projections=pooled, encoder_hidden_states=embeds,
+                txt_ids=text_ids, img_ids=pipe._prepare_latent_image_ids(1, height // 2, width // 2, "cpu",
+                                                                         torch.float32)).sample
+            pred = pipe._unpack_latents(pred, 64, 64, pipe.vae_scale_factor)
+        terms.append(row["weight"] * ((pred - (noise - x0)) ** 2).mean().item())
+    assert any(dropped) and not all(dropped)  # both kinds of caption are in the batch
+    assert logged == pytest.approx(sum(terms) / 4, rel=1e-4)
+
+
+def test_killed_resumed_and_two_processes_equal_one_straight_run(zoo, data, tmp_path):
+    flags = ("--max_train_steps", 6, "--checkpointing_steps", 2, "--learning_rate", 1e-3, "--random_flip",
+             "--weighting_scheme", "mode", "--proportion_empty_prompts", 0.3)
+    train(zoo, data, tmp_path / "straight", *flags)
+    train(zoo, data, tmp_path / "halves", *flags, kill_at="checkpoint_written#2")  # while checkpoint-4 is saved
+    train(zoo, data, tmp_path / "halves", *flags, "--resume_from_checkpoint", "latest")
+    a, b = load_file(tmp_path / "straight" / co.LORA_FILE), load_file(tmp_path / "halves" / co.LORA_FILE)
+    assert all(k.startswith("transformer.") for k in a)
+    assert max(v.abs().max().item() for k, v in a.items() if "lora_B" in k or "lora.up" in k) > 1e-4  # it trained
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    result = train(zoo, data, tmp_path / "ddp", *flags, "--train_batch_size", 1, launcher=TWO_PROCESSES)
+    assert "6 steps of 1 x 1 x 2 images" in result.stdout + result.stderr
+    two = load_file(tmp_path / "ddp" / co.LORA_FILE)
+    assert max((a[k] - two[k]).abs().max().item() for k in a) < 1e-5  # float32 summation order only
+
+
+def test_lora_loads_into_flux_pipeline_and_changes_its_images(zoo, data, tmp_path):
+    from diffusers import FluxPipeline
+
+    out = tmp_path / "lora"
+    train(zoo, data, out, "--max_train_steps", 20, "--learning_rate", 1e-2, "--rank", 8, "--validation_prompt",
+          "a red square", "--num_validation_images", 2, "--validation_inference_steps", 3, "--validation_steps", 20)
+    assert (out / "validation" / "step-000020.png").exists() and "# CRAFT LoRA of" in (out / "README.md").read_text()
+    pipe = FluxPipeline.from_pretrained(zoo / "flux")
+
+    def image():
+        return torch.from_numpy(pipe("a red square", height=64, width=64, num_inference_steps=3, guidance_scale=3.5,
+                                     max_sequence_length=16, output_type="np",
+                                     generator=torch.Generator().manual_seed(0)).images[0])
+
+    before = image()
+    pipe.load_lora_weights(out, weight_name=co.LORA_FILE)
+    assert (image() - before).abs().mean() > 1e-3
+
+
+@pytest.mark.parametrize("case", ["sdxl_to_flux", "flux_to_sdxl", "flux_to_sd15", "snr_gamma", "resolution",
+                                  "quantize_on_cpu"])
+def test_bad_input_is_one_clear_error(zoo, data, tmp_path, case):
+    script, model, extra = "train_craft_flux_lora.py", "flux", []
+    expected = {
+        "sdxl_to_flux": "is an SDXL model (StableDiffusionXLPipeline); use train_craft_sdxl_lora.py",
+        "flux_to_sdxl": "is a FLUX model (FluxPipeline); use train_craft_flux_lora.py",
+        "flux_to_sd15": "is a FLUX model (FluxPipeline); use train_craft_flux_lora.py",
+        "snr_gamma": "--snr_gamma is for DDPM models (SD1.5, SDXL); FLUX is flow-matching: see --weighting_scheme",
+        "resolution": "--resolution 70 must be a multiple of 4 for this model (VAE x 2x2 packing)",
+        "quantize_on_cpu": "--quantize_base nf4 needs a CUDA GPU",
+    }[case]
+    if case == "sdxl_to_flux":
+        model = "sdxl"
+    elif case in ("flux_to_sdxl", "flux_to_sd15"):
+        script = {"flux_to_sdxl": "train_craft_sdxl_lora.py", "flux_to_sd15": "train_craft_sd15.py"}[case]
+    elif case == "snr_gamma":
+        extra = ["--snr_gamma", "5"]
+    elif case == "resolution":
+        extra = ["--resolution", "70"]
+    else:
+        if torch.cuda.is_available():
+            pytest.skip("a GPU is here: nf4 loads")
+        extra = ["--quantize_base", "nf4"]
+    result = run_script(script, "--pretrained_model_name_or_path", zoo / model, "--train_data_dir", data,
+                        "--output_dir", tmp_path / "out", "--max_train_steps", 1, *extra, check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert expected in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,300 @@
+#!/usr/bin/env python
+"""CRAFT stage 7 for FLUX.1: advantage-weighted LoRA fine-tuning of a flow-matching transformer, QLoRA on a
+consumer GPU. A fork of train_craft_sdxl_lora.py: only the model, the inputs, the noise draw and the target differ.
+
+    accelerate launch train_craft_flux_lora.py --pretrained_model_name_or_path black-forest-labs/FLUX.1-dev \\
+      --train_data_dir filtered --output_dir craft-flux-lora --mixed_precision bf16 --quantize_base nf4 \\
+      --use_8bit_adam --gradient_checkpointing --rank 16 --resolution 1024
+
+The forward process is flow matching: x_t = (1 - sigma) * x_0 + sigma * noise, the transformer predicts the
+velocity, target = noise - x_0; sigma is drawn per sample (--weighting_scheme none = uniform, logit_normal, mode,
+as diffusers' FLUX scripts name them). The CRAFT loss is unchanged in form:
+
+    L = mean_i [ w_i * || v_theta(x_t, sigma_i, c_i) - (noise_i - x_0,i) ||^2 / (C H W) ]
+
+with w_i the sample's CRF advantage. Latents are packed 2x2 into tokens with image position ids; the caption
+conditions through T5's hidden states (up to --max_sequence_length tokens) and CLIP's pooled embedding, both cached
+once with the latents, after which the encoders and the VAE leave the GPU. FLUX.1-dev is guidance-distilled: the
+guidance value (--guidance_scale) is an input of the transformer, not classifier-free guidance.
+
+Output: pytorch_lora_weights.safetensors (FluxPipeline.load_lora_weights reads it; ComfyUI loads this diffusers
+naming too), training_config.json, validation grids and a model card.
+"""
+
+import argparse
+import math
+import os
+import statistics
+
+import craft_outputs as co
+import craft_training as ct
+import craft_utils as cu
+
+ATTENTION = "to_k,to_q,to_v,to_out.0,add_k_proj,add_q_proj,add_v_proj,to_add_out"  # double and single blocks
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ct.add_training_args(parser, resolution=1024)
+    parser.add_argument("--guidance_scale", type=float, default=3.5,
+                        help="the guidance embedding's value for guidance-distilled models (FLUX.1-dev)")
+    parser.add_argument("--max_sequence_length", type=int, default=512, help="T5 tokens per caption (at most 512)")
+    parser.add_argument("--weighting_scheme", choices=["none", "logit_normal", "mode"], default="none",
+                        help="how each sample's sigma is drawn: none = uniform")
+    parser.add_argument("--logit_mean", type=float, default=0.0, help="logit_normal: mean")
+    parser.add_argument("--logit_std", type=float, default=1.0, help="logit_normal: standard deviation")
+    parser.add_argument("--mode_scale", type=float, default=1.29, help="mode: scale")
+    parser.add_argument("--quantize_base", choices=["nf4"],
+                        help="load the frozen base transformer in 4-bit NF4 (bitsandbytes); the LoRA trains in fp32")
+    parser.set_defaults(learning_rate=1e-4, lora_target_modules=ATTENTION)
+    args = ct.parse_training_args(parser, input_args)
+    for flag in ("snr_gamma", "noise_offset", "prediction_type"):
+        if getattr(args, flag):
+            parser.error(f"--{flag} is for DDPM models (SD1.5, SDXL); FLUX is flow-matching: see --weighting_scheme")
+    if not 1 <= args.max_sequence_length <= 512:
+        parser.error("--max_sequence_length must be between 1 and 512")
+    return args
+
+
+def load_models(args, weight_dtype):
+    import torch
+    from diffusers import AutoencoderKL, BitsAndBytesConfig, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+    path, revision, variant = args.pretrained_model_name_or_path, args.revision, args.variant
+    ct.check_model_family(path, revision, os.path.basename(__file__))
+    if args.quantize_base and not torch.cuda.is_available():
+        cu.fail("--quantize_base nf4 needs a CUDA GPU (bitsandbytes 4-bit through diffusers); leave it out on the CPU")
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                      bnb_4bit_compute_dtype=weight_dtype) if args.quantize_base else None
+    try:
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler", revision=revision)
+        tokenizers = (CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=revision),
+                      T5TokenizerFast.from_pretrained(path, subfolder="tokenizer_2", revision=revision))
+        encoders = (CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=revision, variant=variant),
+                    T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2", revision=revision,
+                                                   variant=variant))
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=revision, variant=variant)
+        transformer = FluxTransformer2DModel.from_pretrained(path, subfolder="transformer", revision=revision,
+                                                             variant=variant, quantization_config=quantization,
+                                                             torch_dtype=weight_dtype if quantization else None)
+    except (OSError, ValueError) as error:
+        cu.fail(f"could not load a FLUX pipeline from {path} ({str(error).splitlines()[0]})")
+    return scheduler, tokenizers, encoders, vae, transformer
+
+
+def draw_sigma_positions(random, args):
+    """u in [0, 1) per sample, from each sample's own seed: uniform, logit-normal, or the 'mode' density (diffusers'
+    compute_density_for_timestep_sampling, which draws from the global generator)."""
+    import torch
+
+    if args.weighting_scheme == "logit_normal":
+        return torch.sigmoid(args.logit_mean + args.logit_std * random.randn())
+    u = random.rand()
+    if args.weighting_scheme == "mode":
+        u = 1 - u - args.mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
+    return u
+
+
+def main(args):
+    import torch
+    from diffusers import FluxPipeline
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params, free_memory
+    from peft import LoraConfig
+    from tqdm.auto import tqdm
+
+    accelerator = ct.make_accelerator(args)
+    torch.manual_seed(args.seed)  # LoRA's initial weights
+    examples, weights_note = ct.load_examples(args)  # every bad row is refused before a model loads
+    weight_dtype = ct.weight_dtype_of(accelerator)
+    noise_scheduler, (tokenizer, tokenizer_2), (text_encoder, text_encoder_2), vae, transformer = \
+        load_models(args, weight_dtype)
+    for frozen in (text_encoder, text_encoder_2, vae, transformer):
+        frozen.requires_grad_(False)
+    packing = 2 * 2 ** (len(vae.config.block_out_channels) - 1)  # VAE downsampling x the 2x2 token packing
+    if args.resolution % packing:
+        cu.fail(f"--resolution {args.resolution} must be a multiple of {packing} for this model (VAE x 2x2 packing)")
+
+    # What trains: a LoRA on the attention projections of the double- and single-stream blocks.
+    lora_alpha = args.lora_alpha or args.rank
+    if args.quantize_base:
+        from peft import prepare_model_for_kbit_training
+
+        transformer = prepare_model_for_kbit_training(transformer, use_gradient_checkpointing=False)
+    transformer.add_adapter(LoraConfig(r=args.rank, lora_alpha=lora_alpha, init_lora_weights="gaussian",
+                                       target_modules=args.lora_target_modules.split(",")))
+    trained = {"transformer": transformer}
+
+    def encode_images(pixels):
+        """-> the VAE posterior's mean and std; the loop draws a new sample from it at every step."""
+        dist = vae.encode(pixels.to(accelerator.device, vae.dtype)).latent_dist
+        return dist.mean.float(), dist.std.float()
+
+    def encode_prompt(captions):
+        """T5's last hidden states (the tokens the transformer attends to) and CLIP's pooled embedding."""
+        clip_ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                             return_tensors="pt").input_ids
+        t5_ids = tokenizer_2(captions, padding="max_length", max_length=args.max_sequence_length, truncation=True,
+                             return_tensors="pt").input_ids
+        return {"prompt_embeds": text_encoder_2(t5_ids.to(accelerator.device))[0],
+                "pooled_prompt_embeds": text_encoder(clip_ids.to(accelerator.device)).pooler_output}
+
+    def move_frozen(device):
+        for module in (vae, text_encoder, text_encoder_2):
+            module.to(device)
+        free_memory()
+
+    for module in (vae, text_encoder, text_encoder_2):
+        module.to(accelerator.device, weight_dtype)
+    # CRAFT's sets are tiny: encode every image (both flips) and caption once, then free the VAE and both text
+    # encoders (T5-XXL alone is 9.5 GB in bf16) before the transformer trains.
+    cache = ct.should_cache(args, examples)
+    encodings = ct.Encodings(examples, args, encode_images, encode_prompt, cache,
+                             show_progress=accelerator.is_local_main_process)
+    if cache:
+        move_frozen("cpu")
+    if args.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    if args.enable_xformers_memory_efficient_attention:
+        transformer.enable_xformers_memory_efficient_attention()
+    if not args.quantize_base:  # a quantized model is already on the device, in its own dtypes
+        transformer.to(accelerator.device, weight_dtype)
+    cast_training_params([transformer], torch.float32)  # no "Attempting to unscale FP16 gradients"
+
+    params_to_optimize = [p for p in transformer.parameters() if p.requires_grad]
+    optimizer = ct.make_optimizer(params_to_optimize, args, accelerator.num_processes)
+    train_dataset, train_dataloader = ct.make_dataloader(examples, args, cached=cache)
+    num_update_steps_per_epoch = math.ceil(
+        len(train_dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps or args.num_train_epochs * num_update_steps_per_epoch
+    num_train_epochs = math.ceil(max_train_steps / num_update_steps_per_epoch)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=max_train_steps * accelerator.num_processes)
+    co.register_checkpoint_hooks(accelerator, FluxPipeline, trained, is_lora=True)
+    transformer, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+        transformer, optimizer, train_dataloader, lr_scheduler)
+
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        accelerator.init_trackers("craft", config={k: v for k, v in vars(args).items()
+                                                   if isinstance(v, (int, float, str, bool))})
+    global_step = co.resume(accelerator, args)
+    first_epoch, skip_batches = divmod(global_step, num_update_steps_per_epoch)
+    skip_batches *= args.gradient_accumulation_steps
+    rewards = co.load_validation_rewards(args, accelerator)
+
+    def log_validation(step):
+        if not accelerator.is_main_process:
+            return
+        move_frozen(accelerator.device)
+        transformer.eval()
+        pipeline = FluxPipeline.from_pretrained(
+            args.pretrained_model_name_or_path, transformer=accelerator.unwrap_model(transformer), vae=vae,
+            text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
+            revision=args.revision, variant=args.variant).to(accelerator.device)
+        co.log_validation(pipeline, args, accelerator, rewards, step, height=args.resolution, width=args.resolution,
+                          guidance_scale=args.guidance_scale, max_sequence_length=args.max_sequence_length)
+        del pipeline
+        transformer.train()
+        if cache:
+            move_frozen("cpu")
+
+    accelerator.print(
+        f"{len(examples)} training images ({weights_note}); latents {'cached' if cache else 'encoded'}, text "
+        + ("cached" if cache else "encoded each step")
+        + f"; {max_train_steps} steps of {args.train_batch_size} x {args.gradient_accumulation_steps} x "
+          f"{accelerator.num_processes} images")
+    progress_bar = tqdm(range(max_train_steps), initial=global_step, desc="steps",
+                        disable=not accelerator.is_local_main_process)
+    clock, losses = co.StepClock(), []
+    guidance_embeds = accelerator.unwrap_model(transformer).config.guidance_embeds
+    for epoch in range(first_epoch, num_train_epochs):
+        if global_step >= max_train_steps:  # resumed from the last checkpoint: only the outputs are left to write
+            break
+        train_dataset.epoch = epoch  # the epoch's seeded order and flips
+        transformer.train()
+        resumed_epoch = epoch == first_epoch and skip_batches > 0
+        batches = accelerator.skip_first_batches(train_dataloader, skip_batches) if resumed_epoch else train_dataloader
+        for batch in batches:
+            # each sample's draws come from its own seed: resumed, or on any number of GPUs, the run is the same
+            random = ct.SampleRandom(args.seed, epoch, batch["index"])
+            with accelerator.accumulate(transformer):
+                captions = ct.drop_captions(batch["caption"], args.proportion_empty_prompts, random)
+                mean, std, _ = encodings.latent_dist(batch)
+                latents = mean + std * random.randn(*mean.shape[1:]).to(mean.device)
+                latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
+                text = encodings.text(captions)
+                batch_size, channels, height, width = latents.shape
+
+                # flow matching: noise, a sigma per sample from --weighting_scheme, the straight path between them
+                noise = random.randn(*latents.shape[1:]).to(latents.device)
+                positions = (draw_sigma_positions(random, args) * noise_scheduler.config.num_train_timesteps).long()
+                timesteps = noise_scheduler.timesteps[positions].to(latents.device)
+                sigmas = noise_scheduler.sigmas[positions].to(latents.device).view(-1, 1, 1, 1)
+                noisy_latents = (1 - sigmas) * latents + sigmas * noise
+                target = noise - latents
+
+                # the transformer's inputs: 2x2 patches as tokens, their (row, column) ids, the text tokens' ids (0)
+                packed = FluxPipeline._pack_latents(noisy_latents, batch_size, channels, height, width)
+                image_ids = FluxPipeline._prepare_latent_image_ids(batch_size, height // 2, width // 2,
+                                                                   latents.device, weight_dtype)
+                prompt_embeds = text["prompt_embeds"].to(latents.device, weight_dtype)
+                text_ids = torch.zeros(prompt_embeds.shape[1], 3, device=latents.device, dtype=weight_dtype)
+                guidance = torch.full((batch_size,), args.guidance_scale, device=latents.device) \
+                    if guidance_embeds else None
+                model_pred = transformer(hidden_states=packed.to(weight_dtype), timestep=timesteps / 1000,
+                                         guidance=guidance, encoder_hidden_states=prompt_embeds,
+                                         pooled_projections=text["pooled_prompt_embeds"].to(latents.device,
+                                                                                             weight_dtype),
+                                         txt_ids=text_ids, img_ids=image_ids, return_dict=False)[0]
+
+                # The CRAFT loss: L = mean_i [ w_i * ||v_i - (noise_i - x0_i)||^2 / (C*H*W) ], w_i the sample's weight
+                # (its CRF advantage; 1 in plain SFT). The packed target holds the same elements as the latents.
+                per_sample_loss = ct.per_sample_mse(
+                    model_pred, FluxPipeline._pack_latents(target, batch_size, channels, height, width))
+                loss = (per_sample_loss * batch["weight"].to(per_sample_loss.device)).mean()
+
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm:
+                    accelerator.clip_grad_norm_(params_to_optimize, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+            losses.append(accelerator.gather(loss.detach()).mean().item())
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            clock.step_done(global_step)
+            logs = {"loss": statistics.fmean(losses), "lr": lr_scheduler.get_last_lr()[0]}
+            losses = []
+            progress_bar.update(1)
+            progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
+            accelerator.log(logs, step=global_step)
+            if global_step % args.checkpointing_steps == 0:
+                co.save_checkpoint(accelerator, args, global_step)
+            if args.validation_prompt and args.validation_steps and global_step % args.validation_steps == 0:
+                log_validation(global_step)
+            if global_step >= max_train_steps:
+                break
+        if args.validation_prompt and not args.validation_steps and (epoch + 1) % args.validation_epochs == 0:
+            log_validation(global_step)
+        if global_step >= max_train_steps:
+            break
+    progress_bar.close()
+
+    accelerator.wait_for_everyone()
+    stats = {"num_images": len(examples), "weights": weights_note, "weight_sum": sum(e.weight for e in examples),
+             "latents_cached": cache, **clock.summary(global_step)}
+    if accelerator.is_main_process:
+        with co.written_whole(args.output_dir) as folder:
+            co.save_lora(FluxPipeline, folder, {"transformer": accelerator.unwrap_model(transformer)})
+        co.finish(args, True, stats)
+        accelerator.print(f"trained {global_step} steps in {stats['seconds']} s, {stats['memory']}; "
+                          f"saved to {args.output_dir}")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(parse_args())
