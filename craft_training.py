@@ -177,12 +177,7 @@ FAMILIES = {  # a pipeline's model_index.json class -> (what it is, the script t
 def check_model_family(path, revision, script):
     """Refuse, in one line naming the right script, a pipeline of a family another of our scripts trains. Pipelines
     of other classes (or without a model_index.json) go on to the script's own loading and its errors."""
-    from diffusers import DiffusionPipeline
-
-    try:
-        class_name = DiffusionPipeline.load_config(path, revision=revision).get("_class_name")
-    except Exception:  # not a pipeline folder, or not reachable: the model loading says why
-        return
+    class_name = cu.pipeline_class_name(path, revision)
     what, right_script = FAMILIES.get(class_name, (None, script))
     if right_script != script:
         cu.fail(f"{path} is {what} ({class_name}); use {right_script}")

@@ -361,7 +361,7 @@ TORCH_DTYPES = {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}
 def add_generation_args(parser, model_required=True):
     group = parser.add_argument_group("model and sampling")
     group.add_argument("--pretrained_model_name_or_path", required=model_required,
-                       help="SD1.5- or SDXL-style diffusers pipeline: Hub id or local folder")
+                       help="SD1.5-, SDXL- or FLUX.1-style diffusers pipeline: Hub id or local folder")
     group.add_argument("--revision", help="model revision (branch, tag or commit) on the Hub")
     group.add_argument("--variant", help="weights variant to load, e.g. fp16")
     group.add_argument("--pretrained_vae_model_name_or_path",
@@ -369,7 +369,10 @@ def add_generation_args(parser, model_required=True):
     group.add_argument("--lora_path", help="LoRA weights to load into the pipeline (a folder or a .safetensors file)")
     group.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sampler (default: the pipeline's own)")
     group.add_argument("--num_inference_steps", type=int, default=30)
-    group.add_argument("--guidance_scale", type=float, default=7.5)
+    group.add_argument("--guidance_scale", type=float,
+                       help="classifier-free guidance (SD1.5/SDXL; default 7.5), or the guidance embedding's value "
+                            "(FLUX.1-dev; default 3.5)")
+    group.add_argument("--max_sequence_length", type=int, help="FLUX: T5 tokens per prompt (the pipeline's 512)")
     group.add_argument("--height", type=int, help="image height (default: the model's native size)")
     group.add_argument("--width", type=int, help="image width (default: the model's native size)")
     group.add_argument("--num_images_per_prompt", type=int, default=2, help="images (seeds) per prompt text")
@@ -397,7 +400,7 @@ def generation_settings(args):
     """Every flag that changes the images, and the local model's configs; a folder is only resumed with the same."""
     names = ["pretrained_model_name_or_path", "revision", "variant", "pretrained_vae_model_name_or_path",
              "lora_path", "scheduler", "num_inference_steps", "guidance_scale", "height", "width",
-             "num_images_per_prompt", "batch_size", "mixed_precision", "seed"]
+             "num_images_per_prompt", "batch_size", "mixed_precision", "seed", "max_sequence_length"]
     return {**{name: getattr(args, name) for name in names},
             "model_configs_sha256": local_model_configs_sha256(args.pretrained_model_name_or_path)}
 
@@ -468,6 +471,28 @@ def start_generation_folder(output_dir, settings, pipe, args, start_over, state)
     state.wait_for_everyone()
 
 
+def pipeline_class_name(path, revision):
+    """The pipeline class a model_index.json names (local folder or Hub id); None if there is none to read."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        return DiffusionPipeline.load_config(path, revision=revision).get("_class_name")
+    except Exception:  # not a pipeline folder, or not reachable: loading the model says why
+        return None
+
+
+def resolve_sampling_defaults(args):
+    """The defaults that depend on the model family, resolved before the settings are recorded: --guidance_scale is
+    classifier-free guidance for SD1.5/SDXL (7.5) and the guidance embedding's value for FLUX.1-dev (3.5)."""
+    is_flux = "Flux" in (pipeline_class_name(args.pretrained_model_name_or_path, args.revision) or "")
+    if args.guidance_scale is None:
+        args.guidance_scale = 3.5 if is_flux else 7.5
+    if args.max_sequence_length is not None and not is_flux:
+        fail("--max_sequence_length is for FLUX pipelines (the T5 encoder's tokens); leave it out for SD1.5/SDXL")
+    if args.scheduler and is_flux:
+        fail("--scheduler picks an SD1.5/SDXL sampler; FLUX samples with its own flow-matching Euler scheduler")
+
+
 def load_pipeline(args, device):
     import torch
     from diffusers import AutoencoderKL, DiffusionPipeline
@@ -483,8 +508,9 @@ def load_pipeline(args, device):
     except (OSError, ValueError, EnvironmentError) as error:
         fail(f"could not load a diffusers pipeline from '{args.pretrained_model_name_or_path}' "
              f"({str(error).splitlines()[0]}); give a local pipeline folder with model_index.json or a Hub id")
-    if not hasattr(pipe, "unet") or not hasattr(pipe, "vae"):
-        fail(f"{args.pretrained_model_name_or_path} is a {type(pipe).__name__}, not an SD1.5/SDXL-style pipeline")
+    if not (hasattr(pipe, "unet") or hasattr(pipe, "transformer")) or not hasattr(pipe, "vae"):
+        fail(f"{args.pretrained_model_name_or_path} is a {type(pipe).__name__}, not an SD1.5/SDXL/FLUX-style "
+             "pipeline")
     if args.lora_path:
         if not os.path.exists(args.lora_path):
             fail(f"--lora_path {args.lora_path} does not exist")
@@ -498,7 +524,9 @@ def load_pipeline(args, device):
 
 
 def native_size(pipe):
-    return pipe.unet.config.sample_size * pipe.vae_scale_factor
+    """A UNet's sample size, or (FLUX) the pipeline's default, in pixels."""
+    latent_size = pipe.unet.config.sample_size if hasattr(pipe, "unet") else pipe.default_sample_size
+    return latent_size * pipe.vae_scale_factor
 
 
 def image_file_name(group_id, variant_id, image_index):
@@ -553,6 +581,7 @@ def generate_images(pipe, planned, output_dir, args, state):
                 generator=[torch.Generator("cpu").manual_seed(row["seed"]) for row in batch],
                 num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                 height=args.height or size, width=args.width or size, output_type="pil",
+                **({"max_sequence_length": args.max_sequence_length} if args.max_sequence_length else {}),
             ).images
             new_rows = [row for row in batch if row["file_name"] not in done]
             for row, image in zip(batch, images):

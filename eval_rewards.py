@@ -166,6 +166,7 @@ def generate_eval_images(jobs, state):
     plans = []
     for args in jobs:
         prompts = cu.load_prompts(args)
+        cu.resolve_sampling_defaults(args)
         settings = {**cu.generation_settings(args), "prompts_source": args.prompts_file or args.dataset_name,
                     "num_prompts": len(prompts), "prompts_sha256": cu.sha256_of(prompts)}
         plans.append((args, prompts, settings, cu.check_generation_folder(args.output_dir, settings, args.overwrite)))

@@ -356,3 +356,34 @@ def test_append_log_drops_a_torn_row_and_read_jsonl_names_the_bad_line(tmp_path)
     bad = write_lines(tmp_path / "bad.jsonl", ['{"a": 1}', "{oops", '{"a": 2}'])
     with pytest.raises(SystemExit, match=r"bad.jsonl, line 2: not valid JSON"):
         cu.read_jsonl(bad, allow_torn_tail=True)
+
+
+def test_flux_candidates_record_flux_defaults_and_plain_diffusers_regenerates_them(zoo, reference, tmp_path):
+    """FLUX.1-dev-style pipelines: the guidance embedding's default (3.5, where SD's classifier-free guidance gets
+    7.5), --max_sequence_length recorded and used; the SD-only and FLUX-only flags refused in one line."""
+    from diffusers import FluxPipeline
+
+    prompts = write_lines(tmp_path / "prompts.txt", PROMPTS[:2])
+    out = tmp_path / "flux"
+    generate(zoo, prompts, out, "--height", 64, "--width", 64, "--max_sequence_length", 16, model="flux")
+    config = json.loads((out / "generation_config.json").read_text())
+    assert (config["settings"]["guidance_scale"], config["settings"]["max_sequence_length"]) == (3.5, 16)
+    assert config["resolved"] == {"pipeline_class": "FluxPipeline", "scheduler": "FlowMatchEulerDiscreteScheduler",
+                                  "height": 64, "width": 64}
+    assert json.loads((reference[1] / "generation_config.json").read_text())["settings"]["guidance_scale"] == 7.5
+    rows = cu.read_jsonl(out / "metadata.jsonl")
+    assert len(rows) == 2 * 3 * 2
+    pipe = FluxPipeline.from_pretrained(zoo / "flux")
+    row = rows[4]
+    image = pipe(row["text"], generator=torch.Generator().manual_seed(row["seed"]), num_inference_steps=2,
+                 guidance_scale=3.5, height=64, width=64, max_sequence_length=16).images[0]
+    saved = np.asarray(Image.open(out / row["file_name"]), dtype=np.int16)
+    assert np.abs(np.asarray(image, dtype=np.int16) - saved).max() <= 2  # batched vs single: float rounding only
+    assert np.abs(np.asarray(Image.open(out / rows[5]["file_name"]), dtype=np.int16) - saved).mean() > 1
+
+    for model, flag, expected in (
+            ("sd15", ["--max_sequence_length", 16], "--max_sequence_length is for FLUX pipelines"),
+            ("flux", ["--scheduler", "ddim"], "--scheduler picks an SD1.5/SDXL sampler; FLUX samples with its own")):
+        result = generate(zoo, prompts, tmp_path / f"refused-{model}", *flag, model=model, check=False)
+        assert result.returncode != 0 and expected in result.stderr.strip().splitlines()[-1]
+        assert not (tmp_path / f"refused-{model}").exists()

@@ -2,6 +2,8 @@
 FLUX's shift and scale): the flow-matching CRAFT loss by hand, exact resume, two processes, the LoRA file in
 FluxPipeline, and models of the wrong family refused in one line naming the right script."""
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -31,9 +33,9 @@ def test_first_step_loss_is_the_flow_matching_craft_formula_by_hand(zoo, data, t
     from diffusers import FluxPipeline
 
     out = tmp_path / "out"
-    train(zoo, data, out, "--max_train_steps", 1, "--train_batch_size", 4, "--center_crop", "--proportion_empty_prompts",
-          0.5, "--weighting_scheme", "logit_normal", "--logit_mean", 0.3, "--guidance_scale", 2.5, "--report_to",
-          "tensorboard")
+    train(zoo, data, out, "--max_train_steps", 1, "--train_batch_size", 4, "--center_crop",
+          "--proportion_empty_prompts", 0.5, "--weighting_scheme", "logit_normal", "--logit_mean", 0.3,
+          "--guidance_scale", 2.5, "--report_to", "tensorboard")
     logged = tensorboard_scalars(out, "loss")[1]
 
     pipe = FluxPipeline.from_pretrained(zoo / "flux")  # a new LoRA's up-weights are 0: the base transformer
@@ -100,6 +102,17 @@ def test_lora_loads_into_flux_pipeline_and_changes_its_images(zoo, data, tmp_pat
     before = image()
     pipe.load_lora_weights(out, weight_name=co.LORA_FILE)
     assert (image() - before).abs().mean() > 1e-3
+
+    # eval_rewards.py's model mode: the tuned FLUX model against the base on the same prompts and seeds
+    (tmp_path / "prompts.txt").write_text("a red square\na blue square\n")
+    sampling = ["--pretrained_model_name_or_path", zoo / "flux", "--prompts_file", tmp_path / "prompts.txt",
+                "--num_images_per_prompt", 1, "--num_inference_steps", 2, "--height", 64, "--width", 64,
+                "--max_sequence_length", 16, "--rewards", "jpeg"]
+    run_script("eval_rewards.py", *sampling, "--output_dir", tmp_path / "eval_base")
+    run_script("eval_rewards.py", *sampling, "--lora_path", out, "--output_dir", tmp_path / "eval_lora",
+               "--compare_to", tmp_path / "eval_base")
+    summary = json.loads((tmp_path / "eval_lora" / "rewards_summary.json").read_text())
+    assert summary["comparison"]["pairs"] == 2 and summary["comparison"]["rewards"]["jpeg"]["mean_delta"] != 0
 
 
 @pytest.mark.parametrize("case", ["sdxl_to_flux", "flux_to_sdxl", "flux_to_sd15", "snr_gamma", "resolution",
