@@ -51,6 +51,9 @@ def parse_args(input_args=None):
     for flag in ("snr_gamma", "noise_offset", "prediction_type"):
         if getattr(args, flag):
             parser.error(f"--{flag} is for DDPM models (SD1.5, SDXL); FLUX is flow-matching: see --weighting_scheme")
+    if args.output_kohya_format:  # ComfyUI reads the diffusers file for FLUX; kohya's names fuse q, k and v
+        parser.error("--output_kohya_format is not built for FLUX yet: ComfyUI loads pytorch_lora_weights.safetensors "
+                     "as it is")
     if not 1 <= args.max_sequence_length <= 512:
         parser.error("--max_sequence_length must be between 1 and 512")
     return args

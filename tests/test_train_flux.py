@@ -116,7 +116,7 @@ def test_lora_loads_into_flux_pipeline_and_changes_its_images(zoo, data, tmp_pat
 
 
 @pytest.mark.parametrize("case", ["sdxl_to_flux", "flux_to_sdxl", "flux_to_sd15", "snr_gamma", "resolution",
-                                  "quantize_on_cpu"])
+                                  "quantize_on_cpu", "kohya"])
 def test_bad_input_is_one_clear_error(zoo, data, tmp_path, case):
     script, model, extra = "train_craft_flux_lora.py", "flux", []
     expected = {
@@ -126,6 +126,7 @@ def test_bad_input_is_one_clear_error(zoo, data, tmp_path, case):
         "snr_gamma": "--snr_gamma is for DDPM models (SD1.5, SDXL); FLUX is flow-matching: see --weighting_scheme",
         "resolution": "--resolution 70 must be a multiple of 4 for this model (VAE x 2x2 packing)",
         "quantize_on_cpu": "--quantize_base nf4 needs a CUDA GPU",
+        "kohya": "--output_kohya_format is not built for FLUX yet: ComfyUI loads pytorch_lora_weights.safetensors",
     }[case]
     if case == "sdxl_to_flux":
         model = "sdxl"
@@ -135,6 +136,8 @@ def test_bad_input_is_one_clear_error(zoo, data, tmp_path, case):
         extra = ["--snr_gamma", "5"]
     elif case == "resolution":
         extra = ["--resolution", "70"]
+    elif case == "kohya":
+        extra = ["--output_kohya_format"]
     else:
         if torch.cuda.is_available():
             pytest.skip("a GPU is here: nf4 loads")
