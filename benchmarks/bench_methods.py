@@ -13,7 +13,8 @@ candidates of each seed, crf_filter.py makes the three training sets:
   Diffusion-DPO  --mode pairs: each prompt's best image against its worst; train_craft_sd15.py --loss dpo
 
 First each method's learning rate is chosen by a small sweep (--learning_rates, on --sweep_seed, which is none of
---seeds: the choice is not tuned on the runs reported), the highest held-out `color` gain at the last step. Then for
+--seeds: the choice is not tuned on the runs reported), the highest held-out `color` gain at the last step; when the
+best rate is an end of the grid, the grid grows by a factor 4 past it (twice at most). Then for
 each of --seeds every method trains with its chosen rate, and the LoRA of every checkpoint in --eval_steps is
 evaluated on held-out prompts against the base, on the same (prompt, seed) pairs. Reported: the `color` and `jpeg`
 gains (mean over seeds; s.e. = the spread of the seeds' gains / sqrt(seeds), which holds both the training noise and
@@ -137,6 +138,21 @@ def best_learning_rate(finals):
     return max(sorted(finals), key=lambda rate: finals[rate])
 
 
+def sweep(args, prepared, method, extensions=2):
+    """The method's final color gain at each of --learning_rates on the sweep seed; while the best rate is the
+    grid's lowest or highest, the grid grows by a factor 4 past it (at most `extensions` times), so the rate chosen
+    is a peak, not an edge. -> (chosen rate, {rate: final color gain})."""
+    last, finals, todo = args.eval_steps[-1], {}, sorted(args.learning_rates)
+    for extension in range(extensions + 1):
+        for rate in todo:
+            finals[rate] = train_and_evaluate(args, prepared, args.sweep_seed, method, rate, [last])[0][last][
+                "color"]["mean_delta"]
+        best, rates = best_learning_rate(finals), sorted(finals)
+        if rates[0] < best < rates[-1] or extension == extensions:
+            return best, finals
+        todo = [best / 4 if best == rates[0] else best * 4]
+
+
 def mean_and_stderr(values, stderrs):
     """Over seeds: the mean, and the seeds' spread / sqrt(K); one seed: its own evaluation s.e."""
     if len(values) == 1:
@@ -169,9 +185,17 @@ def summarise(runs, batch_size=8):
     return results, target
 
 
-def markdown(results, target, chosen, seeds):
+def markdown(results, target, chosen, seeds, swept):
     steps = sorted(results["CRAFT"]["curves"]["color"])
-    lines = [f"Held-out gain against the base (mean over seeds {', '.join(map(str, seeds))} +- s.e.), by optimizer "
+    lines = []
+    if swept:
+        rates = sorted({rate for finals in swept.values() for rate in finals})
+        lines += ["The learning-rate sweep (final held-out `color` gain, sweep seed):", "",
+                  "| method | " + " | ".join(f"lr {rate:g}" for rate in rates) + " |", "|---|" + "---|" * len(rates)]
+        lines += [f"| {method} | " + " | ".join(f"{finals[rate]:+.3f}" if rate in finals else "" for rate in rates)
+                  + " |" for method, finals in swept.items()]
+        lines.append("")
+    lines += [f"Held-out gain against the base (mean over seeds {', '.join(map(str, seeds))} +- s.e.), by optimizer "
              "step; learning rates chosen by the sweep: " + ", ".join(f"{m} {r:g}" for m, r in chosen.items()) + ".",
              "", "| method | reward | " + " | ".join(f"step {s}" for s in steps) + " |",
              "|---|---|" + "---|" * len(steps)]
@@ -217,24 +241,21 @@ def main(argv=None):
     args = parse_args(argv)
     started = time.time()
     os.makedirs(args.output_dir, exist_ok=True)
-    chosen = {method: args.learning_rates[0] for method in METHODS}
+    chosen, swept = {method: args.learning_rates[0] for method in METHODS}, {}
     if len(args.learning_rates) > 1:
         prepared = prepare(args, args.sweep_seed)
-        last = args.eval_steps[-1]
         for method in METHODS:
-            finals = {rate: train_and_evaluate(args, prepared, args.sweep_seed, method, rate, [last])[0][last]
-                      ["color"]["mean_delta"] for rate in args.learning_rates}
-            chosen[method] = best_learning_rate(finals)
-            print(f"{method}: final color gain by learning rate {finals}; chosen {chosen[method]:g}", flush=True)
+            chosen[method], swept[method] = sweep(args, prepared, method)
+            print(f"{method}: final color gain by learning rate {swept[method]}; chosen {chosen[method]:g}", flush=True)
     prepared = {seed: prepare(args, seed) for seed in args.seeds}
     runs = {method: {seed: train_and_evaluate(args, prepared[seed], seed, method, chosen[method], args.eval_steps)
                      for seed in args.seeds} for method in METHODS}
     results, target = summarise(runs)
-    table = markdown(results, target, chosen, args.seeds)
+    table = markdown(results, target, chosen, args.seeds, swept)
     with open(os.path.join(args.output_dir, "methods.md"), "w") as f:
         f.write(table)
     with open(os.path.join(args.output_dir, "methods.json"), "w") as f:
-        json.dump({"learning_rates": chosen, "target": target, "results": results, "seeds": args.seeds,
+        json.dump({"learning_rates": chosen, "sweep": swept, "target": target, "results": results, "seeds": args.seeds,
                    "settings": {k: v for k, v in vars(args).items() if k != "output_dir"}}, f, indent=1)
     plot(results, os.path.join(args.output_dir, "methods.png"))
     print(table)

@@ -23,6 +23,30 @@ def test_learning_rate_choice_reach_and_seed_statistics_by_hand():
     assert bench_methods.mean_and_stderr([0.1], [0.02]) == (0.1, 0.02)  # one seed: its evaluation's s.e.
 
 
+def test_sweep_grows_past_a_winning_edge_of_the_grid(monkeypatch):
+    """Gains peaking at lr 1.25e-4, below a grid of 5e-4 .. 8e-3: the sweep tries 1.25e-4, then 3.125e-5, which
+    shows 1.25e-4 is the peak; a peak further down stops it after two extensions; a grid whose middle wins stays."""
+    tried = []
+
+    def fake_run(peak):
+        def run(args, prepared, seed, method, rate, steps):
+            tried.append(rate)
+            return {steps[-1]: {"color": {"mean_delta": -abs(math.log(rate / peak))}}}, 0.1
+        return run
+
+    args = bench_methods.parse_args(["--learning_rates", "5e-4", "2e-3", "8e-3"])
+    monkeypatch.setattr(bench_methods, "train_and_evaluate", fake_run(1.25e-4))
+    chosen, finals = bench_methods.sweep(args, None, "CRAFT")
+    assert tried == [5e-4, 2e-3, 8e-3, 1.25e-4, 3.125e-5] and chosen == pytest.approx(1.25e-4)
+    tried.clear()
+    monkeypatch.setattr(bench_methods, "train_and_evaluate", fake_run(1e-7))
+    chosen, finals = bench_methods.sweep(args, None, "CRAFT")
+    assert tried == pytest.approx([5e-4, 2e-3, 8e-3, 1.25e-4, 3.125e-5]) and chosen == pytest.approx(3.125e-5)
+    tried.clear()
+    monkeypatch.setattr(bench_methods, "train_and_evaluate", fake_run(2e-3))
+    assert bench_methods.sweep(args, None, "CRAFT")[0] == 2e-3 and tried == [5e-4, 2e-3, 8e-3]
+
+
 def test_reduced_comparison_writes_what_the_evaluations_hold(tmp_path, capsys):
     out = tmp_path / "methods"
     flags = ["--output_dir", str(out), "--seeds", "0", "--learning_rates", "2e-3", "--eval_steps", "2", "4",
