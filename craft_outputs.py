@@ -227,9 +227,11 @@ def load_validation_rewards(args, accelerator):
     return {name: craft_rewards.load_reward(name, args, accelerator.device) for name in args.validation_reward_names}
 
 
-def log_validation(pipeline, args, accelerator, rewards, step, **pipeline_kwargs):
+def log_validation(pipeline, args, accelerator, rewards, step, prompt_inputs=None, **pipeline_kwargs):
     """Images for every validation prompt from fixed seeds -> validation/step-N.png, the trackers, reward means.
-    `pipeline_kwargs`: what the model family's pipeline call needs beyond the prompt (size, guidance...)."""
+    `prompt_inputs`: prompt -> the pipeline's inputs in place of the text (embeddings computed once, so large text
+    encoders need not come back to the GPU); `pipeline_kwargs`: what the family's pipeline call needs besides
+    (size, guidance...)."""
     import torch
 
     pipeline.set_progress_bar_config(disable=True)
@@ -238,7 +240,8 @@ def log_validation(pipeline, args, accelerator, rewards, step, **pipeline_kwargs
         for p, prompt in enumerate(args.validation_prompt):
             for i in range(args.num_validation_images):
                 generator = torch.Generator().manual_seed(cu.derive(args.seed, "validation", p, i))
-                images += pipeline(prompt, num_inference_steps=args.validation_inference_steps,
+                inputs = prompt_inputs[prompt] if prompt_inputs else {"prompt": prompt}
+                images += pipeline(**inputs, num_inference_steps=args.validation_inference_steps,
                                    generator=generator, **pipeline_kwargs).images
                 prompts.append(prompt)
     folder = os.path.join(args.output_dir, "validation")
@@ -321,7 +324,8 @@ def write_training_config(args, stats):
         "versions": {"diffusers": diffusers.__version__, "torch": torch.__version__}})
 
 
-def write_model_card(args, is_lora, stats):
+def write_model_card(args, is_lora, stats, license="openrail++"):
+    """README.md for the Hub; `license`: the base model's (a fine-tune inherits it; "other" for custom licences)."""
     from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH, populate_model_card
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -358,7 +362,7 @@ def write_model_card(args, is_lora, stats):
                         f"weight_name=\"{LORA_FILE}\")\n```\n")
     # a new card from diffusers' training template (load_or_create_model_card would first look on the Hub)
     card = ModelCard.from_template(
-        ModelCardData(license="openrail++", library_name="diffusers", base_model=args.pretrained_model_name_or_path),
+        ModelCardData(license=license, library_name="diffusers", base_model=args.pretrained_model_name_or_path),
         template_path=MODEL_CARD_TEMPLATE_PATH, model_description=description)
     tags = ["text-to-image", "diffusers", "diffusion-dpo" if args.loss == "dpo" else "craft", "diffusers-training"]
     tags += ["lora"] if is_lora else []
@@ -376,9 +380,9 @@ def push_to_hub(args):
     return repo_id
 
 
-def finish(args, is_lora, stats):
+def finish(args, is_lora, stats, license="openrail++"):
     """training_config.json, the model card, and the Hub upload with --push_to_hub."""
     write_training_config(args, stats)
-    write_model_card(args, is_lora, stats)
+    write_model_card(args, is_lora, stats, license)
     if args.push_to_hub:
         push_to_hub(args)

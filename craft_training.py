@@ -42,7 +42,8 @@ def add_training_args(parser, resolution, beta_dpo=None):
         a("--loss", choices=["craft", "dpo"], default="craft",
           help="craft: the advantage-weighted denoising loss; dpo: the Diffusion-DPO baseline, on a folder of "
                "preference pairs (crf_filter.py --mode pairs) against the frozen base model")
-        a("--beta_dpo", type=float, default=beta_dpo, help="--loss dpo: how far from the base the preference may pull")
+        a("--beta_dpo", type=float, default=beta_dpo,
+          help="--loss dpo: the strength of the tie to the base model (larger keeps the model closer to it)")
         a("--rejected_image_column", default="rejected",
           help="--loss dpo with --dataset_name: the rejected image's column (a pairs folder: rejected_file_name)")
     a("--resolution", type=int, default=resolution)
@@ -137,6 +138,8 @@ def parse_training_args(parser, input_args):
             import bitsandbytes  # noqa: F401 (checked before any model loads)
         except ImportError:
             parser.error("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes")
+    if args.beta_dpo is not None and args.beta_dpo < 0:
+        parser.error("--beta_dpo must be >= 0 (a negative value would reverse the preference)")
     if args.loss == "dpo" and args.snr_gamma:
         parser.error("--snr_gamma weights the CRAFT loss's terms; Diffusion-DPO's (--loss dpo) has none")
     if not 0 <= args.proportion_empty_prompts <= 1:
@@ -224,13 +227,19 @@ def load_examples(args):
     rejected_column = args.rejected_image_column if folder is None else "rejected_file_name"
     is_pairs = all(rejected_column in row for row in rows)
     if args.loss == "dpo" and not is_pairs:
+        if folder is None and rejected_column not in dataset.column_names:
+            cu.fail(f"--dataset_name {args.dataset_name} has no column '{rejected_column}' for the rejected image; set "
+                    f"--rejected_image_column (columns: {', '.join(dataset.column_names)})")
         first = next(number for number, row in enumerate(rows, start=1) if rejected_column not in row)
         cu.fail(f"{source}, row {first}: no '{rejected_column}' (the rejected image): --loss dpo trains on preference "
                 "pairs; make them with crf_filter.py --mode pairs")
     has_weights = args.weight_column != "none" and args.loss == "craft"
     if has_weights and is_pairs and not any(args.weight_column in row for row in rows):
-        cu.fail(f"{source} holds preference pairs (crf_filter.py --mode pairs): train them with --loss dpo, or give "
-                "the CRAFT set (crf_filter.py's default mode)")
+        cu.fail(f"{source} holds preference pairs (crf_filter.py --mode pairs): "
+                + ("train them with --loss dpo" if args.beta_dpo is not None else
+                   "this script has no DPO loss (train_craft_sd15.py and train_craft_sdxl_lora.py have)")
+                + ", give the CRAFT set (crf_filter.py's default mode), or --weight_column none for plain SFT on "
+                "the preferred images")
     if has_weights:
         missing = [number for number, row in enumerate(rows, start=1) if args.weight_column not in row]
         if len(missing) == len(rows):
@@ -251,6 +260,8 @@ def load_examples(args):
         image = row[args.image_column] if folder is None else os.path.join(folder, str(row.get("file_name")))
         rejected = None
         if args.loss == "dpo":
+            if row[rejected_column] is None:
+                cu.fail(f"{where}: no rejected image ('{rejected_column}' is empty); give every pair both images")
             rejected = row[rejected_column] if folder is None else os.path.join(folder, str(row[rejected_column]))
         if folder is not None:
             for path in (image, rejected) if rejected else (image,):

@@ -15,7 +15,8 @@ Filter (--mode):
              (--reward_weights); for prompt sets without rewrites.
   none       keep every image with weight 1, whatever --weighting (the paper's "unfiltered SFT" ablation).
   pairs      preference pairs for Diffusion-DPO, the baseline the paper compares with (train them with the
-             trainers' --loss dpo; the rows have no `weight`, so --loss craft refuses the folder):
+             trainers' --loss dpo; the rows have no `weight`, so --loss craft refuses the folder, and with
+             --weight_column none trains plain SFT on the preferred images):
              per group, the image of highest advantage (preferred, `file_name`) against the one of lowest
              (`rejected_file_name`), captioned with the original prompt; groups whose advantages are all equal give
              none. One pair per prompt, the clearest comparison its candidates offer, as Diffusion-DPO's data has

@@ -74,20 +74,20 @@ def load_models(args, weight_dtype):
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler", revision=revision)
         tokenizers = (CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=revision),
                       T5TokenizerFast.from_pretrained(path, subfolder="tokenizer_2", revision=revision))
-        encoders = (CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=revision, variant=variant),
-                    T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2", revision=revision,
-                                                   variant=variant))
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=revision, variant=variant)
-        transformer = FluxTransformer2DModel.from_pretrained(path, subfolder="transformer", revision=revision,
-                                                             variant=variant, quantization_config=quantization,
-                                                             torch_dtype=weight_dtype if quantization else None)
+        # frozen weights load in the training dtype: FLUX.1's transformer and T5-XXL are ~70 GB in fp32
+        frozen = {"revision": revision, "variant": variant, "dtype": weight_dtype}
+        encoders = (CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **frozen),
+                    T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2", **frozen))
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **frozen)
+        transformer = FluxTransformer2DModel.from_pretrained(path, subfolder="transformer",
+                                                             quantization_config=quantization, **frozen)
     except (OSError, ValueError) as error:
         cu.fail(f"could not load a FLUX pipeline from {path} ({str(error).splitlines()[0]})")
     return scheduler, tokenizers, encoders, vae, transformer
 
 
 def draw_sigma_positions(random, args):
-    """u in [0, 1) per sample, from each sample's own seed: uniform, logit-normal, or the 'mode' density (diffusers'
+    """u in [0, 1] per sample, from each sample's own seed: uniform, logit-normal, or the 'mode' density (diffusers'
     compute_density_for_timestep_sampling, which draws from the global generator)."""
     import torch
 
@@ -143,18 +143,21 @@ def main(args):
         return {"prompt_embeds": text_encoder_2(t5_ids.to(accelerator.device))[0],
                 "pooled_prompt_embeds": text_encoder(clip_ids.to(accelerator.device)).pooler_output}
 
-    def move_frozen(device):
-        for module in (vae, text_encoder, text_encoder_2):
+    def move_frozen(device, modules=(vae, text_encoder, text_encoder_2)):
+        for module in modules:
             module.to(device)
         free_memory()
 
     for module in (vae, text_encoder, text_encoder_2):
-        module.to(accelerator.device, weight_dtype)
+        module.to(accelerator.device)
     # CRAFT's sets are tiny: encode every image (both flips) and caption once, then free the VAE and both text
     # encoders (T5-XXL alone is 9.5 GB in bf16) before the transformer trains.
     cache = ct.should_cache(args, examples)
     encodings = ct.Encodings(examples, args, encode_images, encode_prompt, cache,
                              show_progress=accelerator.is_local_main_process)
+    with torch.no_grad():  # validation prompts too: the text encoders never come back to the GPU
+        validation_inputs = {prompt: {name: value.cpu() for name, value in encode_prompt([prompt]).items()}
+                             for prompt in args.validation_prompt or []}
     if cache:
         move_frozen("cpu")
     if args.gradient_checkpointing:
@@ -162,7 +165,7 @@ def main(args):
     if args.enable_xformers_memory_efficient_attention:
         transformer.enable_xformers_memory_efficient_attention()
     if not args.quantize_base:  # a quantized model is already on the device, in its own dtypes
-        transformer.to(accelerator.device, weight_dtype)
+        transformer.to(accelerator.device)
     cast_training_params([transformer], torch.float32)  # no "Attempting to unscale FP16 gradients"
 
     params_to_optimize = [p for p in transformer.parameters() if p.requires_grad]
@@ -191,18 +194,20 @@ def main(args):
     def log_validation(step):
         if not accelerator.is_main_process:
             return
-        move_frozen(accelerator.device)
+        move_frozen(accelerator.device, [vae])
         transformer.eval()
         pipeline = FluxPipeline.from_pretrained(
             args.pretrained_model_name_or_path, transformer=accelerator.unwrap_model(transformer), vae=vae,
-            text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
-            revision=args.revision, variant=args.variant).to(accelerator.device)
-        co.log_validation(pipeline, args, accelerator, rewards, step, height=args.resolution, width=args.resolution,
-                          guidance_scale=args.guidance_scale, max_sequence_length=args.max_sequence_length)
+            text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None, revision=args.revision,
+            variant=args.variant).to(accelerator.device)
+        inputs = {prompt: {name: value.to(accelerator.device, weight_dtype) for name, value in embeds.items()}
+                  for prompt, embeds in validation_inputs.items()}
+        co.log_validation(pipeline, args, accelerator, rewards, step, inputs, height=args.resolution,
+                          width=args.resolution, guidance_scale=args.guidance_scale)
         del pipeline
         transformer.train()
         if cache:
-            move_frozen("cpu")
+            move_frozen("cpu", [vae])
 
     accelerator.print(
         f"{len(examples)} training images ({weights_note}); latents {'cached' if cache else 'encoded'}, text "
@@ -234,6 +239,7 @@ def main(args):
                 # flow matching: noise, a sigma per sample from --weighting_scheme, the straight path between them
                 noise = random.randn(*latents.shape[1:]).to(latents.device)
                 positions = (draw_sigma_positions(random, args) * noise_scheduler.config.num_train_timesteps).long()
+                positions = positions.clamp(max=noise_scheduler.config.num_train_timesteps - 1)  # 'mode' reaches u = 1
                 timesteps = noise_scheduler.timesteps[positions].to(latents.device)
                 sigmas = noise_scheduler.sigmas[positions].to(latents.device).view(-1, 1, 1, 1)
                 noisy_latents = (1 - sigmas) * latents + sigmas * noise
@@ -293,7 +299,7 @@ def main(args):
     if accelerator.is_main_process:
         with co.written_whole(args.output_dir) as folder:
             co.save_lora(FluxPipeline, folder, {"transformer": accelerator.unwrap_model(transformer)})
-        co.finish(args, True, stats)
+        co.finish(args, True, stats, license="other")  # FLUX.1-dev's non-commercial licence: see the base model
         accelerator.print(f"trained {global_step} steps in {stats['seconds']} s, {stats['memory']}; "
                           f"saved to {args.output_dir}")
     accelerator.end_training()

@@ -102,8 +102,6 @@ def main(args):
                                                target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]), text_encoder)
     else:
         unet.requires_grad_(True)
-    # Diffusion-DPO's reference: a LoRA's base is the UNet with its adapters off; a full fine-tune needs a copy
-    reference_unet = copy.deepcopy(unet).requires_grad_(False) if args.loss == "dpo" and not args.use_lora else None
     ema_unet = EMAModel(unet.parameters(), decay=args.ema_decay, model_cls=UNet2DConditionModel,
                         model_config=unet.config) if args.use_ema else None
     trained = {"unet": unet, **({"text_encoder": text_encoder} if args.train_text_encoder else {})}
@@ -141,8 +139,9 @@ def main(args):
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
     unet.to(accelerator.device, weight_dtype if args.use_lora else torch.float32)
-    if reference_unet is not None:
-        reference_unet.to(accelerator.device, weight_dtype)
+    # Diffusion-DPO's reference: a LoRA's base is the UNet with its adapters off; a full fine-tune needs a frozen copy,
+    # in the model's own precision (fp32 under autocast), so that the two agree exactly before the first step
+    reference_unet = copy.deepcopy(unet).requires_grad_(False) if args.loss == "dpo" and not args.use_lora else None
     cast_training_params(list(trained.values()), torch.float32)  # no "Attempting to unscale FP16 gradients"
     if ema_unet is not None:
         ema_unet.to(accelerator.device)
@@ -204,7 +203,7 @@ def main(args):
         + ("encoded each step (the text encoder trains)" if args.train_text_encoder else
            "cached" if cache else "encoded each step")
         + f"; {max_train_steps} steps of {args.train_batch_size} x {args.gradient_accumulation_steps} x "
-          f"{accelerator.num_processes} images")
+          f"{accelerator.num_processes} {'pairs' if args.loss == 'dpo' else 'images'}")
     progress_bar = tqdm(range(max_train_steps), initial=global_step, desc="steps",
                         disable=not accelerator.is_local_main_process)
     clock, losses, accuracies = co.StepClock(), [], []
@@ -261,7 +260,8 @@ def main(args):
                 else:
                     # Diffusion-DPO: L = mean_i -log sigmoid(-beta/2 * ((e_w - e_l) - (e_ref_w - e_ref_l))), the
                     # errors e of the model and of the frozen base on each pair's preferred (w) and rejected (l) image
-                    with torch.no_grad(), ct.adapters_disabled(*(accelerator.unwrap_model(m) for m in models_to_train)):
+                    with torch.no_grad(), accelerator.autocast(), \
+                            ct.adapters_disabled(*(accelerator.unwrap_model(m) for m in models_to_train)):
                         if args.train_text_encoder:
                             prompt_embeds = encode_prompt(captions, text_encoder)["prompt_embeds"].repeat(2, 1, 1)
                         reference = accelerator.unwrap_model(unet) if reference_unet is None else reference_unet
@@ -324,7 +324,7 @@ def main(args):
                     args.pretrained_model_name_or_path, unet=unet, vae=vae, text_encoder=text_encoder,
                     tokenizer=tokenizer, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
                     revision=args.revision, variant=args.variant).save_pretrained(folder)
-        co.finish(args, args.use_lora, stats)
+        co.finish(args, args.use_lora, stats, license="creativeml-openrail-m")  # SD1.5's
         accelerator.print(f"trained {global_step} steps in {stats['seconds']} s, {stats['memory']}; "
                           f"saved to {args.output_dir}")
     accelerator.end_training()

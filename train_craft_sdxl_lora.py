@@ -210,7 +210,7 @@ def main(args):
         + ("encoded each step (the text encoders train)" if args.train_text_encoder else
            "cached" if cache else "encoded each step")
         + f"; {max_train_steps} steps of {args.train_batch_size} x {args.gradient_accumulation_steps} x "
-          f"{accelerator.num_processes} images")
+          f"{accelerator.num_processes} {'pairs' if args.loss == 'dpo' else 'images'}")
     progress_bar = tqdm(range(max_train_steps), initial=global_step, desc="steps",
                         disable=not accelerator.is_local_main_process)
     clock, losses, accuracies = co.StepClock(), [], []

@@ -237,10 +237,25 @@ def plot(results, path):
     plt.close(figure)
 
 
+def run_settings(args):
+    """What the reused stages depend on: a rerun in the same --output_dir must have the same."""
+    return {name: getattr(args, name) for name in ("model", "num_prompts", "num_images_per_prompt",
+                                                   "eval_images_per_prompt", "num_inference_steps", "eval_steps")}
+
+
 def main(argv=None):
     args = parse_args(argv)
     started = time.time()
     os.makedirs(args.output_dir, exist_ok=True)
+    recorded = os.path.join(args.output_dir, "settings.json")
+    if os.path.isfile(recorded):
+        with open(recorded) as f:
+            changed = sorted(k for k, v in json.load(f).items() if run_settings(args).get(k) != v)
+        if changed:
+            raise SystemExit(f"error: {args.output_dir} holds runs made with other settings ({', '.join(changed)}); "
+                             "rerun with the same ones to reuse them, or choose another --output_dir")
+    else:
+        cu.write_json_atomic(recorded, run_settings(args))
     chosen, swept = {method: args.learning_rates[0] for method in METHODS}, {}
     if len(args.learning_rates) > 1:
         prepared = prepare(args, args.sweep_seed)
@@ -252,11 +267,10 @@ def main(argv=None):
                      for seed in args.seeds} for method in METHODS}
     results, target = summarise(runs)
     table = markdown(results, target, chosen, args.seeds, swept)
-    with open(os.path.join(args.output_dir, "methods.md"), "w") as f:
-        f.write(table)
-    with open(os.path.join(args.output_dir, "methods.json"), "w") as f:
-        json.dump({"learning_rates": chosen, "sweep": swept, "target": target, "results": results, "seeds": args.seeds,
-                   "settings": {k: v for k, v in vars(args).items() if k != "output_dir"}}, f, indent=1)
+    cu.write_text_atomic(os.path.join(args.output_dir, "methods.md"), table)
+    cu.write_json_atomic(os.path.join(args.output_dir, "methods.json"), {
+        "learning_rates": chosen, "sweep": swept, "target": target, "results": results, "seeds": args.seeds,
+        "settings": run_settings(args)})
     plot(results, os.path.join(args.output_dir, "methods.png"))
     print(table)
     print(f"finished in {time.time() - started:.0f} s; methods.md, methods.json, methods.png in {args.output_dir}")

@@ -106,3 +106,5 @@ def test_reduced_comparison_writes_what_the_evaluations_hold(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "== seed 0" not in printed  # no candidates, scores, training sets, training or evaluation
     assert json.loads((out / "methods.json").read_text())["results"] == saved["results"]
+    with pytest.raises(SystemExit, match=r"holds runs made with other settings \(num_inference_steps\)"):
+        bench_methods.main([*flags[:-1], "3"])  # the stages it would reuse were made with 4 steps

@@ -91,7 +91,9 @@ def test_lora_loads_into_flux_pipeline_and_changes_its_images(zoo, data, tmp_pat
     out = tmp_path / "lora"
     train(zoo, data, out, "--max_train_steps", 20, "--learning_rate", 1e-2, "--rank", 8, "--validation_prompt",
           "a red square", "--num_validation_images", 2, "--validation_inference_steps", 3, "--validation_steps", 20)
-    assert (out / "validation" / "step-000020.png").exists() and "# CRAFT LoRA of" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert (out / "validation" / "step-000020.png").exists() and "# CRAFT LoRA of" in card
+    assert "license: other" in card  # FLUX.1-dev's own licence, not an open one
     pipe = FluxPipeline.from_pretrained(zoo / "flux")
 
     def image():

@@ -91,13 +91,15 @@ def pairs(tmp_path_factory):
 
 def test_dpo_loss_is_the_formula_by_hand(zoo, pairs, tmp_path):
     """Diffusion-DPO's loss as logged at steps 1 and 2 against the formula computed here: each pair's preferred and
-    rejected images with one noise and timestep, the errors of the model (the LoRA of checkpoint-1) and of the base."""
+    rejected images with one noise and timestep, the errors of the model (checkpoint-1's LoRAs, the text encoder's
+    too) and of the base (every LoRA off, the text encoder's included)."""
     import torch.nn.functional as F
     from diffusers import StableDiffusionPipeline
 
     out = tmp_path / "out"
-    train(zoo, pairs, out, "--use_lora", "--loss", "dpo", "--beta_dpo", 500, "--learning_rate", 3e-3,
-          "--max_train_steps", 2, "--checkpointing_steps", 1, "--center_crop", "--report_to", "tensorboard")
+    train(zoo, pairs, out, "--use_lora", "--train_text_encoder", "--loss", "dpo", "--beta_dpo", 500,
+          "--learning_rate", 3e-3, "--max_train_steps", 2, "--checkpointing_steps", 1, "--center_crop",
+          "--report_to", "tensorboard")
     logged = tensorboard_scalars(out, "loss")
     assert logged[1] == pytest.approx(math.log(2), abs=1e-6)  # a new LoRA adds 0: the model is its reference
 
@@ -106,7 +108,7 @@ def test_dpo_loss_is_the_formula_by_hand(zoo, pairs, tmp_path):
     tuned.load_lora_weights(out / "checkpoint-1", weight_name=co.LORA_FILE)
     rows = cu.read_jsonl(pairs / "metadata.jsonl")
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cu.derive(3, "order", 0))).tolist()
-    terms = []
+    terms, preferred_more = [], []
     for index in order[2:4]:  # the second batch of two
         row = rows[index]
         draws = torch.Generator().manual_seed(cu.derive(3, "sample", 0, index))
@@ -127,9 +129,11 @@ def test_dpo_loss_is_the_formula_by_hand(zoo, pairs, tmp_path):
         (model_w, model_l), (reference_w, reference_l) = errors["model"], errors["reference"]
         inside = -0.5 * 500 * ((model_w - model_l) - (reference_w - reference_l))
         terms.append(-F.logsigmoid(torch.tensor(inside, dtype=torch.float64)).item())
+        preferred_more.append(inside > 0)
     assert abs(logged[2] - math.log(2)) > 1e-3  # the LoRA moved: model and reference differ
     assert logged[2] == pytest.approx(sum(terms) / 2, rel=1e-4)
-    assert set(tensorboard_scalars(out, "implicit_acc").values()) <= {0.0, 0.5, 1.0}
+    # the share of pairs where the model prefers the preferred image more than the base does: none at step 1
+    assert tensorboard_scalars(out, "implicit_acc") == {1: 0.0, 2: sum(preferred_more) / 2}
 
 
 def test_dpo_with_beta_0_gives_no_gradient(zoo, pairs, tmp_path):
@@ -143,7 +147,8 @@ def test_dpo_with_beta_0_gives_no_gradient(zoo, pairs, tmp_path):
     train(zoo, pairs, tmp_path / "lora", *flags, "--use_lora", "--train_text_encoder")
     lora = load_file(tmp_path / "lora" / co.LORA_FILE)
     assert {k.split(".")[0] for k in lora} == {"unet", "text_encoder"}
-    assert all(torch.all(v == 0) for k, v in lora.items() if "lora.up" in k or "lora_B" in k)
+    up = {k: v for k, v in lora.items() if ".up." in k or "lora_B" in k}  # a new LoRA's up-weights are 0
+    assert {k.split(".")[0] for k in up} == {"unet", "text_encoder"} and all(torch.all(v == 0) for v in up.values())
     train(zoo, pairs, tmp_path / "full", *flags)
     tuned = UNet2DConditionModel.from_pretrained(tmp_path / "full", subfolder="unet").state_dict()
     base = UNet2DConditionModel.from_pretrained(zoo / "sd15", subfolder="unet").state_dict()
@@ -152,12 +157,14 @@ def test_dpo_with_beta_0_gives_no_gradient(zoo, pairs, tmp_path):
 
 def test_dpo_full_fine_tune_resumes_exactly(zoo, pairs, tmp_path):
     """The reference stays the base model after a resume (not the checkpoint's weights); flips and the uncached path
-    on the rejected image too."""
+    on the rejected image too. Before the first step the frozen copy is the model: the loss is log 2 (up to the
+    rounding by which a forward pass with gradients differs from one without, times beta / 2)."""
     from diffusers import UNet2DConditionModel
 
     flags = ("--loss", "dpo", "--learning_rate", 1e-3, "--random_flip", "--cache_latents", "no",
              "--checkpointing_steps", 2)
-    train(zoo, pairs, tmp_path / "straight", *flags, "--max_train_steps", 4)
+    train(zoo, pairs, tmp_path / "straight", *flags, "--max_train_steps", 4, "--report_to", "tensorboard")
+    assert tensorboard_scalars(tmp_path / "straight", "loss")[1] == pytest.approx(math.log(2), abs=1e-3)
     train(zoo, pairs, tmp_path / "halves", *flags, "--max_train_steps", 2)
     train(zoo, pairs, tmp_path / "halves", *flags, "--max_train_steps", 4, "--resume_from_checkpoint", "latest")
     a, b, base = (UNet2DConditionModel.from_pretrained(folder, subfolder="unet").state_dict()
@@ -516,7 +523,7 @@ def test_bad_input_is_one_clear_error(zoo, tmp_path, case):
 
 
 @pytest.mark.parametrize("case", ["dpo_on_the_craft_set", "craft_on_pairs", "no_rejected_in_a_row",
-                                  "corrupt_rejected_image", "snr_gamma"])
+                                  "corrupt_rejected_image", "snr_gamma", "negative_beta"])
 def test_bad_dpo_input_is_one_clear_error(zoo, tmp_path, case):
     data = make_pairs_set(tmp_path / "pairs", n=3)
     extra = ["--loss", "dpo"]
@@ -525,7 +532,8 @@ def test_bad_dpo_input_is_one_clear_error(zoo, tmp_path, case):
                                 "image): --loss dpo trains on preference pairs; make them with crf_filter.py "
                                 "--mode pairs",
         "craft_on_pairs": f"{data}/metadata.jsonl holds preference pairs (crf_filter.py --mode pairs): train them with "
-                          "--loss dpo, or give the CRAFT set",
+                          "--loss dpo, give the CRAFT set (crf_filter.py's default mode), or --weight_column none",
+        "negative_beta": "--beta_dpo must be >= 0 (a negative value would reverse the preference)",
         "no_rejected_in_a_row": f"{data}/metadata.jsonl, row 2: no 'rejected_file_name'",
         "corrupt_rejected_image": f"{data}/metadata.jsonl, row 3: cannot read image {data}/002_rejected.png",
         "snr_gamma": "--snr_gamma weights the CRAFT loss's terms; Diffusion-DPO's (--loss dpo) has none",
@@ -540,6 +548,8 @@ def test_bad_dpo_input_is_one_clear_error(zoo, tmp_path, case):
         cu.write_jsonl_atomic(data / "metadata.jsonl", rows)
     elif case == "corrupt_rejected_image":
         (data / "002_rejected.png").write_bytes(b"not a png")
+    elif case == "negative_beta":
+        extra += ["--beta_dpo", "-1"]
     else:
         extra += ["--snr_gamma", "5"]
     result = run_script("train_craft_sd15.py", "--pretrained_model_name_or_path", zoo / "sd15", "--train_data_dir",

@@ -142,14 +142,27 @@ def test_two_processes_and_model_kind_check(zoo, data, tmp_path):
     assert "is an SD1.5-style model (StableDiffusionPipeline); use train_craft_sd15.py" in result.stderr
 
 
+def resized_center_crop(path, size=64):
+    """An image as the trainer sees it with --center_crop: the short side resized to `size` (bilinear), the centre
+    cropped; [-1, 1], batch of one."""
+    image = Image.open(path).convert("RGB")
+    width, height = (size, int(size * image.height / image.width)) if image.width < image.height else \
+        (int(size * image.width / image.height), size)
+    image = image.resize((width, height), Image.BILINEAR)
+    left, top = (width - size) // 2, (height - size) // 2
+    image = image.crop((left, top, left + size, top + size))
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+
+
 def test_dpo_loss_by_hand_and_a_killed_run_resumed_equals_straight(zoo, tmp_path):
     """SDXL's Diffusion-DPO: the loss logged at step 2 against the formula computed here (both images of each pair,
-    one noise and timestep, SDXL's conditioning, the model = checkpoint-1's LoRA, the reference = the base); then a
-    run killed while checkpoint-2 is saved, resumed, ends where the straight run ends."""
+    one noise and timestep, each image's own SDXL conditioning: the rejected ones are 96x72, the preferred 80x64;
+    the model = checkpoint-1's LoRA, the reference = the base); then a run killed while checkpoint-2 is saved,
+    resumed, ends where the straight run ends."""
     import torch.nn.functional as F
     from diffusers import DDPMScheduler, StableDiffusionXLPipeline
 
-    pairs = make_pairs_set(tmp_path / "pairs")
+    pairs = make_pairs_set(tmp_path / "pairs", rejected_size=(96, 72))
     flags = ("--loss", "dpo", "--beta_dpo", 500, "--learning_rate", 3e-3, "--max_train_steps", 3,
              "--checkpointing_steps", 1, "--center_crop")
     train(zoo, pairs, tmp_path / "straight", *flags, "--report_to", "tensorboard")
@@ -162,7 +175,8 @@ def test_dpo_loss_by_hand_and_a_killed_run_resumed_equals_straight(zoo, tmp_path
     scheduler = DDPMScheduler.from_pretrained(zoo / "sdxl", subfolder="scheduler")  # the pipeline's is Euler's
     rows = cu.read_jsonl(pairs / "metadata.jsonl")
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cu.derive(5, "order", 0))).tolist()
-    cond = {"time_ids": torch.tensor([[64.0, 80, 0, 8, 64, 64]])}  # 80x64 images, centre-cropped to 64
+    # resized to a 64 px short side (96x72 -> 85x64), centre-cropped to 64: original (h, w), crop (top, left), target
+    time_ids = {"file_name": [64.0, 80, 0, 8, 64, 64], "rejected_file_name": [72.0, 96, 0, 10, 64, 64]}
     terms = []
     for index in order[2:4]:  # the second batch of two
         row = rows[index]
@@ -170,16 +184,17 @@ def test_dpo_loss_by_hand_and_a_killed_run_resumed_equals_straight(zoo, tmp_path
         torch.rand((), generator=draws)  # caption dropout's draw (proportion 0)
         with torch.no_grad():
             latents = []
-            for name in (row["file_name"], row["rejected_file_name"]):
-                dist = base.vae.encode(center_crop_pixels(pairs / name)).latent_dist
+            for column in ("file_name", "rejected_file_name"):
+                dist = base.vae.encode(resized_center_crop(pairs / row[column])).latent_dist
                 scale = base.vae.config.scaling_factor
                 latents.append((dist.mean + dist.std * torch.randn(dist.mean.shape[1:], generator=draws)) * scale)
             noise = torch.randn(latents[0].shape[1:], generator=draws)[None]
             t = torch.randint(0, 1000, (), generator=draws).reshape(1)
             embeds, _, pooled, _ = base.encode_prompt(row["text"], device="cpu", do_classifier_free_guidance=False)
             errors = [[((pipe.unet(scheduler.add_noise(x, noise, t), t, encoder_hidden_states=embeds,
-                                   added_cond_kwargs={**cond, "text_embeds": pooled}).sample - noise) ** 2)
-                        .mean().item() for x in latents] for pipe in (tuned, base)]
+                                   added_cond_kwargs={"time_ids": torch.tensor([time_ids[column]]),
+                                                      "text_embeds": pooled}).sample - noise) ** 2).mean().item()
+                        for x, column in zip(latents, ("file_name", "rejected_file_name"))] for pipe in (tuned, base)]
         (model_w, model_l), (reference_w, reference_l) = errors
         inside = -0.5 * 500 * ((model_w - model_l) - (reference_w - reference_l))
         terms.append(-F.logsigmoid(torch.tensor(inside, dtype=torch.float64)).item())

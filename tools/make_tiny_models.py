@@ -382,9 +382,9 @@ def make_training_set(folder, n=8, weights=None):
     return folder
 
 
-def make_pairs_set(folder, n=6):
-    """A pairs-like imagefolder (crf_filter.py --mode pairs): per caption, a square of its colour (preferred) and one
-    of the next colour (rejected), as file_name and rejected_file_name."""
+def make_pairs_set(folder, n=6, rejected_size=(80, 64)):
+    """A pairs-like imagefolder (crf_filter.py --mode pairs): per caption, a square of its colour (preferred, 80x64)
+    and one of the next colour (rejected, `rejected_size`), as file_name and rejected_file_name."""
     from PIL import Image, ImageDraw
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -395,8 +395,8 @@ def make_pairs_set(folder, n=6):
     rows = []
     for i in range(n):
         colour, other = names[i % len(names)], names[(i + 1) % len(names)]
-        for name, fill in ((f"{i:03d}.png", colour), (f"{i:03d}_rejected.png", other)):
-            image = Image.new("RGB", (80, 64), "white")
+        for name, fill, size in ((f"{i:03d}.png", colour, (80, 64)), (f"{i:03d}_rejected.png", other, rejected_size)):
+            image = Image.new("RGB", size, "white")
             ImageDraw.Draw(image).rectangle([16 + 4 * i, 12, 56 + 2 * i, 52], fill=COLOURS[fill])
             image.save(folder / name)
         rows.append({"file_name": f"{i:03d}.png", "rejected_file_name": f"{i:03d}_rejected.png",
