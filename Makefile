@@ -18,7 +18,7 @@ $(VENV)/.installed: requirements.txt requirements-test.txt requirements-imagerew
 # Two workers, one test file each at a time (a file's fixtures are built once): the tests' subprocesses run one
 # thread each, so two of them keep two cores busy.
 test: setup
-	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -n 2 --dist loadfile tests
+	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -n 2 --dist loadfile --durations=15 tests
 
 demo: setup
 	HF_HUB_OFFLINE=1 $(PYTHON) tools/run_demo.py --output_dir $(DEMO)
