@@ -111,23 +111,15 @@ def test_dpo_loss_is_the_formula_by_hand(zoo, pairs, tmp_path):
     terms, preferred_more = [], []
     for index in order[2:4]:  # the second batch of two
         row = rows[index]
-        draws = torch.Generator().manual_seed(cu.derive(3, "sample", 0, index))
-        torch.rand((), generator=draws)  # caption dropout's draw (proportion 0)
         with torch.no_grad():
-            latents = []
-            for name in (row["file_name"], row["rejected_file_name"]):
-                dist = base.vae.encode(center_crop_pixels(pairs / name)).latent_dist
-                latents.append((dist.mean + dist.std * torch.randn(dist.mean.shape[1:], generator=draws)) * 0.18215)
-            noise = torch.randn(latents[0].shape[1:], generator=draws)[None]
-            t = torch.randint(0, 1000, (), generator=draws).reshape(1)
+            latents, noise, t = pair_draws(base.vae, pairs, row, 3, index)
             ids = base.tokenizer([row["text"]], padding="max_length", max_length=77, return_tensors="pt").input_ids
             errors = {}
             for kind, pipe in (("model", tuned), ("reference", base)):
                 text = pipe.text_encoder(ids)[0]
                 errors[kind] = [((pipe.unet(base.scheduler.add_noise(x, noise, t), t, encoder_hidden_states=text).sample
                                   - noise) ** 2).mean().item() for x in latents]
-        (model_w, model_l), (reference_w, reference_l) = errors["model"], errors["reference"]
-        inside = -0.5 * 500 * ((model_w - model_l) - (reference_w - reference_l))
+        inside = dpo_inside(errors["model"], errors["reference"], 500)
         terms.append(-F.logsigmoid(torch.tensor(inside, dtype=torch.float64)).item())
         preferred_more.append(inside > 0)
     assert abs(logged[2] - math.log(2)) > 1e-3  # the LoRA moved: model and reference differ
@@ -206,10 +198,36 @@ def test_cached_and_encoded_latents_and_text_are_the_same(zoo, data):
     assert torch.allclose(cached.text(captions)["prompt_embeds"], encoded.text(captions)["prompt_embeds"], atol=1e-6)
 
 
-def center_crop_pixels(path):
-    """A training image as the trainer sees it with --center_crop at 64px: [-1, 1], batch of one."""
-    image = Image.open(path).convert("RGB").resize((80, 64)).crop((8, 0, 72, 64))
+def center_crop_pixels(path, size=64):
+    """A training image as the trainer sees it with --center_crop: the short side resized to `size` (bilinear), the
+    centre cropped; [-1, 1], batch of one."""
+    image = Image.open(path).convert("RGB")
+    width, height = (size, int(size * image.height / image.width)) if image.width < image.height else \
+        (int(size * image.width / image.height), size)
+    image = image.resize((width, height), Image.BILINEAR)
+    left, top = (width - size) // 2, (height - size) // 2
+    image = image.crop((left, top, left + size, top + size))
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+
+
+def pair_draws(vae, pairs, row, seed, index):
+    """A pair's draws as the DPO loop makes them from the sample's seed (epoch 0, caption dropout 0): both images'
+    posterior samples (scaled latents, preferred first), then the shared noise and timestep."""
+    draws = torch.Generator().manual_seed(cu.derive(seed, "sample", 0, index))
+    torch.rand((), generator=draws)  # caption dropout's draw
+    latents = []
+    for column in ("file_name", "rejected_file_name"):
+        dist = vae.encode(center_crop_pixels(pairs / row[column])).latent_dist
+        sample = dist.mean + dist.std * torch.randn(dist.mean.shape[1:], generator=draws)
+        latents.append(sample * vae.config.scaling_factor)
+    noise = torch.randn(latents[0].shape[1:], generator=draws)[None]
+    return latents, noise, torch.randint(0, 1000, (), generator=draws).reshape(1)
+
+
+def dpo_inside(model_errors, reference_errors, beta):
+    """-beta/2 * ((e_w - e_l) - (e_ref_w - e_ref_l)); the pair's loss is -log sigmoid of it."""
+    (model_w, model_l), (reference_w, reference_l) = model_errors, reference_errors
+    return -0.5 * beta * ((model_w - model_l) - (reference_w - reference_l))
 
 
 def fixed_batch_loss(pipe, data):

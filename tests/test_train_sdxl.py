@@ -15,7 +15,7 @@ import craft_training as ct
 import craft_utils as cu
 from conftest import TWO_PROCESSES, run_script, subprocess_env
 from make_tiny_models import make_pairs_set, make_training_set
-from test_train_sd15 import center_crop_pixels, tensorboard_scalars
+from test_train_sd15 import center_crop_pixels, dpo_inside, pair_draws, tensorboard_scalars
 
 
 def train(zoo, data, out, *flags, **run):
@@ -142,18 +142,6 @@ def test_two_processes_and_model_kind_check(zoo, data, tmp_path):
     assert "is an SD1.5-style model (StableDiffusionPipeline); use train_craft_sd15.py" in result.stderr
 
 
-def resized_center_crop(path, size=64):
-    """An image as the trainer sees it with --center_crop: the short side resized to `size` (bilinear), the centre
-    cropped; [-1, 1], batch of one."""
-    image = Image.open(path).convert("RGB")
-    width, height = (size, int(size * image.height / image.width)) if image.width < image.height else \
-        (int(size * image.width / image.height), size)
-    image = image.resize((width, height), Image.BILINEAR)
-    left, top = (width - size) // 2, (height - size) // 2
-    image = image.crop((left, top, left + size, top + size))
-    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
-
-
 def test_dpo_loss_by_hand_and_a_killed_run_resumed_equals_straight(zoo, tmp_path):
     """SDXL's Diffusion-DPO: the loss logged at step 2 against the formula computed here (both images of each pair,
     one noise and timestep, each image's own SDXL conditioning: the rejected ones are 96x72, the preferred 80x64;
@@ -180,23 +168,14 @@ def test_dpo_loss_by_hand_and_a_killed_run_resumed_equals_straight(zoo, tmp_path
     terms = []
     for index in order[2:4]:  # the second batch of two
         row = rows[index]
-        draws = torch.Generator().manual_seed(cu.derive(5, "sample", 0, index))
-        torch.rand((), generator=draws)  # caption dropout's draw (proportion 0)
         with torch.no_grad():
-            latents = []
-            for column in ("file_name", "rejected_file_name"):
-                dist = base.vae.encode(resized_center_crop(pairs / row[column])).latent_dist
-                scale = base.vae.config.scaling_factor
-                latents.append((dist.mean + dist.std * torch.randn(dist.mean.shape[1:], generator=draws)) * scale)
-            noise = torch.randn(latents[0].shape[1:], generator=draws)[None]
-            t = torch.randint(0, 1000, (), generator=draws).reshape(1)
+            latents, noise, t = pair_draws(base.vae, pairs, row, 5, index)
             embeds, _, pooled, _ = base.encode_prompt(row["text"], device="cpu", do_classifier_free_guidance=False)
             errors = [[((pipe.unet(scheduler.add_noise(x, noise, t), t, encoder_hidden_states=embeds,
                                    added_cond_kwargs={"time_ids": torch.tensor([time_ids[column]]),
                                                       "text_embeds": pooled}).sample - noise) ** 2).mean().item()
                         for x, column in zip(latents, ("file_name", "rejected_file_name"))] for pipe in (tuned, base)]
-        (model_w, model_l), (reference_w, reference_l) = errors
-        inside = -0.5 * 500 * ((model_w - model_l) - (reference_w - reference_l))
+        inside = dpo_inside(*errors, 500)
         terms.append(-F.logsigmoid(torch.tensor(inside, dtype=torch.float64)).item())
     assert logged[2] == pytest.approx(sum(terms) / 2, rel=1e-4)
 
