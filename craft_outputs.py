@@ -24,12 +24,16 @@ KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
 def save_lora(pipeline_class, folder, models):
     """pytorch_lora_weights.safetensors in diffusers' format, what load_lora_weights reads. `models`: name ->
     LoRA'd module, named as the pipeline names it (unet / transformer, text_encoder, text_encoder_2)."""
+    from diffusers.training_utils import _collate_lora_metadata
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import get_peft_model_state_dict
 
-    layers = {f"{name}_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
-              for name, module in models.items()}
-    pipeline_class.save_lora_weights(folder, **layers)
+    # diffusers' SD examples rename peft's keys to the UNet's older LoRA names; its FLUX examples keep peft's
+    layers = {f"{name}_lora_layers": get_peft_model_state_dict(module) for name, module in models.items()}
+    layers = {key: state if key == "transformer_lora_layers" else convert_state_dict_to_diffusers(state)
+              for key, state in layers.items()}
+    # the LoRA configs ride along (as diffusers' examples save them): without them a loader assumes alpha = rank
+    pipeline_class.save_lora_weights(folder, **layers, **_collate_lora_metadata(models))
 
 
 def save_kohya(folder, models, alpha, one_text_encoder):

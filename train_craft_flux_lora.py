@@ -18,7 +18,8 @@ once with the latents, after which the encoders and the VAE leave the GPU. FLUX.
 guidance value (--guidance_scale) is an input of the transformer, not classifier-free guidance.
 
 Output: pytorch_lora_weights.safetensors (FluxPipeline.load_lora_weights reads it; ComfyUI loads this diffusers
-naming too), training_config.json, validation grids and a model card.
+naming too), with --output_kohya_format also a kohya file (BFL's fused module names, for Forge and sd-scripts),
+training_config.json, validation grids and a model card.
 """
 
 import argparse
@@ -31,6 +32,19 @@ import craft_training as ct
 import craft_utils as cu
 
 ATTENTION = "to_k,to_q,to_v,to_out.0,add_k_proj,add_q_proj,add_v_proj,to_add_out"  # double and single blocks
+# kohya (sd-scripts, Forge) names FLUX.1's modules as BFL's checkpoint does, where q, k and v (and in the single
+# blocks the MLP's input too) are one fused projection: kohya module -> the diffusers projections in it, in order
+KOHYA_NAMES = {
+    ("transformer_blocks", "double_blocks"): {
+        "img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"), "img_attn_proj": ("attn.to_out.0",),
+        "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+        "txt_attn_proj": ("attn.to_add_out",), "img_mlp_0": ("ff.net.0.proj",), "img_mlp_2": ("ff.net.2",),
+        "txt_mlp_0": ("ff_context.net.0.proj",), "txt_mlp_2": ("ff_context.net.2",),
+        "img_mod_lin": ("norm1.linear",), "txt_mod_lin": ("norm1_context.linear",)},
+    ("single_transformer_blocks", "single_blocks"): {
+        "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), "linear2": ("proj_out",),
+        "modulation_lin": ("norm.linear",)},
+}
 
 
 def parse_args(input_args=None):
@@ -51,9 +65,6 @@ def parse_args(input_args=None):
     for flag in ("snr_gamma", "noise_offset", "prediction_type"):
         if getattr(args, flag):
             parser.error(f"--{flag} is for DDPM models (SD1.5, SDXL); FLUX is flow-matching: see --weighting_scheme")
-    if args.output_kohya_format:  # ComfyUI reads the diffusers file for FLUX; kohya's names fuse q, k and v
-        parser.error("--output_kohya_format is not built for FLUX yet: ComfyUI loads pytorch_lora_weights.safetensors "
-                     "as it is")
     if not 1 <= args.max_sequence_length <= 512:
         parser.error("--max_sequence_length must be between 1 and 512")
     return args
@@ -99,12 +110,50 @@ def draw_sigma_positions(random, args):
     return u
 
 
+def kohya_state_dict(transformer, scale):
+    """The LoRA under kohya's FLUX.1 names (ComfyUI reads both namings). A fused module's LoRA stacks its parts'
+    down-projections and places their up-projections block-diagonally, zeros for a part not trained; its alpha
+    keeps alpha / rank = `scale`, so up @ down * alpha / rank is exactly the parts' LoRA deltas stacked."""
+    import torch
+    from peft import get_peft_model_state_dict
+
+    lora = get_peft_model_state_dict(transformer)
+    kohya, named = {}, set()
+    for (block, kohya_block), modules in KOHYA_NAMES.items():
+        for i in range(len(getattr(transformer, block))):
+            for name, parts in modules.items():
+                paths = [f"{block}.{i}.{part}" for part in parts]
+                trained = [path for path in paths if f"{path}.lora_A.weight" in lora]
+                if not trained:
+                    continue
+                down = torch.cat([lora[f"{path}.lora_A.weight"] for path in trained])
+                up = down.new_zeros(sum(transformer.get_submodule(path).out_features for path in paths), len(down))
+                row = column = 0
+                for path in paths:
+                    rows = transformer.get_submodule(path).out_features
+                    if path in trained:
+                        part_up = lora[f"{path}.lora_B.weight"]
+                        up[row:row + rows, column:column + part_up.shape[1]] = part_up
+                        column += part_up.shape[1]
+                    row += rows
+                key = f"lora_unet_{kohya_block}_{i}_{name}"
+                kohya.update({f"{key}.lora_down.weight": down.contiguous(), f"{key}.lora_up.weight": up,
+                              f"{key}.alpha": torch.tensor(scale * len(down))})
+                named.update(trained)
+    unnamed = sorted({key.rsplit(".lora_", 1)[0] for key in lora} - named)
+    if unnamed:
+        cu.fail(f"--output_kohya_format: kohya has no FLUX.1 name for the LoRA on {unnamed[0]} (from "
+                f"--lora_target_modules); leave that module out or the flag off")
+    return kohya
+
+
 def main(args):
     import torch
     from diffusers import FluxPipeline
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import cast_training_params, free_memory
     from peft import LoraConfig
+    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     accelerator = ct.make_accelerator(args)
@@ -128,6 +177,8 @@ def main(args):
     transformer.add_adapter(LoraConfig(r=args.rank, lora_alpha=lora_alpha, init_lora_weights="gaussian",
                                        target_modules=args.lora_target_modules.split(",")))
     trained = {"transformer": transformer}
+    if args.output_kohya_format:
+        kohya_state_dict(transformer, lora_alpha / args.rank)  # refuses a module kohya cannot name before training
 
     def encode_images(pixels):
         """-> the VAE posterior's mean and std; the loop draws a new sample from it at every step."""
@@ -299,6 +350,9 @@ def main(args):
     if accelerator.is_main_process:
         with co.written_whole(args.output_dir) as folder:
             co.save_lora(FluxPipeline, folder, {"transformer": accelerator.unwrap_model(transformer)})
+            if args.output_kohya_format:
+                save_file(kohya_state_dict(accelerator.unwrap_model(transformer), lora_alpha / args.rank),
+                          os.path.join(folder, co.KOHYA_FILE))
         co.finish(args, True, stats, license="other")  # FLUX.1-dev's non-commercial licence: see the base model
         accelerator.print(f"trained {global_step} steps in {stats['seconds']} s, {stats['memory']}; "
                           f"saved to {args.output_dir}")

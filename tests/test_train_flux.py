@@ -6,12 +6,13 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import craft_outputs as co
 import craft_utils as cu
 from conftest import TWO_PROCESSES, run_script
 from make_tiny_models import make_training_set
+from train_craft_flux_lora import ATTENTION
 from test_train_sd15 import center_crop_pixels, tensorboard_scalars
 
 
@@ -90,7 +91,9 @@ def test_lora_loads_into_flux_pipeline_and_changes_its_images(zoo, data, tmp_pat
 
     out = tmp_path / "lora"
     train(zoo, data, out, "--max_train_steps", 20, "--learning_rate", 1e-2, "--rank", 8, "--validation_prompt",
-          "a red square", "--num_validation_images", 2, "--validation_inference_steps", 3, "--validation_steps", 20)
+          "a red square", "--num_validation_images", 2, "--validation_inference_steps", 3, "--validation_steps", 20,
+          "--lora_alpha", 4, "--output_kohya_format", "--lora_target_modules", ATTENTION + ",proj_mlp")
+    check_kohya_file(out, scale=4 / 8)
     card = (out / "README.md").read_text()
     assert (out / "validation" / "step-000020.png").exists() and "# CRAFT LoRA of" in card
     assert "license: other" in card  # FLUX.1-dev's own licence, not an open one
@@ -104,6 +107,7 @@ def test_lora_loads_into_flux_pipeline_and_changes_its_images(zoo, data, tmp_pat
     before = image()
     pipe.load_lora_weights(out, weight_name=co.LORA_FILE)
     assert (image() - before).abs().mean() > 1e-3
+    assert set(pipe.transformer.transformer_blocks[0].attn.to_q.scaling.values()) == {4 / 8}  # --lora_alpha kept
 
     # eval_rewards.py's model mode: the tuned FLUX model against the base on the same prompts and seeds
     (tmp_path / "prompts.txt").write_text("a red square\na blue square\n")
@@ -117,6 +121,49 @@ def test_lora_loads_into_flux_pipeline_and_changes_its_images(zoo, data, tmp_pat
     assert summary["comparison"]["pairs"] == 2 and summary["comparison"]["rewards"]["jpeg"]["mean_delta"] != 0
 
 
+def check_kohya_file(out, scale):
+    """Each kohya module's delta, up @ down * alpha / rank, is the diffusers file's deltas (B @ A * scale) of the
+    projections fused into it, stacked in BFL's order (q, k, v, MLP), zeros for a projection without a LoRA;
+    every diffusers LoRA is in exactly one; the double blocks' fused q/k/v split back exactly in diffusers' reader."""
+    from diffusers import FluxPipeline
+
+    kohya, lora = load_file(out / co.KOHYA_FILE), load_file(out / co.LORA_FILE)
+    assert all(".lora_A." in k or ".lora_B." in k for k in lora)  # peft's names, as diffusers' FLUX examples save
+    hidden, mlp = 16, 64  # the zoo's FLUX: 2 heads x 8, MLP ratio 4
+    fused = {"double_blocks_0_img_attn_qkv": [("attn.to_q", hidden), ("attn.to_k", hidden), ("attn.to_v", hidden)],
+             "double_blocks_0_txt_attn_qkv": [("attn.add_q_proj", hidden), ("attn.add_k_proj", hidden),
+                                              ("attn.add_v_proj", hidden)],
+             "double_blocks_0_img_attn_proj": [("attn.to_out.0", hidden)],
+             "double_blocks_0_txt_attn_proj": [("attn.to_add_out", hidden)],
+             "single_blocks_0_linear1": [("attn.to_q", hidden), ("attn.to_k", hidden), ("attn.to_v", hidden),
+                                         ("proj_mlp", mlp)]}
+    assert {k.split(".")[0] for k in kohya} == {f"lora_unet_{name}" for name in fused}
+    seen = []
+    for name, parts in fused.items():
+        key = f"lora_unet_{name}"
+        down, up = kohya[f"{key}.lora_down.weight"], kohya[f"{key}.lora_up.weight"]
+        delta = up @ down * kohya[f"{key}.alpha"].item() / down.shape[0]
+        block = "transformer.transformer_blocks.0." if name.startswith("double") else \
+            "transformer.single_transformer_blocks.0."
+        expected = []
+        for part, rows in parts:
+            if f"{block}{part}.lora_A.weight" in lora:
+                expected.append(lora[f"{block}{part}.lora_B.weight"] @ lora[f"{block}{part}.lora_A.weight"] * scale)
+                seen.append(block + part)
+            else:
+                expected.append(torch.zeros(rows, down.shape[1]))
+        assert delta.shape == (sum(rows for _, rows in parts), hidden)
+        assert torch.allclose(delta, torch.cat(expected), atol=1e-7) and delta.abs().max() > 1e-4
+    assert sorted(seen) == sorted({k.rsplit(".lora_", 1)[0] for k in lora})
+    # diffusers' kohya reader fixes FLUX.1's real sizes for the single blocks' linear1; the double blocks' it splits
+    # back by their zero pattern into the very LoRAs trained, alpha / rank folded into A
+    double = {k: v for k, v in kohya.items() if "double_blocks" in k}
+    save_file(double, out.parent / "double_blocks_kohya.safetensors")
+    read_back = FluxPipeline.lora_state_dict(out.parent / "double_blocks_kohya.safetensors")
+    assert len(read_back) == 16
+    assert all(torch.allclose(v, lora[k] * (scale if "lora_A" in k else 1)) for k, v in read_back.items())
+
+
 @pytest.mark.parametrize("case", ["sdxl_to_flux", "flux_to_sdxl", "flux_to_sd15", "snr_gamma", "resolution",
                                   "quantize_on_cpu", "kohya"])
 def test_bad_input_is_one_clear_error(zoo, data, tmp_path, case):
@@ -128,7 +175,8 @@ def test_bad_input_is_one_clear_error(zoo, data, tmp_path, case):
         "snr_gamma": "--snr_gamma is for DDPM models (SD1.5, SDXL); FLUX is flow-matching: see --weighting_scheme",
         "resolution": "--resolution 70 must be a multiple of 4 for this model (VAE x 2x2 packing)",
         "quantize_on_cpu": "--quantize_base nf4 needs a CUDA GPU",
-        "kohya": "--output_kohya_format is not built for FLUX yet: ComfyUI loads pytorch_lora_weights.safetensors",
+        "kohya": "--output_kohya_format: kohya has no FLUX.1 name for the LoRA on norm_out.linear (from "
+                 "--lora_target_modules); leave that module out or the flag off",
     }[case]
     if case == "sdxl_to_flux":
         model = "sdxl"
@@ -139,7 +187,7 @@ def test_bad_input_is_one_clear_error(zoo, data, tmp_path, case):
     elif case == "resolution":
         extra = ["--resolution", "70"]
     elif case == "kohya":
-        extra = ["--output_kohya_format"]
+        extra = ["--output_kohya_format", "--lora_target_modules", "to_q,norm_out.linear"]
     else:
         if torch.cuda.is_available():
             pytest.skip("a GPU is here: nf4 loads")

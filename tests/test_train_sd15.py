@@ -303,11 +303,14 @@ def test_text_encoder_lora_trains_and_loads_into_the_pipelines_text_encoder(zoo,
 
     out = tmp_path / "lora"
     result = train(zoo, data, out, "--use_lora", "--train_text_encoder", "--learning_rate", 1e-2,
-                   "--max_train_steps", 4, "--output_kohya_format", "--checkpointing_steps", 1000)
+                   "--max_train_steps", 4, "--output_kohya_format", "--checkpointing_steps", 1000, "--rank", 8,
+                   "--lora_alpha", 2)
     assert "text encoded each step (the text encoder trains)" in result.stdout + result.stderr
     lora = load_file(out / co.LORA_FILE)
     assert {k.split(".")[0] for k in lora} == {"unet", "text_encoder"}
-    assert {k.split("_")[1] for k in load_file(out / co.KOHYA_FILE)} == {"unet", "te"}  # kohya's SD1.x names
+    kohya = load_file(out / co.KOHYA_FILE)
+    assert {k.split("_")[1] for k in kohya} == {"unet", "te"}  # kohya's SD1.x names
+    assert {v.item() for k, v in kohya.items() if k.endswith(".alpha")} == {2.0}
     pipe = StableDiffusionPipeline.from_pretrained(zoo / "sd15")
     ids = pipe.tokenizer(["a red circle"], return_tensors="pt").input_ids
     with torch.no_grad():
@@ -315,6 +318,10 @@ def test_text_encoder_lora_trains_and_loads_into_the_pipelines_text_encoder(zoo,
         pipe.load_lora_weights(out, weight_name=co.LORA_FILE)
         after = pipe.text_encoder(ids)[0]
     assert (after - before).abs().max() > 1e-3
+    # --lora_alpha travels in the file's metadata: loaded at scale alpha / rank = 2 / 8, not a loader's default 1
+    loaded = (next(m for name, m in pipe.unet.named_modules() if name.endswith("attn1.to_q")),
+              next(m for name, m in pipe.text_encoder.named_modules() if name.endswith("self_attn.q_proj")))
+    assert [set(module.scaling.values()) for module in loaded] == [{0.25}, {0.25}]
     result = run_script("train_craft_sd15.py", "--pretrained_model_name_or_path", zoo / "sd15", "--train_data_dir",
                         data, "--output_dir", tmp_path / "full", "--train_text_encoder", check=False)
     assert result.returncode != 0 and "use it with --use_lora" in result.stderr
