@@ -45,11 +45,25 @@ def parse_args(input_args=None):
                         help="with --use_lora: a LoRA on the text encoder too (captions are then encoded every step)")
     parser.add_argument("--use_ema", action="store_true", help="full fine-tune: keep an EMA of the UNet weights")
     parser.add_argument("--ema_decay", type=float, default=0.9999)
+    parser.add_argument("--fused_optimizer_step", action="store_true",
+                        help="full fine-tune on one GPU: step each weight inside backward and free its gradient at "
+                             "once (no full gradient buffer: fits an 8 GB card with --use_8bit_adam); needs "
+                             "--max_grad_norm 0 and --gradient_accumulation_steps 1")
     args = ct.parse_training_args(parser, input_args)
     if args.use_ema and args.use_lora:
         parser.error("--use_ema applies to full fine-tuning, not --use_lora")
     if args.train_text_encoder and not args.use_lora:
         parser.error("--train_text_encoder adds a LoRA to the text encoder; use it with --use_lora")
+    if args.fused_optimizer_step:  # each weight steps before the others' gradients exist
+        if args.use_lora:
+            parser.error("--fused_optimizer_step saves a full fine-tune's gradient buffer; a LoRA's is small: "
+                         "leave it out with --use_lora")
+        if args.max_grad_norm:
+            parser.error("--fused_optimizer_step steps each weight before the gradient's global norm is known: add "
+                         "--max_grad_norm 0 (no clipping)")
+        if args.gradient_accumulation_steps != 1:
+            parser.error("--fused_optimizer_step steps at every backward: use --gradient_accumulation_steps 1 and "
+                         "a larger --train_batch_size")
     return args
 
 
@@ -147,7 +161,15 @@ def main(args):
         ema_unet.to(accelerator.device)
 
     params_to_optimize = [p for module in trained.values() for p in module.parameters() if p.requires_grad]
-    optimizer = ct.make_optimizer(params_to_optimize, args, accelerator.num_processes)
+    if args.fused_optimizer_step:  # Adam steps inside backward; `optimizer` is the stand-in the schedule drives
+        if accelerator.num_processes > 1 or accelerator.mixed_precision == "fp16":
+            cu.fail("--fused_optimizer_step runs on one process without fp16's loss scaling: use one GPU and bf16 "
+                    "or no mixed precision")
+        step_in_backward = ct.StepInBackward(params_to_optimize, args, accelerator.num_processes)
+        accelerator.register_for_checkpointing(step_in_backward)
+        optimizer = step_in_backward.lead
+    else:
+        optimizer = ct.make_optimizer(params_to_optimize, args, accelerator.num_processes)
     train_dataset, train_dataloader = ct.make_dataloader(examples, args, cached=cache)
     num_update_steps_per_epoch = math.ceil(
         len(train_dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)

@@ -352,6 +352,25 @@ def test_full_fine_tune_with_ema_and_8bit_adam_resumes_exactly(zoo, data, tmp_pa
         zoo / "sd15"), data)
 
 
+def test_fused_optimizer_step_equals_the_normal_step_and_resumes_exactly(zoo, data, tmp_path):
+    """Adam stepped per weight inside backward (no gradient buffer) trains the very weights the normal step does
+    (8-bit Adam, a warm-up schedule), and killed while saving checkpoint-4 then resumed it ends where it would have."""
+    from diffusers import UNet2DConditionModel
+
+    flags = ("--max_train_steps", 6, "--checkpointing_steps", 2, "--use_8bit_adam", "--learning_rate", 1e-3,
+             "--max_grad_norm", 0, "--lr_scheduler", "linear", "--lr_warmup_steps", 2, "--random_flip")
+    train(zoo, data, tmp_path / "normal", *flags)
+    train(zoo, data, tmp_path / "fused", *flags, "--fused_optimizer_step")
+    train(zoo, data, tmp_path / "killed", *flags, "--fused_optimizer_step", kill_at="checkpoint_written#2")
+    train(zoo, data, tmp_path / "killed", *flags, "--fused_optimizer_step", "--resume_from_checkpoint", "latest")
+    normal, fused, resumed = (UNet2DConditionModel.from_pretrained(tmp_path / run, subfolder="unet").state_dict()
+                              for run in ("normal", "fused", "killed"))
+    base = UNet2DConditionModel.from_pretrained(zoo / "sd15", subfolder="unet").state_dict()
+    assert sum(not torch.equal(normal[k], base[k]) for k in normal) > 0.9 * len(normal)
+    assert all(torch.equal(normal[k], fused[k]) for k in normal)
+    assert all(torch.equal(fused[k], resumed[k]) for k in fused)
+
+
 def test_lora_resume_latest_equals_straight(zoo, data, tmp_path):
     from safetensors.torch import load_file
 
@@ -493,7 +512,8 @@ def test_config_file_supplies_defaults_and_flags_win(tmp_path, data, capsys):
 
 @pytest.mark.parametrize("case", ["missing_dir", "no_metadata", "no_caption", "corrupt_image", "negative_weight",
                                   "nan_weight", "all_zero", "weight_missing_in_a_row", "misspelled_weight_column",
-                                  "output_not_empty", "resume_latest_without_checkpoint", "sdxl_model"])
+                                  "output_not_empty", "resume_latest_without_checkpoint", "sdxl_model",
+                                  "fused_step_with_clipping", "fused_step_with_lora"])
 def test_bad_input_is_one_clear_error(zoo, tmp_path, case):
     data = make_training_set(tmp_path / "data", n=3)
     rows = cu.read_jsonl(data / "metadata.jsonl")
@@ -513,6 +533,10 @@ def test_bad_input_is_one_clear_error(zoo, tmp_path, case):
         "resume_latest_without_checkpoint": f"{tmp_path}/out is not empty and holds no checkpoint-* to resume from; "
                                             "pass --overwrite_output_dir to train anew over it, or choose another",
         "sdxl_model": "is an SDXL model (StableDiffusionXLPipeline); use train_craft_sdxl_lora.py",
+        "fused_step_with_clipping": "--fused_optimizer_step steps each weight before the gradient's global norm is "
+                                    "known: add --max_grad_norm 0 (no clipping)",
+        "fused_step_with_lora": "--fused_optimizer_step saves a full fine-tune's gradient buffer; a LoRA's is small: "
+                                "leave it out with --use_lora",
     }[case]
     change = {"no_caption": (1, "text", None), "negative_weight": (0, "weight", -1.0),
               "nan_weight": (1, "weight", float("nan")), "weight_missing_in_a_row": (1, "weight", None)}
@@ -529,6 +553,8 @@ def test_bad_input_is_one_clear_error(zoo, tmp_path, case):
             extra.append("--resume_from_checkpoint=latest")
     elif case == "sdxl_model":
         model = "sdxl"
+    elif case.startswith("fused_step"):
+        extra += ["--fused_optimizer_step", *(["--use_lora", "--max_grad_norm", "0"] if "lora" in case else [])]
     elif case == "misspelled_weight_column":
         extra.append("--weight_column=wieght")
     elif case == "all_zero":
