@@ -40,6 +40,38 @@ def test_per_sample_mse_by_hand_and_a_zero_weight_gives_no_gradient():
     assert torch.allclose(pred.grad[0], 2.0 * 2 * (pred[0] - target[0]).detach() / (16 * 3))
 
 
+def test_step_in_backward_frees_a_full_buckets_gradients_and_equals_one_optimizer():
+    """Buckets of 3 tensors over (used.weight, used.bias, last.weight | last.bias, unused.weight, unused.bias): the
+    first steps inside backward and its gradients are gone after it; the second, whose `unused` weights get no
+    gradient, is stepped by the lead's step(); after 3 steps both models equal one AdamW's, `unused` untouched."""
+    import copy
+
+    torch.manual_seed(0)
+    normal_model = torch.nn.ModuleDict({"used": torch.nn.Linear(4, 4), "last": torch.nn.Linear(4, 2),
+                                        "unused": torch.nn.Linear(4, 4)})
+    fused_model, initial = copy.deepcopy(normal_model), copy.deepcopy(normal_model)
+    args = SimpleNamespace(learning_rate=0.1, scale_lr=False, use_8bit_adam=False, adam_beta1=0.9, adam_beta2=0.999,
+                           adam_weight_decay=0.01, adam_epsilon=1e-8)
+    normal = ct.make_optimizer(list(normal_model.parameters()), args, 1)
+    fused = ct.StepInBackward(list(fused_model.parameters()), args, 1, bucket_tensors=3)
+    assert [len(o.param_groups[0]["params"]) for o in fused.optimizers] == [3, 3]
+    for _ in range(3):
+        x = torch.randn(5, 4)
+        for model, optimizer in ((normal_model, normal), (fused_model, fused.lead)):
+            model["last"](model["used"](x)).pow(2).mean().backward()
+            if optimizer is fused.lead:
+                assert fused_model["used"].weight.grad is None and fused_model["last"].weight.grad is None
+                assert fused_model["last"].bias.grad is not None  # its bucket waits for `unused`
+            optimizer.step()
+            optimizer.zero_grad()
+    assert fused_model["last"].bias.grad is None
+    for (name, a), b in zip(normal_model.named_parameters(), fused_model.parameters()):
+        assert torch.equal(a, b), name
+    assert not torch.equal(fused_model["used"].weight, initial["used"].weight)
+    assert not torch.equal(fused_model["last"].bias, initial["last"].bias)
+    assert torch.equal(fused_model["unused"].weight, initial["unused"].weight)
+
+
 def tensorboard_scalars(folder, tag):
     """The scalars the trainer logged under `tag`, by step (accelerate's tensorboard run is logs/craft)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
