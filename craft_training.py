@@ -12,6 +12,7 @@ import math
 import os
 from dataclasses import dataclass
 
+import craft_generation as cg
 import craft_outputs as co
 import craft_utils as cu
 
@@ -180,7 +181,7 @@ FAMILIES = {  # a pipeline's model_index.json class -> (what it is, the script t
 def check_model_family(path, revision, script):
     """Refuse, in one line naming the right script, a pipeline of a family another of our scripts trains. Pipelines
     of other classes (or without a model_index.json) go on to the script's own loading and its errors."""
-    class_name = cu.pipeline_class_name(path, revision)
+    class_name = cg.pipeline_class_name(path, revision)
     what, right_script = FAMILIES.get(class_name, (None, script))
     if right_script != script:
         cu.fail(f"{path} is {what} ({class_name}); use {right_script}")

@@ -1,4 +1,4 @@
-"""Plumbing shared by the CRAFT scripts: the folder contract, crash-safe files, prompts and seeds, generation.
+"""Plumbing shared by the CRAFT scripts: the folder contract, crash-safe files, prompts and seeds, generation folders.
 
 Each script is one stage and reads top to bottom; what two or more of them need lives here.
 """
@@ -13,7 +13,6 @@ import random
 import shutil
 import signal
 import tempfile
-import time
 
 GENERATION_CONFIG = "generation_config.json"
 METADATA = "metadata.jsonl"
@@ -344,65 +343,9 @@ def derive_seed(seed, group_id, variant_id, image_index):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Text-to-image generation, resumable and sharded across processes
-
-SCHEDULERS = {
-    "ddim": "DDIMScheduler",
-    "dpmsolver++": "DPMSolverMultistepScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler",
-    "pndm": "PNDMScheduler",
-    "unipc": "UniPCMultistepScheduler",
-}
+# Generation folders: the settings they were made with, resume and --overwrite (craft_generation.py makes the images)
 
 TORCH_DTYPES = {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}
-
-
-def add_generation_args(parser, model_required=True):
-    group = parser.add_argument_group("model and sampling")
-    group.add_argument("--pretrained_model_name_or_path", required=model_required,
-                       help="SD1.5-, SDXL- or FLUX.1-style diffusers pipeline: Hub id or local folder")
-    group.add_argument("--revision", help="model revision (branch, tag or commit) on the Hub")
-    group.add_argument("--variant", help="weights variant to load, e.g. fp16")
-    group.add_argument("--pretrained_vae_model_name_or_path",
-                       help="a VAE to use instead of the pipeline's (e.g. madebyollin/sdxl-vae-fp16-fix)")
-    group.add_argument("--lora_path", help="LoRA weights to load into the pipeline (a folder or a .safetensors file)")
-    group.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sampler (default: the pipeline's own)")
-    group.add_argument("--num_inference_steps", type=int, default=30)
-    group.add_argument("--guidance_scale", type=float,
-                       help="classifier-free guidance (SD1.5/SDXL; default 7.5), or the guidance embedding's value "
-                            "(FLUX.1-dev; default 3.5)")
-    group.add_argument("--max_sequence_length", type=int, help="FLUX: T5 tokens per prompt (the pipeline's 512)")
-    group.add_argument("--height", type=int, help="image height (default: the model's native size)")
-    group.add_argument("--width", type=int, help="image width (default: the model's native size)")
-    group.add_argument("--num_images_per_prompt", type=int, default=2, help="images (seeds) per prompt text")
-    group.add_argument("--batch_size", type=int, default=4, help="images per pipeline call, across prompts")
-    group.add_argument("--mixed_precision", choices=sorted(TORCH_DTYPES), default="no",
-                       help="weights dtype for generation (fp16/bf16 on GPUs)")
-    group.add_argument("--seed", type=int, default=0, help="base seed; each image's seed derives from it")
-
-
-def local_model_configs_sha256(path):
-    """A local pipeline folder's JSON configs, hashed: a model retrained or replaced at the same path changes them
-    (architecture, the VAE's fitted scaling factor). None for a Hub id, which --revision pins."""
-    if not os.path.isdir(path):
-        return None
-    configs = {}
-    for root, _, files in os.walk(path):
-        for name in files:
-            if name.endswith(".json"):
-                with open(os.path.join(root, name), "rb") as f:
-                    configs[os.path.relpath(os.path.join(root, name), path)] = hashlib.sha256(f.read()).hexdigest()
-    return sha256_of(sorted(configs.items()))
-
-
-def generation_settings(args):
-    """Every flag that changes the images, and the local model's configs; a folder is only resumed with the same."""
-    names = ["pretrained_model_name_or_path", "revision", "variant", "pretrained_vae_model_name_or_path",
-             "lora_path", "scheduler", "num_inference_steps", "guidance_scale", "height", "width",
-             "num_images_per_prompt", "batch_size", "mixed_precision", "seed", "max_sequence_length"]
-    return {**{name: getattr(args, name) for name in names},
-            "model_configs_sha256": local_model_configs_sha256(args.pretrained_model_name_or_path)}
 
 
 def check_generation_folder(output_dir, settings, overwrite):
@@ -441,94 +384,6 @@ def recorded_settings(output_dir):
         return json.load(f)["settings"]
 
 
-def start_generation_folder(output_dir, settings, pipe, args, start_over, state):
-    """Create the folder and record every setting (main process), before any image is made."""
-    if state.is_main_process:
-        import diffusers
-        import torch
-
-        old = previous_generation(output_dir)
-        if os.path.exists(old) and generation_complete(output_dir):  # a kill came as it was being deleted
-            shutil.rmtree(old)
-        if start_over:  # the old images stay, aside, until the new run completes
-            if os.path.exists(old):  # an earlier --overwrite never completed: the folder holds only its partial run
-                shutil.rmtree(output_dir)
-                if recorded_settings(old) == settings:  # the settings of the run set aside: it comes back
-                    os.replace(old, output_dir)
-                    print(f"{output_dir}: restored the finished run that an interrupted --overwrite had set aside")
-            else:
-                os.replace(output_dir, old)
-            if os.path.exists(old):
-                print(f"{output_dir}: the previous images are kept in {old} until this run completes")
-        os.makedirs(output_dir, exist_ok=True)
-        size = native_size(pipe)
-        write_json_atomic(os.path.join(output_dir, GENERATION_CONFIG), {
-            "settings": settings,
-            "resolved": {"pipeline_class": type(pipe).__name__, "scheduler": type(pipe.scheduler).__name__,
-                         "height": args.height or size, "width": args.width or size},
-            "versions": {"diffusers": diffusers.__version__, "torch": torch.__version__},
-        })
-    state.wait_for_everyone()
-
-
-def pipeline_class_name(path, revision):
-    """The pipeline class a model_index.json names (local folder or Hub id); None if there is none to read."""
-    from diffusers import DiffusionPipeline
-
-    try:
-        return DiffusionPipeline.load_config(path, revision=revision).get("_class_name")
-    except Exception:  # not a pipeline folder, or not reachable: loading the model says why
-        return None
-
-
-def resolve_sampling_defaults(args):
-    """The defaults that depend on the model family, resolved before the settings are recorded: --guidance_scale is
-    classifier-free guidance for SD1.5/SDXL (7.5) and the guidance embedding's value for FLUX.1-dev (3.5)."""
-    is_flux = "Flux" in (pipeline_class_name(args.pretrained_model_name_or_path, args.revision) or "")
-    if args.guidance_scale is None:
-        args.guidance_scale = 3.5 if is_flux else 7.5
-    if args.max_sequence_length is not None and not is_flux:
-        fail("--max_sequence_length is for FLUX pipelines (the T5 encoder's tokens); leave it out for SD1.5/SDXL")
-    if args.scheduler and is_flux:
-        fail("--scheduler picks an SD1.5/SDXL sampler; FLUX samples with its own flow-matching Euler scheduler")
-
-
-def load_pipeline(args, device):
-    import torch
-    from diffusers import AutoencoderKL, DiffusionPipeline
-    import diffusers
-
-    dtype = getattr(torch, TORCH_DTYPES[args.mixed_precision])
-    common = {"revision": args.revision, "variant": args.variant, "dtype": dtype}
-    try:
-        extra = {}
-        if args.pretrained_vae_model_name_or_path:
-            extra["vae"] = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, dtype=dtype)
-        pipe = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, **common, **extra)
-    except (OSError, ValueError, EnvironmentError) as error:
-        fail(f"could not load a diffusers pipeline from '{args.pretrained_model_name_or_path}' "
-             f"({str(error).splitlines()[0]}); give a local pipeline folder with model_index.json or a Hub id")
-    if not (hasattr(pipe, "unet") or hasattr(pipe, "transformer")) or not hasattr(pipe, "vae"):
-        fail(f"{args.pretrained_model_name_or_path} is a {type(pipe).__name__}, not an SD1.5/SDXL/FLUX-style "
-             "pipeline")
-    if args.lora_path:
-        if not os.path.exists(args.lora_path):
-            fail(f"--lora_path {args.lora_path} does not exist")
-        folder, weight_name = (args.lora_path, None) if os.path.isdir(args.lora_path) else os.path.split(args.lora_path)
-        pipe.load_lora_weights(folder, weight_name=weight_name)
-    if args.scheduler:
-        scheduler_class = getattr(diffusers, SCHEDULERS[args.scheduler])
-        pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
-
-
-def native_size(pipe):
-    """A UNet's sample size, or (FLUX) the pipeline's default, in pixels."""
-    latent_size = pipe.unet.config.sample_size if hasattr(pipe, "unet") else pipe.default_sample_size
-    return latent_size * pipe.vae_scale_factor
-
-
 def image_file_name(group_id, variant_id, image_index):
     return f"{group_id:06d}_v{variant_id:02d}_i{image_index:02d}.png"
 
@@ -550,50 +405,3 @@ def plan_images(groups, num_images_per_prompt, seed):
 def image_sort_key(row):
     return row["group_id"], row["variant_id"], row["image_index"]
 
-
-def generate_images(pipe, planned, output_dir, args, state):
-    """Make every planned image not yet on disk; returns how many this process made.
-
-    Batches are fixed over the whole plan and dealt round-robin to processes, so every image comes out of the same
-    batch (hence the same numerics) whatever the process count, and a resumed run redoes only unfinished batches.
-    Images are written atomically and logged after they are on disk; the main process then folds the logs into
-    metadata.jsonl, sorted.
-    """
-    import torch
-    from tqdm.auto import tqdm
-
-    if state.is_main_process:  # temp files of images a kill interrupted
-        remove_temp_files(output_dir)
-    state.wait_for_everyone()
-    done = {row["file_name"] for row in read_logged_rows(output_dir, METADATA, "images")
-            if os.path.exists(os.path.join(output_dir, row["file_name"]))}
-    batches = [planned[i: i + args.batch_size] for i in range(0, len(planned), args.batch_size)]
-    mine = [batch for batch in batches[state.process_index:: state.num_processes]
-            if any(row["file_name"] not in done for row in batch)]
-    todo = sum(row["file_name"] not in done for batch in mine for row in batch)
-    log = AppendLog(os.path.join(output_dir, PROGRESS_DIR, f"images-{state.process_index:05d}.jsonl"))
-    size = native_size(pipe)
-    started = time.time()
-    with tqdm(total=todo, unit="img", desc="generating", disable=not state.is_local_main_process) as progress:
-        for batch in mine:
-            images = pipe(
-                prompt=[row["text"] for row in batch],
-                generator=[torch.Generator("cpu").manual_seed(row["seed"]) for row in batch],
-                num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                height=args.height or size, width=args.width or size, output_type="pil",
-                **({"max_sequence_length": args.max_sequence_length} if args.max_sequence_length else {}),
-            ).images
-            new_rows = [row for row in batch if row["file_name"] not in done]
-            for row, image in zip(batch, images):
-                if row["file_name"] not in done:
-                    save_image_atomic(image, os.path.join(output_dir, row["file_name"]))
-            fault_point("images_written")
-            log.append(new_rows)
-            progress.update(len(new_rows))
-    log.close()
-    state.wait_for_everyone()
-    if state.is_main_process:
-        merge_logged_rows(output_dir, METADATA, "images", key=lambda r: r["file_name"], sort_key=image_sort_key)
-        shutil.rmtree(previous_generation(output_dir), ignore_errors=True)  # replaced (--overwrite), now for good
-    state.wait_for_everyone()
-    return todo, time.time() - started

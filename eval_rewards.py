@@ -29,6 +29,7 @@ import os
 import statistics
 import time
 
+import craft_generation as cg
 import craft_rewards as cr
 import craft_utils as cu
 
@@ -60,7 +61,7 @@ def parse_args(input_args=None):
                         help="hpsv2/drawbench: the folder of HPDv2's benchmark/*.json (hf download ymhao/HPDv2 "
                              "benchmark/ --repo-type dataset --local-dir hpdv2 gives hpdv2/benchmark); "
                              "parti: a dataset Hub id or local copy (default nateraw/parti-prompts)")
-    cu.add_generation_args(parser, model_required=False)
+    cg.add_generation_args(parser, model_required=False)
     cu.add_prompt_args(parser)
     cr.add_reward_args(parser)
     args = parser.parse_args(input_args)
@@ -166,15 +167,15 @@ def generate_eval_images(jobs, state):
     plans = []
     for args in jobs:
         prompts = cu.load_prompts(args)
-        cu.resolve_sampling_defaults(args)
-        settings = {**cu.generation_settings(args), "prompts_source": args.prompts_file or args.dataset_name,
+        cg.resolve_sampling_defaults(args)
+        settings = {**cg.generation_settings(args), "prompts_source": args.prompts_file or args.dataset_name,
                     "num_prompts": len(prompts), "prompts_sha256": cu.sha256_of(prompts)}
         plans.append((args, prompts, settings, cu.check_generation_folder(args.output_dir, settings, args.overwrite)))
-    pipe = cu.load_pipeline(jobs[0], state.device)
+    pipe = cg.load_pipeline(jobs[0], state.device)
     for args, prompts, settings, start_over in plans:
-        cu.start_generation_folder(args.output_dir, settings, pipe, args, start_over, state)
+        cg.start_generation_folder(args.output_dir, settings, pipe, args, start_over, state)
         planned = cu.plan_images([(prompt, [prompt]) for prompt in prompts], args.num_images_per_prompt, args.seed)
-        cu.generate_images(pipe, planned, args.output_dir, args, state)
+        cg.generate_images(pipe, planned, args.output_dir, args, state)
     del pipe
     gc.collect()
 

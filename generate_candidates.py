@@ -17,6 +17,7 @@ import random
 import sys
 import time
 
+import craft_generation as cg
 import craft_utils as cu
 
 EXPANSIONS = "expansions.jsonl"
@@ -42,7 +43,7 @@ DEFAULT_INSTRUCTION = (
 
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cu.add_generation_args(parser)
+    cg.add_generation_args(parser)
     cu.add_prompt_args(parser)
     group = parser.add_argument_group("prompt expansion")
     group.add_argument("--num_variants", type=int, default=3, help="rewrites per prompt (K); 0 = original only")
@@ -187,20 +188,20 @@ def expand_prompts(prompts, args, state):
 def main(args):
     state = cu.process_state()
     prompts = cu.load_prompts(args)
-    cu.resolve_sampling_defaults(args)
+    cg.resolve_sampling_defaults(args)
     settings = {
-        **cu.generation_settings(args), **expansion_settings(args),
+        **cg.generation_settings(args), **expansion_settings(args),
         "prompts_source": args.prompts_file or f"{args.dataset_name}:{args.dataset_split}",
         "num_prompts": len(prompts), "prompts_sha256": cu.sha256_of(prompts),
     }
     start_over = cu.check_generation_folder(args.output_dir, settings, args.overwrite)
-    pipe = cu.load_pipeline(args, state.device)
-    cu.start_generation_folder(args.output_dir, settings, pipe, args, start_over, state)
+    pipe = cg.load_pipeline(args, state.device)
+    cg.start_generation_folder(args.output_dir, settings, pipe, args, start_over, state)
 
     started = time.time()
     groups = expand_prompts(prompts, args, state)
     planned = cu.plan_images(groups, args.num_images_per_prompt, args.seed)
-    made, seconds = cu.generate_images(pipe, planned, args.output_dir, args, state)
+    made, seconds = cg.generate_images(pipe, planned, args.output_dir, args, state)
     if state.is_main_process:
         print(f"{len(planned)} images for {len(groups)} prompts x {args.num_variants + 1} texts x "
               f"{args.num_images_per_prompt} seeds in {args.output_dir} ({made} made now by process 0 of "

@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import craft_generation as cg  # noqa: E402
 import craft_utils as cu  # noqa: E402
 from generate_candidates import template_variants  # noqa: E402
 
@@ -60,12 +61,12 @@ def main():
         pipe = real_size_pipeline(args.real_size, tokenizer, state.device, dtype)
         name = f"{args.real_size} real size, random weights"
     else:
-        pipe = cu.load_pipeline(SimpleNamespace(
+        pipe = cg.load_pipeline(SimpleNamespace(
             pretrained_model_name_or_path=args.pretrained_model_name_or_path, revision=None, variant=None,
             pretrained_vae_model_name_or_path=None, lora_path=None, scheduler=None,
             mixed_precision=args.mixed_precision), state.device)
         name = args.pretrained_model_name_or_path
-    size = args.resolution or cu.native_size(pipe)
+    size = args.resolution or cg.native_size(pipe)
     settings = SimpleNamespace(num_variants=args.num_variants, seed=0, batch_size=args.batch_size,
                                num_inference_steps=args.steps, guidance_scale=7.5, height=size, width=size)
     prompts = (PROMPTS * args.num_prompts)[: args.num_prompts]
@@ -93,7 +94,7 @@ def main():
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         started = time.perf_counter()
-        cu.generate_images(pipe, planned, ours, settings, state)
+        cg.generate_images(pipe, planned, ours, settings, state)
         sync()
         ours_seconds = time.perf_counter() - started
 
