@@ -1,12 +1,19 @@
 """Loading text-to-image pipelines (SD1.5, SDXL, FLUX.1) and generating images with them, resumable and sharded
 across processes: shared by generate_candidates.py, eval_rewards.py's model mode and the benchmarks."""
 
+import contextlib
 import hashlib
 import os
 import shutil
 import time
 
 import craft_utils as cu
+
+SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
+                 "math": "MATH"}
+# speed options that may change an image's pixels: recorded (when on) with the settings, so that a folder is never
+# resumed under other numerics; offloading moves weights, not arithmetic, and is not recorded
+NUMERICS_OPTIONS = ["compile", "fuse_qkv_projections", "channels_last", "sdpa_backend", "vae_slicing", "vae_tiling"]
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -40,6 +47,22 @@ def add_generation_args(parser, model_required=True):
     group.add_argument("--mixed_precision", choices=sorted(cu.TORCH_DTYPES), default="no",
                        help="weights dtype for generation (fp16/bf16 on GPUs)")
     group.add_argument("--seed", type=int, default=0, help="base seed; each image's seed derives from it")
+    speed = parser.add_argument_group("speed and memory (benchmarks/bench_generation.py measures each)")
+    speed.add_argument("--compile", action="store_true",
+                       help="torch.compile the denoiser and the VAE decoder: compiled in the first batch, and the last "
+                            "batch is padded to full size so nothing compiles again")
+    speed.add_argument("--fuse_qkv_projections", action="store_true",
+                       help="one matmul for the denoiser's q, k and v (a --lora_path LoRA is merged in first)")
+    speed.add_argument("--channels_last", action="store_true", help="channels-last memory format for the UNet and VAE")
+    speed.add_argument("--sdpa_backend", choices=sorted(SDPA_BACKENDS),
+                       help="the kernel torch's scaled-dot-product attention uses (default: torch's choice)")
+    speed.add_argument("--enable_model_cpu_offload", action="store_true",
+                       help="keep only the model that runs on the GPU (SDXL on 8-12 GB cards)")
+    speed.add_argument("--enable_sequential_cpu_offload", action="store_true",
+                       help="stream the weights to the GPU layer by layer: the least memory, the slowest")
+    speed.add_argument("--vae_slicing", action="store_true", help="decode a batch one image at a time")
+    speed.add_argument("--vae_tiling", action="store_true",
+                       help="decode large images in overlapping tiles (lower decode peak; the seams are blended)")
 
 
 def local_model_configs_sha256(path):
@@ -62,6 +85,7 @@ def generation_settings(args):
              "lora_path", "scheduler", "num_inference_steps", "guidance_scale", "height", "width",
              "num_images_per_prompt", "batch_size", "mixed_precision", "seed", "max_sequence_length"]
     return {**{name: getattr(args, name) for name in names},
+            **{name: getattr(args, name) for name in NUMERICS_OPTIONS if getattr(args, name)},
             "model_configs_sha256": local_model_configs_sha256(args.pretrained_model_name_or_path)}
 
 
@@ -131,10 +155,10 @@ def load_pipeline(args, device):
         pipe = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, **common, **extra)
     except (OSError, ValueError, EnvironmentError) as error:
         cu.fail(f"could not load a diffusers pipeline from '{args.pretrained_model_name_or_path}' "
-             f"({str(error).splitlines()[0]}); give a local pipeline folder with model_index.json or a Hub id")
+                f"({str(error).splitlines()[0]}); give a local pipeline folder with model_index.json or a Hub id")
     if not (hasattr(pipe, "unet") or hasattr(pipe, "transformer")) or not hasattr(pipe, "vae"):
         cu.fail(f"{args.pretrained_model_name_or_path} is a {type(pipe).__name__}, not an SD1.5/SDXL/FLUX-style "
-             "pipeline")
+                "pipeline")
     if args.lora_path:
         if not os.path.exists(args.lora_path):
             cu.fail(f"--lora_path {args.lora_path} does not exist")
@@ -144,6 +168,38 @@ def load_pipeline(args, device):
         scheduler_class = getattr(diffusers, SCHEDULERS[args.scheduler])
         pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
+    return speed_up(pipe, args, device)
+
+
+def speed_up(pipe, args, device):
+    """The speed and memory options, applied to a loaded pipeline; returns it on `device` (or offloaded)."""
+    import torch
+
+    denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+    if args.fuse_qkv_projections:
+        if args.lora_path:  # fusing replaces the LoRA'd projections: merge the LoRA into them first
+            pipe.fuse_lora()
+            pipe.unload_lora_weights()
+        denoiser.fuse_qkv_projections()
+    if args.channels_last:
+        for module in (denoiser, pipe.vae) if hasattr(pipe, "unet") else (pipe.vae,):  # FLUX's transformer: no convs
+            module.to(memory_format=torch.channels_last)
+    if args.vae_slicing:
+        pipe.vae.enable_slicing()
+    if args.vae_tiling:
+        pipe.vae.enable_tiling()
+    if args.compile:
+        denoiser.compile()
+        pipe.vae.decoder.compile()
+    if args.enable_model_cpu_offload or args.enable_sequential_cpu_offload:
+        if torch.device(device).type == "cpu":
+            cu.fail("--enable_model_cpu_offload / --enable_sequential_cpu_offload move weights between the CPU and a "
+                    "GPU; there is no GPU here: leave them out")
+        if args.enable_sequential_cpu_offload:
+            pipe.enable_sequential_cpu_offload(device=device)
+        else:
+            pipe.enable_model_cpu_offload(device=device)
+        return pipe
     return pipe.to(device)
 
 
@@ -176,11 +232,16 @@ def generate_images(pipe, planned, output_dir, args, state):
     log = cu.AppendLog(os.path.join(output_dir, cu.PROGRESS_DIR, f"images-{state.process_index:05d}.jsonl"))
     size = native_size(pipe)
     started = time.time()
-    with tqdm(total=todo, unit="img", desc="generating", disable=not state.is_local_main_process) as progress:
+    attention = contextlib.nullcontext() if not args.sdpa_backend else torch.nn.attention.sdpa_kernel(
+        getattr(torch.nn.attention.SDPBackend, SDPA_BACKENDS[args.sdpa_backend]))
+    with tqdm(total=todo, unit="img", desc="generating", disable=not state.is_local_main_process) as progress, \
+            attention:
         for batch in mine:
+            # compiled: a short last batch is padded with copies of its last image, so no shape is new
+            calls = batch + batch[-1:] * (args.batch_size - len(batch)) if args.compile else batch
             images = pipe(
-                prompt=[row["text"] for row in batch],
-                generator=[torch.Generator("cpu").manual_seed(row["seed"]) for row in batch],
+                prompt=[row["text"] for row in calls],
+                generator=[torch.Generator("cpu").manual_seed(row["seed"]) for row in calls],
                 num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                 height=args.height or size, width=args.width or size, output_type="pil",
                 **({"max_sequence_length": args.max_sequence_length} if args.max_sequence_length else {}),
@@ -195,7 +256,8 @@ def generate_images(pipe, planned, output_dir, args, state):
     log.close()
     state.wait_for_everyone()
     if state.is_main_process:
-        cu.merge_logged_rows(output_dir, cu.METADATA, "images", key=lambda r: r["file_name"], sort_key=cu.image_sort_key)
+        cu.merge_logged_rows(output_dir, cu.METADATA, "images", key=lambda r: r["file_name"],
+                             sort_key=cu.image_sort_key)
         shutil.rmtree(cu.previous_generation(output_dir), ignore_errors=True)  # replaced (--overwrite), now for good
     state.wait_for_everyone()
     return todo, time.time() - started

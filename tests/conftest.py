@@ -19,10 +19,11 @@ def subprocess_env():
 TWO_PROCESSES = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
 
 
-def run_script(script, *args, check=True, launcher=None, kill_at=None):
+def run_script(script, *args, check=True, launcher=None, kill_at=None, env=None):
     """Run one of the pack's scripts the way users do: a new process, from the command line. `kill_at` names a
-    craft_utils.fault_point where the process is killed (SIGKILL), as a crash or `kill -9` would."""
-    env = subprocess_env()
+    craft_utils.fault_point where the process is killed (SIGKILL), as a crash or `kill -9` would; `env` adds
+    environment variables."""
+    env = {**subprocess_env(), **(env or {})}
     if kill_at:
         env["CRAFT_KILL_AT"] = kill_at
     if launcher:

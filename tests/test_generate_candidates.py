@@ -220,7 +220,7 @@ def test_file_expansion_uses_the_given_rewrites(zoo, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing_file", "empty_file", "unknown_column", "latin1_txt", "latin1_jsonl",
-                                  "missing_model"])
+                                  "missing_model", "offload_without_gpu"])
 def test_bad_input_gives_one_clear_error_and_writes_nothing(zoo, tmp_path, case):
     prompts = write_lines(tmp_path / "prompts.txt", PROMPTS[:1])
     model = "sd15"
@@ -232,6 +232,8 @@ def test_bad_input_gives_one_clear_error_and_writes_nothing(zoo, tmp_path, case)
         "latin1_txt": "{tmp}/latin1.txt is not UTF-8 text (byte 5 is b'\\xe9'); save it as UTF-8",
         "latin1_jsonl": "{tmp}/latin1.jsonl is not UTF-8 text (byte 17 is b'\\xe9'); save it as UTF-8",
         "missing_model": "could not load a diffusers pipeline from '{zoo}/missing'",
+        "offload_without_gpu": "--enable_model_cpu_offload / --enable_sequential_cpu_offload move weights between the "
+                               "CPU and a GPU; there is no GPU here: leave them out",
     }[case].format(tmp=tmp_path, zoo=zoo)
     if case == "missing_file":
         prompts = tmp_path / "nope.txt"
@@ -245,6 +247,10 @@ def test_bad_input_gives_one_clear_error_and_writes_nothing(zoo, tmp_path, case)
     elif case == "latin1_jsonl":
         prompts = tmp_path / "latin1.jsonl"
         prompts.write_bytes('{"prompt": "a café"}\n'.encode("latin-1"))
+    elif case == "offload_without_gpu":
+        if torch.cuda.is_available():
+            pytest.skip("a GPU is here: offloading works")
+        extra = ("--enable_model_cpu_offload",)
     else:
         model = "missing"
     result = generate(zoo, prompts, tmp_path / "out", *extra, model=model, check=False)
@@ -283,6 +289,56 @@ def test_other_settings_are_refused_and_overwrite_starts_over(zoo, tmp_path):
     result = generate(zoo, prompts, foreign, "--overwrite", check=False)
     assert "is not empty and holds no generation_config.json" in result.stderr
     assert os.listdir(foreign) == ["notes.txt"]
+
+
+def max_pixel_difference(a, b):
+    return max(np.abs(np.asarray(Image.open(a / name), dtype=np.int16) - np.asarray(Image.open(b / name),
+                                                                                  dtype=np.int16)).max()
+               for name in os.listdir(a) if name.endswith(".png"))
+
+
+def test_speed_options_keep_the_images_close_and_are_recorded(zoo, tmp_path):
+    """Fused q/k/v (a LoRA merged in first), channels-last, VAE slicing, the math SDPA kernel, and torch.compile (5
+    images in batches of 3: the last batch is padded, so nothing compiles twice) make the default's images to within
+    2/255; the options that change numerics are recorded, and a folder made with them is not resumed without."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    prompts = write_lines(tmp_path / "prompts.txt", PROMPTS[:5])
+    small = ("--num_variants", 0, "--num_images_per_prompt", 1)
+    pipe = StableDiffusionPipeline.from_pretrained(zoo / "sd15")
+    pipe.unet.add_adapter(LoraConfig(r=4, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v"]))
+    torch.manual_seed(0)
+    for name, weight in pipe.unet.named_parameters():
+        if "lora_B" in name:
+            weight.data.normal_(0, 0.2)
+    pipe.save_lora_weights(tmp_path / "lora", unet_lora_layers=get_peft_model_state_dict(pipe.unet))
+    lora = ("--lora_path", tmp_path / "lora")
+    options = ("--fuse_qkv_projections", "--channels_last", "--vae_slicing", "--sdpa_backend", "math")
+
+    generate(zoo, prompts, tmp_path / "default", *small)
+    generate(zoo, prompts, tmp_path / "options", *small, *options)
+    generate(zoo, prompts, tmp_path / "lora_default", *small, *lora)
+    generate(zoo, prompts, tmp_path / "lora_fused", *small, *lora, "--fuse_qkv_projections")
+    compiled = generate(zoo, prompts, tmp_path / "compiled", *small, "--compile", env={"TORCH_LOGS": "recompiles"})
+    assert "Recompiling" not in compiled.stderr
+    assert len(os.listdir(tmp_path / "compiled")) == len(os.listdir(tmp_path / "default"))
+    for folder in ("options", "compiled"):
+        assert max_pixel_difference(tmp_path / "default", tmp_path / folder) <= 2
+    assert max_pixel_difference(tmp_path / "lora_default", tmp_path / "lora_fused") <= 2
+    assert max_pixel_difference(tmp_path / "default", tmp_path / "lora_default") > 10  # the LoRA shows
+
+    recorded = {name: json.loads((tmp_path / name / "generation_config.json").read_text())["settings"]
+                for name in ("default", "options", "compiled")}
+    assert not {"compile", "fuse_qkv_projections", "channels_last", "sdpa_backend", "vae_slicing"} & set(
+        recorded["default"])  # a folder made before these options existed resumes as it did
+    assert {k: recorded["options"][k] for k in ("fuse_qkv_projections", "channels_last", "vae_slicing",
+                                                "sdpa_backend")} == {
+        "fuse_qkv_projections": True, "channels_last": True, "vae_slicing": True, "sdpa_backend": "math"}
+    assert recorded["compiled"]["compile"] is True
+    result = generate(zoo, prompts, tmp_path / "options", *small, check=False)
+    assert result.returncode != 0
+    assert "holds images made with other settings (channels_last: True there, None now" in result.stderr
 
 
 # ---- helpers, in process ------------------------------------------------------------------------------------
