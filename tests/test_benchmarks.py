@@ -1,0 +1,40 @@
+"""The generation and round-cost benchmarks: their figures against values computed here."""
+
+import re
+
+import torch
+
+from conftest import run_script
+
+
+def test_round_cost_adds_up_the_stages_by_hand():
+    # 3,600 images; 1 img/s (SD1.5) and 0.5 (SDXL) = 1 h and 2 h; three rewards at 3 img/s = 1 h; 120 and 200 steps
+    # of 128 images at 3600 / 15360 and 7200 / 25600 s each = 1 h and 2 h
+    result = run_script("benchmarks/round_cost.py", "--num_prompts", 3600, "--num_variants", 0,
+                        "--num_images_per_prompt", 1, "--generation_img_s", "sd15=1,sdxl=0.5",
+                        "--scoring_img_s", "hpsv2.1=3,pickscore=3,aesthetic=3",
+                        "--training_s_per_image", f"sd15={3600 / 15360},sdxl={7200 / 25600}")
+    rows = {line[:34].strip(): line[34:].split() for line in result.stdout.splitlines()}
+    assert rows["generation"] == ["1.00", "2.00"] and rows["scoring"] == ["1.00", "1.00"]
+    assert rows["training"] == ["1.00", "2.00"] and rows["total"] == ["3.00", "5.00"]
+    assert "SDXL: 1.2x the paper's figure; generation is 40% of it" in result.stdout
+
+
+def test_bench_generation_counts_the_denoisers_flops_and_compares_each_option(zoo):
+    """FLOPs per image = steps x one UNet forward on the CFG batch of 2, counted here; the default path is
+    bit-identical to itself and an option's row shows its distance from it."""
+    from diffusers import StableDiffusionPipeline
+    from torch.utils.flop_counter import FlopCounterMode
+
+    result = run_script("benchmarks/bench_generation.py", "--pretrained_model_name_or_path", zoo / "sd15",
+                        "--num_prompts", 2, "--steps", 3, "--batch_size", 4, "--options",
+                        "default,fuse_qkv_projections")
+    unet = StableDiffusionPipeline.from_pretrained(zoo / "sd15").unet
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        size = unet.config.sample_size  # the latents of the native 64 px image
+        unet(torch.randn(2, 4, size, size), torch.tensor([1, 1]), encoder_hidden_states=torch.randn(2, 77, 32))
+    printed = float(re.search(r"denoiser ([\d.e+]+) GFLOP per image", result.stdout).group(1))
+    assert abs(printed - 3 * counter.get_total_flops() / 1e9) < 1e-5 * printed
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[3:]}
+    assert rows["default"][-2:] == ["0", "inf"] and float(rows["default"][1]) > 0
+    assert 0 <= int(rows["fuse_qkv_projections"][-2]) <= 2 and float(rows["fuse_qkv_projections"][1]) > 0
