@@ -7,6 +7,8 @@ Adding a reward = one factory decorated with @register("name"). Heavy imports ha
 Text-conditioned rewards are called with the original prompt, so rewrites and originals answer the same question.
 """
 
+import collections
+import concurrent.futures
 import gc
 import io
 import math
@@ -45,6 +47,9 @@ def add_reward_args(parser):
     group.add_argument("--imagereward_tokenizer", default="bert-base-uncased", help="BERT tokenizer of ImageReward")
     group.add_argument("--clip_model", default="openai/clip-vit-large-patch14", help="CLIP for the 'clip' score")
     group.add_argument("--reward_batch_size", type=int, default=16, help="images per reward-model call")
+    group.add_argument("--image_decode_workers", type=int, default=4,
+                       help="threads that read and decode the next batches' images while a reward model runs (0: "
+                            "in turn, in the main thread)")
     group.add_argument("--reward_precision", choices=sorted(cu.TORCH_DTYPES), default="no",
                        help="dtype of the reward models (fp16/bf16 halve their memory on GPUs)")
 
@@ -153,6 +158,25 @@ def read_folder(folder, caption_column):
     return rows
 
 
+def decoded_ahead(batches, folder, workers):
+    """Each batch's images, decoded by `workers` threads up to 2 x workers batches ahead of the one being scored
+    (PNG decoding releases the GIL); a bad image still ends in the one line naming its row."""
+    def decode(batch):
+        return [cu.open_image(os.path.join(folder, row["file_name"]), row["_where"]) for row in batch]
+
+    if not workers:
+        yield from map(decode, batches)
+        return
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        pending = collections.deque()
+        for batch in batches:
+            pending.append(pool.submit(decode, batch))
+            if len(pending) > 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
 def score_folders(folders, names, args, state, caption_column="text", overwrite=False):
     """Add the rewards `names` to each folder's rewards.jsonl where missing (all of them with `overwrite`), loading
     each reward model once for all the folders.
@@ -190,11 +214,11 @@ def score_folders(folders, names, args, state, caption_column="text", overwrite=
             table, size = tables[folder], args.reward_batch_size
             batches = [rows[folder][i: i + size] for i in range(0, len(rows[folder]), size)]
             scored = []
-            for batch in tqdm(batches[state.process_index:: state.num_processes], unit="batch",
-                              desc=f"{name} ({os.path.basename(folder.rstrip('/'))})",
+            mine = batches[state.process_index:: state.num_processes]
+            decoded = decoded_ahead(mine, folder, args.image_decode_workers)
+            for batch in tqdm(mine, unit="batch", desc=f"{name} ({os.path.basename(folder.rstrip('/'))})",
                               disable=not state.is_local_main_process):
-                images = [cu.open_image(os.path.join(folder, row["file_name"]), row["_where"]) for row in batch]
-                scores = reward(images, [row["_text"] for row in batch])
+                scores = reward(next(decoded), [row["_text"] for row in batch])
                 scored += [(row["file_name"], score) for row, score in zip(batch, scores)]
             for file_name, score in gather_object(scored):
                 table[file_name][name] = score

@@ -84,6 +84,8 @@ def main():
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--image_size", type=int, default=512)
     parser.add_argument("--reward_precision", choices=sorted(cu.TORCH_DTYPES), default="no")
+    parser.add_argument("--image_decode_workers", type=int, default=4,
+                        help="also score the images from a folder of PNGs, decoded in turn vs by this many threads")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     workdir = tempfile.mkdtemp()
@@ -119,6 +121,37 @@ def main():
             del reward
         peak = f"  {torch.cuda.max_memory_allocated() / 2**30:8.2f}" if device == "cuda" else ""
         print(f"{name:12s} {rates[0]:14.2f} {rates[1]:16.2f} {rates[1] / rates[0]:6.2f}x{peak}", flush=True)
+    if args.image_decode_workers:
+        from_disk(args, images, prompts, reward_parser, flags, device, workdir)
+
+
+def from_disk(args, images, prompts, reward_parser, flags, device, workdir):
+    """The same images as PNG files in an imagefolder, scored through craft_rewards' own reading path: decoded in
+    turn (the way before) vs by --image_decode_workers threads ahead of the reward model, at --batch_size."""
+    folder = os.path.join(workdir, "pngs")
+    os.makedirs(folder)
+    for index, image in enumerate(images):
+        image.save(os.path.join(folder, f"{index:05d}.png"))
+    cu.write_jsonl_atomic(os.path.join(folder, cu.METADATA), [{"file_name": f"{index:05d}.png", "text": prompt}
+                                                              for index, prompt in enumerate(prompts)])
+    rows = cr.read_folder(folder, "text")
+    batches = [rows[i: i + args.batch_size] for i in range(0, len(rows), args.batch_size)]
+    print(f"\nfrom {len(rows)} PNG files, batch {args.batch_size}:")
+    print(f"{'reward':12s} {'decoded in turn':>16s} {f'{args.image_decode_workers} decode threads':>18s} {'ratio':>7s}")
+    for name in cr.parse_reward_names(args.rewards):
+        reward = cr.load_reward(name, reward_parser.parse_args(
+            flags + ["--reward_batch_size", str(args.batch_size), "--reward_precision", args.reward_precision]), device)
+        reward(images[:args.batch_size], prompts[:args.batch_size])  # warm-up
+        rates = []
+        for workers in (0, args.image_decode_workers):
+            started = time.perf_counter()
+            for batch, decoded in zip(batches, cr.decoded_ahead(batches, folder, workers)):
+                reward(decoded, [row["_text"] for row in batch])
+            if device == "cuda":
+                torch.cuda.synchronize()
+            rates.append(len(rows) / (time.perf_counter() - started))
+        print(f"{name:12s} {rates[0]:12.2f} img/s {rates[1]:12.2f} img/s {rates[1] / rates[0]:6.2f}x", flush=True)
+        del reward
 
 
 if __name__ == "__main__":

@@ -199,3 +199,15 @@ def test_color_is_the_share_of_coloured_pixels_nearest_the_named_colour(zoo):
     blank = Image.new("RGB", (10, 10), "white")
     assert score([image, image, image, blank], ["a red circle", "a blue star", "a cat", "a red circle"]) == \
         pytest.approx([30 / 40, 10 / 40, 0.0, 0.0])
+
+
+def test_images_decoded_ahead_by_threads_come_in_order(tmp_path):
+    rows = []
+    for i in range(23):
+        Image.new("RGB", (8, 8), (i, 2 * i, 0)).save(tmp_path / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "_where": f"row {i + 1}"})
+    batches = [rows[start: start + 4] for start in range(0, 23, 4)]
+    expected = [[(i, 2 * i, 0) for i in range(start, min(start + 4, 23))] for start in range(0, 23, 4)]
+    for workers in (0, 3):  # 3 threads run up to 6 batches ahead of the consumer
+        decoded = cr.decoded_ahead(batches, str(tmp_path), workers)
+        assert [[image.getpixel((0, 0)) for image in batch] for batch in decoded] == expected
