@@ -70,15 +70,12 @@ def parse_args(input_args=None):
     return args
 
 
-def load_models(args, weight_dtype):
-    import torch
+def load_models(args, weight_dtype, device):
     from diffusers import AutoencoderKL, BitsAndBytesConfig, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
     path, revision, variant = args.pretrained_model_name_or_path, args.revision, args.variant
     ct.check_model_family(path, revision, os.path.basename(__file__))
-    if args.quantize_base and not torch.cuda.is_available():
-        cu.fail("--quantize_base nf4 needs a CUDA GPU (bitsandbytes 4-bit through diffusers); leave it out on the CPU")
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                       bnb_4bit_compute_dtype=weight_dtype) if args.quantize_base else None
     try:
@@ -90,10 +87,17 @@ def load_models(args, weight_dtype):
         encoders = (CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **frozen),
                     T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2", **frozen))
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **frozen)
-        transformer = FluxTransformer2DModel.from_pretrained(path, subfolder="transformer",
-                                                             quantization_config=quantization, **frozen)
+        # a quantized model is placed as it loads: on this process's device
+        transformer = FluxTransformer2DModel.from_pretrained(
+            path, subfolder="transformer", quantization_config=quantization,
+            **({"device_map": {"": str(device)}} if quantization else {}), **frozen)
     except (OSError, ValueError) as error:
         cu.fail(f"could not load a FLUX pipeline from {path} ({str(error).splitlines()[0]})")
+    except RuntimeError as error:  # diffusers' bitsandbytes quantizer without a GPU
+        if not quantization:
+            raise
+        cu.fail(f"--quantize_base nf4 needs a GPU: diffusers says {str(error).splitlines()[0]!r}; leave it out on the "
+                "CPU")
     return scheduler, tokenizers, encoders, vae, transformer
 
 
@@ -161,7 +165,7 @@ def main(args):
     examples, weights_note = ct.load_examples(args)  # every bad row is refused before a model loads
     weight_dtype = ct.weight_dtype_of(accelerator)
     noise_scheduler, (tokenizer, tokenizer_2), (text_encoder, text_encoder_2), vae, transformer = \
-        load_models(args, weight_dtype)
+        load_models(args, weight_dtype, accelerator.device)
     for frozen in (text_encoder, text_encoder_2, vae, transformer):
         frozen.requires_grad_(False)
     packing = 2 * 2 ** (len(vae.config.block_out_channels) - 1)  # VAE downsampling x the 2x2 token packing
