@@ -52,7 +52,8 @@ def add_generation_args(parser, model_required=True):
                        help="torch.compile the denoiser and the VAE decoder: compiled in the first batch, and the last "
                             "batch is padded to full size so nothing compiles again")
     speed.add_argument("--fuse_qkv_projections", action="store_true",
-                       help="one matmul for the denoiser's q, k and v (a --lora_path LoRA is merged in first)")
+                       help="one matmul for the denoiser's q, k and v (a --lora_path LoRA is merged in first); keeps "
+                            "the separate projections too, so it costs memory")
     speed.add_argument("--channels_last", action="store_true", help="channels-last memory format for the UNet and VAE")
     speed.add_argument("--sdpa_backend", choices=sorted(SDPA_BACKENDS),
                        help="the kernel torch's scaled-dot-product attention uses (default: torch's choice)")
@@ -62,7 +63,8 @@ def add_generation_args(parser, model_required=True):
                        help="stream the weights to the GPU layer by layer: the least memory, the slowest")
     speed.add_argument("--vae_slicing", action="store_true", help="decode a batch one image at a time")
     speed.add_argument("--vae_tiling", action="store_true",
-                       help="decode large images in overlapping tiles (lower decode peak; the seams are blended)")
+                       help="decode large images in overlapping tiles (lower decode peak; the seams are blended; "
+                            "with --compile, edge tiles of other shapes compile again)")
 
 
 def local_model_configs_sha256(path):
@@ -176,9 +178,21 @@ def speed_up(pipe, args, device):
     import torch
 
     denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+    if args.sdpa_backend:  # a backend that cannot run here fails now, in one line, not at the first image
+        probe = torch.zeros(1, 1, 8, 64, device=device, dtype=denoiser.dtype)
+        try:
+            with torch.nn.attention.sdpa_kernel(getattr(torch.nn.attention.SDPBackend,
+                                                        SDPA_BACKENDS[args.sdpa_backend])):
+                torch.nn.functional.scaled_dot_product_attention(probe, probe, probe)
+        except RuntimeError:
+            cu.fail(f"--sdpa_backend {args.sdpa_backend} cannot run on {device} in {denoiser.dtype} (flash and cudnn "
+                    "need a GPU and fp16/bf16, efficient a GPU); leave it out to let torch choose")
+    if args.compile and args.enable_sequential_cpu_offload:
+        cu.fail("--compile with --enable_sequential_cpu_offload would compile around weights that move layer by "
+                "layer; use one of them")
     if args.fuse_qkv_projections:
-        if args.lora_path:  # fusing replaces the LoRA'd projections: merge the LoRA into them first
-            pipe.fuse_lora()
+        if args.lora_path:  # fusing replaces the LoRA'd projections: merge the LoRA (every component's) in first
+            pipe.fuse_lora(components=pipe._lora_loadable_modules)
             pipe.unload_lora_weights()
         denoiser.fuse_qkv_projections()
     if args.channels_last:

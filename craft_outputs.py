@@ -180,7 +180,8 @@ def resume(accelerator, args):
         accelerator.load_state(checkpoint)
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         cu.fail(f"cannot resume from {checkpoint} ({type(error).__name__}: {str(error).splitlines()[0][:200]}); it "
-                "must be a checkpoint of this script saved with the same model, --use_lora and --train_text_encoder")
+                "must be a checkpoint of this script saved with the same model, --use_lora, --train_text_encoder and "
+                "--fused_optimizer_step")
     accelerator.print(f"resumed from {checkpoint} at step {step}")
     return step
 

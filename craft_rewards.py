@@ -7,6 +7,7 @@ Adding a reward = one factory decorated with @register("name"). Heavy imports ha
 Text-conditioned rewards are called with the original prompt, so rewrites and originals answer the same question.
 """
 
+import argparse
 import collections
 import concurrent.futures
 import gc
@@ -47,11 +48,17 @@ def add_reward_args(parser):
     group.add_argument("--imagereward_tokenizer", default="bert-base-uncased", help="BERT tokenizer of ImageReward")
     group.add_argument("--clip_model", default="openai/clip-vit-large-patch14", help="CLIP for the 'clip' score")
     group.add_argument("--reward_batch_size", type=int, default=16, help="images per reward-model call")
-    group.add_argument("--image_decode_workers", type=int, default=4,
+    group.add_argument("--image_decode_workers", type=_count, default=4,
                        help="threads that read and decode the next batches' images while a reward model runs (0: "
                             "in turn, in the main thread)")
     group.add_argument("--reward_precision", choices=sorted(cu.TORCH_DTYPES), default="no",
                        help="dtype of the reward models (fp16/bf16 halve their memory on GPUs)")
+
+
+def _count(text):
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
+    return int(text)
 
 
 def parse_reward_names(text, flag="--rewards"):

@@ -553,13 +553,11 @@ def make_optimizer(params, args, num_processes):
 
 
 class StepInBackward:
-    """Adam stepped inside backward: the weights are split into buckets (at most 32 tensors, 16M values), each with
-    its own optimizer, stepped by a hook as soon as backward has accumulated the gradients of its whole bucket, which
-    are then freed: the full gradient buffer never exists (a full fine-tune's largest saving after 8-bit Adam), and
-    the optimizer's per-call overhead is paid per bucket, not per tensor. Adam treats each weight on its own, so this
-    equals one optimizer over all of them, step for step. `lead` is the optimizer the lr scheduler drives and
-    accelerate prepares; its step() steps what backward left: a bucket with a weight that got no gradient. Register
-    this object for checkpointing: it holds the Adam state."""
+    """Adam inside backward: buckets of weights (<= 32 tensors, 16M values), each with its own optimizer, stepped by
+    a hook once backward has made the whole bucket's gradients, which are then freed: no full gradient buffer, and
+    the optimizer's per-call cost paid per bucket. Adam treats each weight alone, so this equals one optimizer over
+    all, step for step. `lead` is what the lr scheduler drives and accelerate prepares; its step() steps a bucket
+    that a weight without gradient left waiting. Register this object for checkpointing (it holds Adam's state)."""
 
     def __init__(self, params, args, num_processes, bucket_tensors=32, bucket_values=2 ** 24):
         import torch
@@ -602,5 +600,5 @@ class StepInBackward:
         return {"optimizers": [optimizer.state_dict() for optimizer in self.optimizers]}
 
     def load_state_dict(self, state):
-        for optimizer, saved in zip(self.optimizers, state["optimizers"]):
+        for optimizer, saved in zip(self.optimizers, state["optimizers"], strict=True):
             optimizer.load_state_dict(saved)

@@ -70,14 +70,21 @@ def parse_args(input_args=None):
     return args
 
 
-def load_models(args, weight_dtype, device):
-    from diffusers import AutoencoderKL, BitsAndBytesConfig, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+def load_models(args, weight_dtype):
+    """Everything but the transformer, which loads once these have encoded the training set and left the GPU."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
     path, revision, variant = args.pretrained_model_name_or_path, args.revision, args.variant
     ct.check_model_family(path, revision, os.path.basename(__file__))
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                      bnb_4bit_compute_dtype=weight_dtype) if args.quantize_base else None
+    if args.quantize_base:  # diffusers' own check that 4-bit loading works here, before anything loads
+        from diffusers.quantizers import DiffusersAutoQuantizer
+
+        try:
+            DiffusersAutoQuantizer.from_config(nf4_config(weight_dtype)).validate_environment()
+        except RuntimeError as error:
+            cu.fail(f"--quantize_base nf4 needs a GPU: diffusers says {str(error).splitlines()[0]!r}; leave it out "
+                    "on the CPU")
     try:
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler", revision=revision)
         tokenizers = (CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=revision),
@@ -87,18 +94,32 @@ def load_models(args, weight_dtype, device):
         encoders = (CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **frozen),
                     T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2", **frozen))
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **frozen)
-        # a quantized model is placed as it loads: on this process's device
-        transformer = FluxTransformer2DModel.from_pretrained(
-            path, subfolder="transformer", quantization_config=quantization,
-            **({"device_map": {"": str(device)}} if quantization else {}), **frozen)
     except (OSError, ValueError) as error:
         cu.fail(f"could not load a FLUX pipeline from {path} ({str(error).splitlines()[0]})")
-    except RuntimeError as error:  # diffusers' bitsandbytes quantizer without a GPU
-        if not quantization:
-            raise
-        cu.fail(f"--quantize_base nf4 needs a GPU: diffusers says {str(error).splitlines()[0]!r}; leave it out on the "
-                "CPU")
-    return scheduler, tokenizers, encoders, vae, transformer
+    return scheduler, tokenizers, encoders, vae
+
+
+def load_transformer(args, weight_dtype, device):
+    """The transformer on `device`: in the training dtype, or (--quantize_base nf4) quantized to 4 bits as it loads."""
+    from diffusers import FluxTransformer2DModel
+
+    quantization = nf4_config(weight_dtype) if args.quantize_base else None
+    try:
+        transformer = FluxTransformer2DModel.from_pretrained(
+            args.pretrained_model_name_or_path, subfolder="transformer", revision=args.revision, variant=args.variant,
+            dtype=weight_dtype, quantization_config=quantization,
+            **({"device_map": {"": str(device)}} if quantization else {}))
+    except (OSError, ValueError) as error:
+        cu.fail(f"could not load a FLUX transformer from {args.pretrained_model_name_or_path} "
+                f"({str(error).splitlines()[0]})")
+    return transformer.to(device) if not quantization else transformer
+
+
+def nf4_config(weight_dtype):
+    """bitsandbytes 4-bit NF4 for the frozen base; its matmuls compute in the training dtype."""
+    from diffusers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=weight_dtype)
 
 
 def draw_sigma_positions(random, args):
@@ -153,7 +174,7 @@ def kohya_state_dict(transformer, scale):
 
 def main(args):
     import torch
-    from diffusers import FluxPipeline
+    from diffusers import FluxPipeline, FluxTransformer2DModel
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import cast_training_params, free_memory
     from peft import LoraConfig
@@ -164,25 +185,22 @@ def main(args):
     torch.manual_seed(args.seed)  # LoRA's initial weights
     examples, weights_note = ct.load_examples(args)  # every bad row is refused before a model loads
     weight_dtype = ct.weight_dtype_of(accelerator)
-    noise_scheduler, (tokenizer, tokenizer_2), (text_encoder, text_encoder_2), vae, transformer = \
-        load_models(args, weight_dtype, accelerator.device)
-    for frozen in (text_encoder, text_encoder_2, vae, transformer):
+    noise_scheduler, (tokenizer, tokenizer_2), (text_encoder, text_encoder_2), vae = load_models(args, weight_dtype)
+    for frozen in (text_encoder, text_encoder_2, vae):
         frozen.requires_grad_(False)
     packing = 2 * 2 ** (len(vae.config.block_out_channels) - 1)  # VAE downsampling x the 2x2 token packing
     if args.resolution % packing:
         cu.fail(f"--resolution {args.resolution} must be a multiple of {packing} for this model (VAE x 2x2 packing)")
-
     # What trains: a LoRA on the attention projections of the double- and single-stream blocks.
     lora_alpha = args.lora_alpha or args.rank
-    if args.quantize_base:
-        from peft import prepare_model_for_kbit_training
-
-        transformer = prepare_model_for_kbit_training(transformer, use_gradient_checkpointing=False)
-    transformer.add_adapter(LoraConfig(r=args.rank, lora_alpha=lora_alpha, init_lora_weights="gaussian",
-                                       target_modules=args.lora_target_modules.split(",")))
-    trained = {"transformer": transformer}
-    if args.output_kohya_format:
-        kohya_state_dict(transformer, lora_alpha / args.rank)  # refuses a module kohya cannot name before training
+    lora_config = {"r": args.rank, "lora_alpha": lora_alpha, "init_lora_weights": "gaussian",
+                   "target_modules": args.lora_target_modules.split(",")}
+    if args.output_kohya_format:  # a module kohya cannot name is refused now, from the transformer's shape alone
+        with torch.device("meta"):
+            shape = FluxTransformer2DModel.from_config(FluxTransformer2DModel.load_config(
+                args.pretrained_model_name_or_path, subfolder="transformer", revision=args.revision))
+        shape.add_adapter(LoraConfig(**lora_config))
+        kohya_state_dict(shape, lora_alpha / args.rank)
 
     def encode_images(pixels):
         """-> the VAE posterior's mean and std; the loop draws a new sample from it at every step."""
@@ -206,7 +224,8 @@ def main(args):
     for module in (vae, text_encoder, text_encoder_2):
         module.to(accelerator.device)
     # CRAFT's sets are tiny: encode every image (both flips) and caption once, then free the VAE and both text
-    # encoders (T5-XXL alone is 9.5 GB in bf16) before the transformer trains.
+    # encoders (T5-XXL alone is 9.5 GB in bf16) before the transformer loads, so they never share the GPU (unless
+    # --cache_latents no keeps them there to encode every step).
     cache = ct.should_cache(args, examples)
     encodings = ct.Encodings(examples, args, encode_images, encode_prompt, cache,
                              show_progress=accelerator.is_local_main_process)
@@ -215,12 +234,18 @@ def main(args):
                              for prompt in args.validation_prompt or []}
     if cache:
         move_frozen("cpu")
+
+    transformer = load_transformer(args, weight_dtype, accelerator.device).requires_grad_(False)
+    if args.quantize_base:
+        from peft import prepare_model_for_kbit_training
+
+        transformer = prepare_model_for_kbit_training(transformer, use_gradient_checkpointing=False)
+    transformer.add_adapter(LoraConfig(**lora_config))
+    trained = {"transformer": transformer}
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     if args.enable_xformers_memory_efficient_attention:
         transformer.enable_xformers_memory_efficient_attention()
-    if not args.quantize_base:  # a quantized model is already on the device, in its own dtypes
-        transformer.to(accelerator.device)
     cast_training_params([transformer], torch.float32)  # no "Attempting to unscale FP16 gradients"
 
     params_to_optimize = [p for p in transformer.parameters() if p.requires_grad]

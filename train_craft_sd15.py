@@ -46,9 +46,10 @@ def parse_args(input_args=None):
     parser.add_argument("--use_ema", action="store_true", help="full fine-tune: keep an EMA of the UNet weights")
     parser.add_argument("--ema_decay", type=float, default=0.9999)
     parser.add_argument("--fused_optimizer_step", action="store_true",
-                        help="full fine-tune on one GPU: step each weight inside backward and free its gradient at "
-                             "once (no full gradient buffer: fits an 8 GB card with --use_8bit_adam); needs "
-                             "--max_grad_norm 0 and --gradient_accumulation_steps 1")
+                        help="full fine-tune, one process: step Adam inside backward, a bucket of weights as soon as "
+                             "its gradients are complete, and free them (no full gradient buffer; aimed at 8 GB "
+                             "cards with --use_8bit_adam, not yet measured); needs --max_grad_norm 0 and "
+                             "--gradient_accumulation_steps 1; not with fp16")
     args = ct.parse_training_args(parser, input_args)
     if args.use_ema and args.use_lora:
         parser.error("--use_ema applies to full fine-tuning, not --use_lora")
@@ -96,6 +97,9 @@ def main(args):
     from tqdm.auto import tqdm
 
     accelerator = ct.make_accelerator(args)
+    if args.fused_optimizer_step and (accelerator.num_processes > 1 or accelerator.mixed_precision == "fp16"):
+        cu.fail("--fused_optimizer_step runs on one process without fp16's loss scaling: use one GPU and bf16 or no "
+                "mixed precision")
     torch.manual_seed(args.seed)  # LoRA's initial weights
     examples, weights_note = ct.load_examples(args)  # every bad row is refused before a model loads
     noise_scheduler, tokenizer, text_encoder, vae, unet = load_models(args)
@@ -162,9 +166,6 @@ def main(args):
 
     params_to_optimize = [p for module in trained.values() for p in module.parameters() if p.requires_grad]
     if args.fused_optimizer_step:  # Adam steps inside backward; `optimizer` is the stand-in the schedule drives
-        if accelerator.num_processes > 1 or accelerator.mixed_precision == "fp16":
-            cu.fail("--fused_optimizer_step runs on one process without fp16's loss scaling: use one GPU and bf16 "
-                    "or no mixed precision")
         step_in_backward = ct.StepInBackward(params_to_optimize, args, accelerator.num_processes)
         accelerator.register_for_checkpointing(step_in_backward)
         optimizer = step_in_backward.lead

@@ -34,7 +34,8 @@ from generate_candidates import template_variants  # noqa: E402
 PROMPTS = ["a red circle on a blue background", "a small dog on the beach", "a castle on a mountain at night",
            "a portrait of a woman, oil painting", "a robot in a city street", "a boat on the river at sunset",
            "a yellow bird in a tree", "a green dragon in the sky"]
-# dense bf16 tensor-core peaks (no sparsity), TFLOP/s, from the vendors' data sheets
+# dense bf16 tensor-core peaks (no sparsity), TFLOP/s, from the vendors' data sheets; H100 is the SXM card's (PCIe
+# and NVL are lower: pass --peak_tflops)
 PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "RTX 4090": 165, "L4": 121}
 OPTIONS = {  # name -> the flags it sets; "default" is generate_candidates.py without any
     "default": {},
@@ -63,7 +64,7 @@ def parse_args():
     parser.add_argument("--mixed_precision", choices=sorted(cu.TORCH_DTYPES), default="no")
     parser.add_argument("--options", default="all",
                         help=f"comma-separated, from {', '.join(OPTIONS)}; 'all' (the offloads on a GPU only), "
-                             "'none' for the plain-loop comparison alone")
+                             "'none' for the plain loop and the default path alone")
     parser.add_argument("--peak_tflops", type=float, help="the card's dense bf16 peak, if it is not in the table")
     return parser.parse_args()
 
@@ -92,7 +93,7 @@ def pipeline_folder(args, work, device):
 
 def load(path, args, device, **option):
     flags = {name: None if name == "sdpa_backend" else False for name in cg.NUMERICS_OPTIONS}
-    flags.update(enable_model_cpu_offload=False, enable_sequential_cpu_offload=False, **option)
+    flags.update({"enable_model_cpu_offload": False, "enable_sequential_cpu_offload": False, **option})
     return cg.load_pipeline(SimpleNamespace(
         pretrained_model_name_or_path=path, revision=None, variant=None, pretrained_vae_model_name_or_path=None,
         lora_path=None, scheduler=None, mixed_precision=args.mixed_precision, **flags), device)
@@ -128,7 +129,6 @@ def image_distance(folder, reference):
 
 def main():
     args = parse_args()
-    os.environ.setdefault("TQDM_DISABLE", "1")  # the table is the output
     state = cu.process_state()
     gpu = torch.cuda.is_available()
     names = [name for name in OPTIONS if gpu or "offload" not in name] if args.options == "all" else \

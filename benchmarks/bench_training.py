@@ -6,7 +6,8 @@ same small training set; the trainer records seconds per step (first step exclud
 allocation, or the process's peak RSS on a CPU) in training_config.json.
 
   SD1.5 full fine-tune:  ours (cached latents + text) vs encoding every step; 8-bit vs 32-bit AdamW; Adam stepped
-                         inside backward (--fused_optimizer_step, no gradient buffer) vs the normal step
+                         inside backward (--fused_optimizer_step, no gradient buffer) vs the normal step, both
+                         without clipping (the fused step refuses it)
   SD1.5 LoRA r16:        cached, AdamW (its optimizer state is a few MB, so 8-bit Adam changes nothing)
   SDXL LoRA:             ours (cached latents + both encoders' embeddings, VAE/encoders off the GPU) vs the
                          diffusers way (VAE and both text encoders run every step)
@@ -115,6 +116,8 @@ def main():
         "sd15 full, encoded each step, 8-bit Adam": ("train_craft_sd15.py", "sd15",
                                                      sd15 + ["--use_8bit_adam", "--cache_latents", "no"]),
         "sd15 full, cached, 32-bit AdamW": ("train_craft_sd15.py", "sd15", sd15),
+        "sd15 full, cached, 8-bit Adam, no clipping": ("train_craft_sd15.py", "sd15", sd15 + [
+            "--use_8bit_adam", "--max_grad_norm", 0]),
         "sd15 full, cached, 8-bit Adam, fused step": ("train_craft_sd15.py", "sd15", sd15 + [
             "--use_8bit_adam", "--fused_optimizer_step", "--max_grad_norm", 0]),
         "sd15 LoRA r16, cached, AdamW": ("train_craft_sd15.py", "sd15",
@@ -147,7 +150,7 @@ def main():
     pairs = [(ours, baseline) for ours, baseline in (
         ("sd15 full, cached, 8-bit Adam", "sd15 full, encoded each step, 8-bit Adam"),
         ("sd15 full, cached, 8-bit Adam", "sd15 full, cached, 32-bit AdamW"),
-        ("sd15 full, cached, 8-bit Adam, fused step", "sd15 full, cached, 8-bit Adam"),
+        ("sd15 full, cached, 8-bit Adam, fused step", "sd15 full, cached, 8-bit Adam, no clipping"),
         ("sdxl LoRA, cached (ours)", "sdxl LoRA, encoded each step (diffusers way)"))
         if {ours, baseline} <= set(results)]
     if pairs:

@@ -94,7 +94,9 @@ def test_lora_loads_into_flux_pipeline_and_changes_its_images(zoo, data, tmp_pat
     train(zoo, data, out, "--max_train_steps", 20, "--learning_rate", 1e-2, "--rank", 8, "--validation_prompt",
           "a red square", "--num_validation_images", 2, "--validation_inference_steps", 3, "--validation_steps", 20,
           "--lora_alpha", 4, "--output_kohya_format", "--lora_target_modules", ATTENTION + ",proj_mlp")
-    check_kohya_file(out, scale=4 / 8)
+    lora = load_file(out / co.LORA_FILE)
+    assert all(".lora_A." in k or ".lora_B." in k for k in lora)  # peft's names, as diffusers' FLUX examples save
+    check_kohya(load_file(out / co.KOHYA_FILE), lora, 4 / 8, tmp_path)
     card = (out / "README.md").read_text()
     assert (out / "validation" / "step-000020.png").exists() and "# CRAFT LoRA of" in card
     assert "license: other" in card  # FLUX.1-dev's own licence, not an open one
@@ -144,17 +146,35 @@ def test_nf4_base_trains_its_lora_on_4_bit_weights(zoo, data, tmp_path):
     assert max(v.abs().max().item() for k, v in lora.items() if "lora_B" in k) > 1e-4
     pipe = FluxPipeline.from_pretrained(zoo / "flux")
     pipe.load_lora_weights(tmp_path / "nf4")
-    assert set(pipe.transformer.transformer_blocks[0].attn.to_q.scaling.values()) == {1.0}
 
 
-def check_kohya_file(out, scale):
-    """Each kohya module's delta, up @ down * alpha / rank, is the diffusers file's deltas (B @ A * scale) of the
+def test_kohya_names_of_the_default_targets_leave_the_mlp_rows_of_linear1_zero(zoo, tmp_path):
+    """The default targets train the single blocks' q, k and v but not their MLP input, which BFL fuses with them
+    into linear1: its up-projection is theirs, block-diagonal, over zero rows for the MLP."""
+    from diffusers import FluxTransformer2DModel
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    from train_craft_flux_lora import kohya_state_dict
+
+    transformer = FluxTransformer2DModel.from_pretrained(zoo / "flux", subfolder="transformer")
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=2, init_lora_weights="gaussian",
+                                       target_modules=ATTENTION.split(",")))
+    torch.manual_seed(0)
+    for name, weight in transformer.named_parameters():
+        if "lora_B" in name:
+            weight.data.normal_()  # a new LoRA's up-weights are 0
+    lora = {f"transformer.{k}": v for k, v in get_peft_model_state_dict(transformer).items()}
+    kohya = kohya_state_dict(transformer, 2 / 4)
+    assert kohya["lora_unet_single_blocks_0_linear1.lora_up.weight"][48:].abs().max() == 0  # the MLP's 64 rows
+    check_kohya(kohya, lora, 2 / 4, tmp_path)
+
+
+def check_kohya(kohya, lora, scale, tmp_path):
+    """Each kohya module's delta, up @ down * alpha / rank, is the diffusers LoRA's deltas (B @ A * scale) of the
     projections fused into it, stacked in BFL's order (q, k, v, MLP), zeros for a projection without a LoRA;
     every diffusers LoRA is in exactly one; the double blocks' fused q/k/v split back exactly in diffusers' reader."""
     from diffusers import FluxPipeline
 
-    kohya, lora = load_file(out / co.KOHYA_FILE), load_file(out / co.LORA_FILE)
-    assert all(".lora_A." in k or ".lora_B." in k for k in lora)  # peft's names, as diffusers' FLUX examples save
     hidden, mlp = 16, 64  # the zoo's FLUX: 2 heads x 8, MLP ratio 4
     fused = {"double_blocks_0_img_attn_qkv": [("attn.to_q", hidden), ("attn.to_k", hidden), ("attn.to_v", hidden)],
              "double_blocks_0_txt_attn_qkv": [("attn.add_q_proj", hidden), ("attn.add_k_proj", hidden),
@@ -184,8 +204,8 @@ def check_kohya_file(out, scale):
     # diffusers' kohya reader fixes FLUX.1's real sizes for the single blocks' linear1; the double blocks' it splits
     # back by their zero pattern into the very LoRAs trained, alpha / rank folded into A
     double = {k: v for k, v in kohya.items() if "double_blocks" in k}
-    save_file(double, out.parent / "double_blocks_kohya.safetensors")
-    read_back = FluxPipeline.lora_state_dict(out.parent / "double_blocks_kohya.safetensors")
+    save_file(double, tmp_path / "double_blocks_kohya.safetensors")
+    read_back = FluxPipeline.lora_state_dict(tmp_path / "double_blocks_kohya.safetensors")
     assert len(read_back) == 16
     assert all(torch.allclose(v, lora[k] * (scale if "lora_A" in k else 1)) for k, v in read_back.items())
 
