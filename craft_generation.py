@@ -185,8 +185,8 @@ def speed_up(pipe, args, device):
                                                         SDPA_BACKENDS[args.sdpa_backend])):
                 torch.nn.functional.scaled_dot_product_attention(probe, probe, probe)
         except RuntimeError:
-            cu.fail(f"--sdpa_backend {args.sdpa_backend} cannot run on {device} in {denoiser.dtype} (flash and cudnn "
-                    "need a GPU and fp16/bf16, efficient a GPU); leave it out to let torch choose")
+            cu.fail(f"--sdpa_backend {args.sdpa_backend} has no kernel for {device} in {denoiser.dtype}; choose "
+                    "another or leave it out to let torch choose")
     if args.compile and args.enable_sequential_cpu_offload:
         cu.fail("--compile with --enable_sequential_cpu_offload would compile around weights that move layer by "
                 "layer; use one of them")

@@ -220,7 +220,7 @@ def test_file_expansion_uses_the_given_rewrites(zoo, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing_file", "empty_file", "unknown_column", "latin1_txt", "latin1_jsonl",
-                                  "missing_model", "offload_without_gpu"])
+                                  "missing_model", "offload_without_gpu", "sdpa_backend_without_kernel"])
 def test_bad_input_gives_one_clear_error_and_writes_nothing(zoo, tmp_path, case):
     prompts = write_lines(tmp_path / "prompts.txt", PROMPTS[:1])
     model = "sd15"
@@ -234,6 +234,8 @@ def test_bad_input_gives_one_clear_error_and_writes_nothing(zoo, tmp_path, case)
         "missing_model": "could not load a diffusers pipeline from '{zoo}/missing'",
         "offload_without_gpu": "--enable_model_cpu_offload / --enable_sequential_cpu_offload move weights between the "
                                "CPU and a GPU; there is no GPU here: leave them out",
+        "sdpa_backend_without_kernel": "--sdpa_backend efficient has no kernel for cpu in torch.float32; choose "
+                                       "another or leave it out to let torch choose",
     }[case].format(tmp=tmp_path, zoo=zoo)
     if case == "missing_file":
         prompts = tmp_path / "nope.txt"
@@ -247,10 +249,10 @@ def test_bad_input_gives_one_clear_error_and_writes_nothing(zoo, tmp_path, case)
     elif case == "latin1_jsonl":
         prompts = tmp_path / "latin1.jsonl"
         prompts.write_bytes('{"prompt": "a café"}\n'.encode("latin-1"))
-    elif case == "offload_without_gpu":
+    elif case in ("offload_without_gpu", "sdpa_backend_without_kernel"):
         if torch.cuda.is_available():
-            pytest.skip("a GPU is here: offloading works")
-        extra = ("--enable_model_cpu_offload",)
+            pytest.skip("a GPU is here: these work")
+        extra = ("--enable_model_cpu_offload",) if case == "offload_without_gpu" else ("--sdpa_backend", "efficient")
     else:
         model = "missing"
     result = generate(zoo, prompts, tmp_path / "out", *extra, model=model, check=False)
