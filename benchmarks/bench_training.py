@@ -11,6 +11,7 @@ allocation, or the process's peak RSS on a CPU) in training_config.json.
   SD1.5 LoRA r16:        cached, AdamW (its optimizer state is a few MB, so 8-bit Adam changes nothing)
   SDXL LoRA:             ours (cached latents + both encoders' embeddings, VAE/encoders off the GPU) vs the
                          diffusers way (VAE and both text encoders run every step)
+  FLUX.1 LoRA r16:       the NF4-quantized base (QLoRA, --quantize_base nf4; GPU only) vs the bf16 base
 
     python benchmarks/bench_training.py --zoo /tmp/zoo                 # tiny models, CPU
     python benchmarks/bench_training.py --real_size                    # GPU: real architectures, random weights
@@ -40,15 +41,19 @@ sys.path.insert(0, os.path.join(REPO, "tools"))
 def write_real_size_pipelines(folder, kinds):
     import torch
 
-    from make_tiny_models import make_clip_tokenizer
-    from real_size_models import real_size_pipeline
+    from make_tiny_models import make_clip_tokenizer, make_t5_tokenizer
+    from real_size_models import real_size_flux, real_size_pipeline
 
     tokenizer = make_clip_tokenizer(os.path.join(folder, "tokenizer"))  # padded to 77 tokens like the real one
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     paths = {}
-    for kind, dtype in (("sd15", torch.float32), ("sdxl", torch.bfloat16)):  # SD1.5 fine-tunes fp32 weights
-        if kind not in kinds:
+    for kind, dtype in (("sd15", torch.float32), ("sdxl", torch.bfloat16), ("flux", torch.bfloat16)):
+        if kind not in kinds:  # SD1.5 fine-tunes fp32 weights
             continue
-        pipe = real_size_pipeline(kind, tokenizer, "cuda" if torch.cuda.is_available() else "cpu", dtype)
+        if kind == "flux":  # ~34 GB on disk in bf16
+            pipe = real_size_flux(tokenizer, make_t5_tokenizer(os.path.join(folder, "t5_tokenizer")), device, dtype)
+        else:
+            pipe = real_size_pipeline(kind, tokenizer, device, dtype)
         paths[kind] = os.path.join(folder, kind)
         pipe.save_pretrained(paths[kind])
         del pipe
@@ -93,7 +98,7 @@ def max_difference(a, b):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--zoo", help="the tiny zoo (tools/make_tiny_models.py), for the tiny runs")
-    parser.add_argument("--real_size", action="store_true", help="real SD1.5/SDXL architectures, random weights")
+    parser.add_argument("--real_size", action="store_true", help="real SD1.5/SDXL/FLUX.1 architectures, random weights")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--configs", help="comma-separated prefixes: run only the configurations they start")
     parser.add_argument("--compare_to_commit", help="also run the trainers of this git commit (the baseline)")
@@ -106,9 +111,11 @@ def main():
         sd15 = ["--resolution", 512, "--train_batch_size", 1, "--mixed_precision", "bf16", "--gradient_checkpointing"]
         sdxl = ["--resolution", 1024, "--train_batch_size", 1, "--mixed_precision", "bf16", "--gradient_checkpointing",
                 "--use_8bit_adam", "--rank", 16]
+        flux = sdxl + ["--max_sequence_length", 512]
     elif args.zoo:
         sd15 = ["--resolution", 64, "--train_batch_size", 2]
         sdxl = ["--resolution", 64, "--train_batch_size", 2, "--use_8bit_adam"]
+        flux = sdxl + ["--max_sequence_length", 16]
     else:
         parser.error("--zoo is needed without --real_size")
     configs = {
@@ -125,15 +132,21 @@ def main():
         "sdxl LoRA, cached (ours)": ("train_craft_sdxl_lora.py", "sdxl", sdxl),
         "sdxl LoRA, encoded each step (diffusers way)": ("train_craft_sdxl_lora.py", "sdxl",
                                                          sdxl + ["--cache_latents", "no"]),
+        "flux LoRA, nf4 base (QLoRA)": ("train_craft_flux_lora.py", "flux", flux + ["--quantize_base", "nf4"]),
+        "flux LoRA, bf16 base": ("train_craft_flux_lora.py", "flux", flux),
     }
     if args.configs:
         configs = {name: c for name, c in configs.items() if name.startswith(tuple(args.configs.split(",")))}
+    import torch
+
+    if not torch.cuda.is_available():  # diffusers quantizes on GPUs only
+        configs = {name: c for name, c in configs.items() if "--quantize_base" not in c[2]}
     work = tempfile.mkdtemp()
     data = make_training_set(__import__("pathlib").Path(work) / "data", n=8)
     if args.real_size:
         models = write_real_size_pipelines(work, {kind for _, kind, _ in configs.values()})
     else:
-        models = {kind: os.path.join(args.zoo, kind) for kind in ("sd15", "sdxl")}
+        models = {kind: os.path.join(args.zoo, kind) for kind in ("sd15", "sdxl", "flux")}
     if args.compare_to_commit:
         compare(args, configs, models, str(data), work)
         return
@@ -151,7 +164,8 @@ def main():
         ("sd15 full, cached, 8-bit Adam", "sd15 full, encoded each step, 8-bit Adam"),
         ("sd15 full, cached, 8-bit Adam", "sd15 full, cached, 32-bit AdamW"),
         ("sd15 full, cached, 8-bit Adam, fused step", "sd15 full, cached, 8-bit Adam, no clipping"),
-        ("sdxl LoRA, cached (ours)", "sdxl LoRA, encoded each step (diffusers way)"))
+        ("sdxl LoRA, cached (ours)", "sdxl LoRA, encoded each step (diffusers way)"),
+        ("flux LoRA, nf4 base (QLoRA)", "flux LoRA, bf16 base"))
         if {ours, baseline} <= set(results)]
     if pairs:
         print("ratios (baseline / ours):")

@@ -1,8 +1,10 @@
-"""SD1.5 and SDXL pipelines at their real sizes with random weights (speed and memory don't depend on the values).
+"""SD1.5, SDXL and FLUX.1-dev pipelines at their real sizes with random weights (speed and memory don't depend on the
+values).
 
 The architectures are those of runwayml/stable-diffusion-v1-5 and stabilityai/stable-diffusion-xl-base-1.0
-(UNet, VAE, CLIP ViT-L/14 text encoder, OpenCLIP ViT-bigG/14 text encoder); only the tokenizer is the tiny zoo's,
-which changes nothing in the timing: prompts are padded to 77 tokens either way.
+(UNet, VAE, CLIP ViT-L/14 text encoder, OpenCLIP ViT-bigG/14 text encoder) and black-forest-labs/FLUX.1-dev
+(12B transformer, T5-XXL, CLIP ViT-L/14, the 16-channel VAE); only the tokenizers are the tiny zoo's, which changes
+nothing in the timing: prompts are padded to 77 (T5: --max_sequence_length) tokens either way.
 """
 
 import torch
@@ -23,6 +25,34 @@ SDXL_UNET = dict(sample_size=128, block_out_channels=(320, 640, 1280), layers_pe
                  projection_class_embeddings_input_dim=2816,
                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
+
+
+FLUX_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                        guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+T5_XXL = dict(d_model=4096, d_ff=10240, d_kv=64, num_layers=24, num_heads=64, relative_attention_num_buckets=32,
+              feed_forward_proj="gated-gelu", vocab_size=32128, pad_token_id=0, eos_token_id=1)
+FLUX_VAE = dict(VAE, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159,
+                scaling_factor=0.3611, sample_size=1024)
+
+
+def real_size_flux(tokenizer, t5_tokenizer, device, dtype):
+    """FLUX.1-dev's architecture: ~12B transformer, T5-XXL (4.7B), CLIP ViT-L/14, the 16-channel VAE."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                                base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                                max_image_seq_len=4096)
+    with torch.device(device):
+        pipe = FluxPipeline(
+            scheduler=scheduler, vae=AutoencoderKL(**FLUX_VAE).to(dtype),
+            text_encoder=CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT)).to(dtype), tokenizer=tokenizer,
+            text_encoder_2=T5EncoderModel(T5Config(**T5_XXL)).to(dtype), tokenizer_2=t5_tokenizer,
+            transformer=FluxTransformer2DModel(**FLUX_TRANSFORMER).to(dtype))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def real_size_pipeline(kind, tokenizer, device, dtype):
