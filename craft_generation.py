@@ -173,6 +173,15 @@ def load_pipeline(args, device):
     return speed_up(pipe, args, device)
 
 
+def attention_kernel(args):
+    """The context that holds torch's scaled-dot-product attention to --sdpa_backend (none: torch's choice)."""
+    import torch
+
+    if not args.sdpa_backend:
+        return contextlib.nullcontext()
+    return torch.nn.attention.sdpa_kernel(getattr(torch.nn.attention.SDPBackend, SDPA_BACKENDS[args.sdpa_backend]))
+
+
 def speed_up(pipe, args, device):
     """The speed and memory options, applied to a loaded pipeline; returns it on `device` (or offloaded)."""
     import torch
@@ -181,8 +190,7 @@ def speed_up(pipe, args, device):
     if args.sdpa_backend:  # a backend that cannot run here fails now, in one line, not at the first image
         probe = torch.zeros(1, 1, 8, 64, device=device, dtype=denoiser.dtype)
         try:
-            with torch.nn.attention.sdpa_kernel(getattr(torch.nn.attention.SDPBackend,
-                                                        SDPA_BACKENDS[args.sdpa_backend])):
+            with attention_kernel(args):
                 torch.nn.functional.scaled_dot_product_attention(probe, probe, probe)
         except RuntimeError:
             cu.fail(f"--sdpa_backend {args.sdpa_backend} has no kernel for {device} in {denoiser.dtype}; choose "
@@ -246,8 +254,7 @@ def generate_images(pipe, planned, output_dir, args, state):
     log = cu.AppendLog(os.path.join(output_dir, cu.PROGRESS_DIR, f"images-{state.process_index:05d}.jsonl"))
     size = native_size(pipe)
     started = time.time()
-    attention = contextlib.nullcontext() if not args.sdpa_backend else torch.nn.attention.sdpa_kernel(
-        getattr(torch.nn.attention.SDPBackend, SDPA_BACKENDS[args.sdpa_backend]))
+    attention = attention_kernel(args)
     with tqdm(total=todo, unit="img", desc="generating", disable=not state.is_local_main_process) as progress, \
             attention:
         for batch in mine:

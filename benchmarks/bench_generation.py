@@ -91,12 +91,14 @@ def pipeline_folder(args, work, device):
     return os.path.join(work, args.real_size)
 
 
-def load(path, args, device, **option):
-    flags = {name: None if name == "sdpa_backend" else False for name in cg.NUMERICS_OPTIONS}
-    flags.update({"enable_model_cpu_offload": False, "enable_sequential_cpu_offload": False, **option})
-    return cg.load_pipeline(SimpleNamespace(
-        pretrained_model_name_or_path=path, revision=None, variant=None, pretrained_vae_model_name_or_path=None,
-        lora_path=None, scheduler=None, mixed_precision=args.mixed_precision, **flags), device)
+def generation_args(path, args, **option):
+    """generate_candidates.py's generation flags at their defaults (the scripts' own parser), then the run's."""
+    parser = argparse.ArgumentParser()
+    cg.add_generation_args(parser)
+    defaults = vars(parser.parse_args(["--pretrained_model_name_or_path", path]))
+    return SimpleNamespace(**{**defaults, "mixed_precision": args.mixed_precision, "num_inference_steps": args.steps,
+                              "guidance_scale": 7.5, "batch_size": args.batch_size, "num_variants": args.num_variants,
+                              **option})
 
 
 def sync():
@@ -110,8 +112,9 @@ def denoiser_flops_per_image(pipe, settings, size):
 
     denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
     with FlopCounterMode(display=False) as counter:
-        pipe(PROMPTS[0], generator=torch.Generator("cpu").manual_seed(0), num_inference_steps=settings.steps,
-             guidance_scale=settings.guidance_scale, height=size, width=size, output_type="latent")
+        pipe(PROMPTS[0], generator=torch.Generator("cpu").manual_seed(0), height=size, width=size,
+             num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale,
+             output_type="latent")
     return sum(counter.get_flop_counts()[type(denoiser).__name__].values())
 
 
@@ -138,11 +141,9 @@ def main():
         raise SystemExit(f"--options: unknown {unknown[0]}; choose from {', '.join(OPTIONS)}")
     work = tempfile.mkdtemp()
     path = pipeline_folder(args, work, state.device)
-    pipe = load(path, args, state.device)
+    pipe = cg.load_pipeline(generation_args(path, args), state.device)
     size = args.resolution or cg.native_size(pipe)
-    settings = SimpleNamespace(num_variants=args.num_variants, seed=0, batch_size=args.batch_size, steps=args.steps,
-                               num_inference_steps=args.steps, guidance_scale=7.5, height=size, width=size,
-                               max_sequence_length=None, compile=False, sdpa_backend=None)
+    settings = generation_args(path, args, height=size, width=size)
     prompts = (PROMPTS * args.num_prompts)[: args.num_prompts]
     groups = [(p, [p] + template_variants(p, g, settings)) for g, p in enumerate(prompts)]
     planned = cu.plan_images(groups, args.num_images_per_prompt, seed=0)
@@ -176,9 +177,8 @@ def main():
             del pipe
             if gpu:
                 torch.cuda.empty_cache()
-            pipe = load(path, args, state.device, **OPTIONS[name])
-        run = SimpleNamespace(**{**vars(settings), **{k: v for k, v in OPTIONS[name].items()
-                                                      if k in ("compile", "sdpa_backend")}})
+            pipe = cg.load_pipeline(generation_args(path, args, **OPTIONS[name]), state.device)
+        run = generation_args(path, args, height=size, width=size, **OPTIONS[name])
         folder = os.path.join(work, name)
         os.makedirs(folder)
         started = time.perf_counter()
