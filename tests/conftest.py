@@ -1,6 +1,13 @@
+import atexit
+import io
+import logging
 import os
+import runpy
+import signal
 import subprocess
 import sys
+import tempfile
+import traceback
 
 import pytest
 
@@ -8,6 +15,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tools"))
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may download at test time
+# One thread in the test processes too (set before torch starts its thread pool): a process forked from one whose
+# OpenMP pool ran hangs, and the scripts' runs fork from here (run_script). Two xdist workers keep two cores busy.
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
 def subprocess_env():
@@ -19,23 +30,110 @@ def subprocess_env():
 TWO_PROCESSES = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
 
 
-def run_script(script, *args, check=True, launcher=None, kill_at=None, env=None):
-    """Run one of the pack's scripts the way users do: a new process, from the command line. `kill_at` names a
-    craft_utils.fault_point where the process is killed (SIGKILL), as a crash or `kill -9` would; `env` adds
-    environment variables."""
+def run_script(script, *args, check=True, launcher=None, kill_at=None, env=None, fresh_interpreter=False):
+    """Run one of the pack's scripts the way users do: from the command line, in a process of its own (`python
+    script.py ...`, or `launcher` for several processes). A single process is forked from this test process, whose
+    imports of torch, diffusers, transformers... are done once (~6 s a process saved); it runs the script as
+    `__main__` with the same arguments, environment and working directory. `fresh_interpreter` starts a new Python
+    instead, for settings read at import time (TORCH_LOGS). `kill_at` names a craft_utils.fault_point where the
+    process is killed (SIGKILL), as a crash or `kill -9` would; `env` adds environment variables."""
     env = {**subprocess_env(), **(env or {})}
     if kill_at:
         env["CRAFT_KILL_AT"] = kill_at
     if launcher:
         env["ACCELERATE_USE_CPU"] = "1"
-    command = list(launcher or [sys.executable])
-    result = subprocess.run([*command, os.path.join(REPO, script), *map(str, args)], capture_output=True,
-                            text=True, env=env, cwd=REPO)
+    path = os.path.join(REPO, script)
+    args = [str(arg) for arg in args]
+    if launcher or fresh_interpreter:
+        result = subprocess.run([*(launcher or [sys.executable]), path, *args], capture_output=True, text=True,
+                                env=env, cwd=REPO)
+    else:
+        result = run_forked(path, args, env)
     if kill_at:
         assert result.returncode == -9, f"{script} was not killed at {kill_at}:\n{result.stderr[-4000:]}"
     elif check and result.returncode != 0:
         raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stderr[-4000:]}")
     return result
+
+
+def preload_script_imports():
+    """What the scripts import inside main(), imported once here so that forked runs find it loaded."""
+    import accelerate  # noqa: F401
+    import datasets  # noqa: F401
+    import open_clip  # noqa: F401
+    import peft  # noqa: F401
+    import torch
+    from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline  # noqa: F401
+    from diffusers.training_utils import EMAModel  # noqa: F401
+    from transformers import CLIPModel, CLIPTextModel, T5EncoderModel  # noqa: F401
+
+    torch.set_num_threads(1)
+
+
+def run_forked(path, args, env):
+    """`python path args` with `env` in REPO, in a child forked from this process: stdout/stderr captured at the
+    file descriptors (C libraries' output too), exit code or killing signal as subprocess.run reports them."""
+    preload_script_imports()
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                code = run_as_main(path, args, env, out, err)
+            finally:
+                os._exit(code)
+        try:
+            _, status = os.waitpid(pid, 0)
+        finally:  # the test timed out or was interrupted: the child goes too
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+        outputs = []
+        for stream in (out, err):
+            stream.seek(0)
+            outputs.append(stream.read().decode(errors="replace"))
+    return subprocess.CompletedProcess([sys.executable, path, *args], os.waitstatus_to_exitcode(status), *outputs)
+
+
+def run_as_main(path, args, env, out, err):
+    """In the forked child: a process state as a fresh `python path args` would have it, then the script."""
+    import craft_utils
+    from accelerate.state import AcceleratorState, GradientState
+
+    os.dup2(out.fileno(), 1)
+    os.dup2(err.fileno(), 2)
+    sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=True)
+    sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True)
+    sys.stdin = open(os.devnull)
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(REPO)
+    sys.argv = [path, *args]
+    # the script's folder first and PYTHONPATH, as Python sets them; this process's own additions (tests/, tools/) out
+    own = {os.path.dirname(os.path.abspath(__file__)), REPO, os.path.join(REPO, "tools")}
+    sys.path = [os.path.dirname(path), *env.get("PYTHONPATH", "").split(os.pathsep),
+                *(entry for entry in sys.path if entry and os.path.abspath(entry) not in own)]
+    logging.root.handlers.clear()  # pytest's capture handlers: the script's basicConfig must take effect
+    atexit._clear()  # this test process's exit handlers; the script's own run at its exit below
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    craft_utils._fault_points_reached.clear()
+    code = 0
+    try:
+        runpy.run_path(path, run_name="__main__")
+    except SystemExit as stop:
+        if isinstance(stop.code, str):
+            print(stop.code, file=sys.stderr)
+        code = stop.code if isinstance(stop.code, int) else 0 if stop.code is None else 1
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return code
 
 
 @pytest.fixture(scope="session")
