@@ -50,7 +50,7 @@ OPTIONS = {  # name -> the flags it sets; "default" is generate_candidates.py wi
 }
 
 
-def parse_args():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pretrained_model_name_or_path", help="a pipeline folder or Hub id")
     parser.add_argument("--real_size", choices=["sd15", "sdxl"], help="real-size random-weight model instead")
@@ -66,7 +66,7 @@ def parse_args():
                         help=f"comma-separated, from {', '.join(OPTIONS)}; 'all' (the offloads on a GPU only), "
                              "'none' for the plain loop and the default path alone")
     parser.add_argument("--peak_tflops", type=float, help="the card's dense bf16 peak, if it is not in the table")
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def pipeline_folder(args, work, device):

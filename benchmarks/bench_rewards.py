@@ -75,7 +75,7 @@ def real_size_flags(zoo, folder):
             "--imagereward_med_config", os.path.join(folder, "med_config.json"), "--imagereward_tokenizer", tokenizer]
 
 
-def main():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--zoo", required=True, help="the tiny zoo (tools/make_tiny_models.py)")
     parser.add_argument("--real_size", action="store_true", help="real architectures, random weights")
@@ -86,7 +86,11 @@ def main():
     parser.add_argument("--reward_precision", choices=sorted(cu.TORCH_DTYPES), default="no")
     parser.add_argument("--image_decode_workers", type=int, default=4,
                         help="also score the images from a folder of PNGs, decoded in turn vs by this many threads")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main():
+    args = parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     workdir = tempfile.mkdtemp()
     flags = real_size_flags(args.zoo, workdir) if args.real_size else reward_flags(args.zoo)

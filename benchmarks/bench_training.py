@@ -95,7 +95,7 @@ def max_difference(a, b):
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
-def main():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--zoo", help="the tiny zoo (tools/make_tiny_models.py), for the tiny runs")
     parser.add_argument("--real_size", action="store_true", help="real SD1.5/SDXL/FLUX.1 architectures, random weights")
@@ -103,22 +103,24 @@ def main():
     parser.add_argument("--configs", help="comma-separated prefixes: run only the configurations they start")
     parser.add_argument("--compare_to_commit", help="also run the trainers of this git commit (the baseline)")
     parser.add_argument("--repeats", type=int, default=1, help="with --compare_to_commit: runs of each version")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if not (args.zoo or args.real_size):
+        parser.error("--zoo is needed without --real_size")
+    return args
 
-    from make_tiny_models import make_training_set  # coloured squares with CRAFT weights
 
-    if args.real_size:
+def configurations(real_size):
+    """name -> (script, model kind, flags)."""
+    if real_size:
         sd15 = ["--resolution", 512, "--train_batch_size", 1, "--mixed_precision", "bf16", "--gradient_checkpointing"]
         sdxl = ["--resolution", 1024, "--train_batch_size", 1, "--mixed_precision", "bf16", "--gradient_checkpointing",
                 "--use_8bit_adam", "--rank", 16]
         flux = sdxl + ["--max_sequence_length", 512]
-    elif args.zoo:
+    else:
         sd15 = ["--resolution", 64, "--train_batch_size", 2]
         sdxl = ["--resolution", 64, "--train_batch_size", 2, "--use_8bit_adam"]
         flux = sdxl + ["--max_sequence_length", 16]
-    else:
-        parser.error("--zoo is needed without --real_size")
-    configs = {
+    return {
         "sd15 full, cached, 8-bit Adam": ("train_craft_sd15.py", "sd15", sd15 + ["--use_8bit_adam"]),
         "sd15 full, encoded each step, 8-bit Adam": ("train_craft_sd15.py", "sd15",
                                                      sd15 + ["--use_8bit_adam", "--cache_latents", "no"]),
@@ -135,8 +137,19 @@ def main():
         "flux LoRA, nf4 base (QLoRA)": ("train_craft_flux_lora.py", "flux", flux + ["--quantize_base", "nf4"]),
         "flux LoRA, bf16 base": ("train_craft_flux_lora.py", "flux", flux),
     }
+
+
+def main():
+    from make_tiny_models import make_training_set  # coloured squares with CRAFT weights
+
+    args = parse_args()
+    configs = configurations(args.real_size)
     if args.configs:
-        configs = {name: c for name, c in configs.items() if name.startswith(tuple(args.configs.split(",")))}
+        prefixes = tuple(args.configs.split(","))
+        unknown = [prefix for prefix in prefixes if not any(name.startswith(prefix) for name in configs)]
+        if unknown:
+            raise SystemExit(f"--configs: no configuration starts with {unknown[0]!r}; they are: {'; '.join(configs)}")
+        configs = {name: c for name, c in configs.items() if name.startswith(prefixes)}
     import torch
 
     if not torch.cuda.is_available():  # diffusers quantizes on GPUs only
