@@ -7,7 +7,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import traceback
+import warnings
 
 import pytest
 
@@ -34,9 +36,12 @@ def run_script(script, *args, check=True, launcher=None, kill_at=None, env=None,
     """Run one of the pack's scripts the way users do: from the command line, in a process of its own (`python
     script.py ...`, or `launcher` for several processes). A single process is forked from this test process, whose
     imports of torch, diffusers, transformers... are done once (~6 s a process saved); it runs the script as
-    `__main__` with the same arguments, environment and working directory. `fresh_interpreter` starts a new Python
-    instead, for settings read at import time (TORCH_LOGS). `kill_at` names a craft_utils.fault_point where the
-    process is killed (SIGKILL), as a crash or `kill -9` would; `env` adds environment variables."""
+    `__main__` with the arguments, environment, working directory, random state and streams a new Python would
+    have (`run_as_main`). A new Python is started instead with `fresh_interpreter` (the reference run of an equality
+    test, so that string hashing differs between the runs compared, as between users' runs) or `env` (variables
+    that libraries read when imported). `kill_at` names a craft_utils.fault_point where the process is killed
+    (SIGKILL), as a crash or `kill -9` would; `env` adds environment variables."""
+    fresh_interpreter = fresh_interpreter or launcher or env
     env = {**subprocess_env(), **(env or {})}
     if kill_at:
         env["CRAFT_KILL_AT"] = kill_at
@@ -44,7 +49,7 @@ def run_script(script, *args, check=True, launcher=None, kill_at=None, env=None,
         env["ACCELERATE_USE_CPU"] = "1"
     path = os.path.join(REPO, script)
     args = [str(arg) for arg in args]
-    if launcher or fresh_interpreter:
+    if fresh_interpreter:
         result = subprocess.run([*(launcher or [sys.executable]), path, *args], capture_output=True, text=True,
                                 env=env, cwd=REPO)
     else:
@@ -80,16 +85,15 @@ def run_forked(path, args, env):
             code = 1
             try:
                 code = run_as_main(path, args, env, out, err)
-            finally:
-                os._exit(code)
+            finally:  # never back into pytest, whatever happened
+                os._exit(code & 0xFF if isinstance(code, int) else 1)
+        status = None
         try:
             _, status = os.waitpid(pid, 0)
-        finally:  # the test timed out or was interrupted: the child goes too
-            try:
+        finally:
+            if status is None:  # the test timed out or was interrupted: the child goes too
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
-            except (ProcessLookupError, ChildProcessError):
-                pass
         outputs = []
         for stream in (out, err):
             stream.seek(0)
@@ -97,39 +101,63 @@ def run_forked(path, args, env):
     return subprocess.CompletedProcess([sys.executable, path, *args], os.waitstatus_to_exitcode(status), *outputs)
 
 
+OWN_FOLDERS = {REPO, *(os.path.join(REPO, folder) for folder in ("tools", "benchmarks", "tests"))}
+
+
 def run_as_main(path, args, env, out, err):
-    """In the forked child: a process state as a fresh `python path args` would have it, then the script."""
-    import craft_utils
+    """In the forked child: the process state a new `python path args` would have, then the script."""
+    import numpy as np
+    import torch
     from accelerate.state import AcceleratorState, GradientState
 
     os.dup2(out.fileno(), 1)
     os.dup2(err.fileno(), 2)
-    sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=True)
-    sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True)
+    sys.stdout = io.TextIOWrapper(io.BufferedWriter(io.FileIO(1, "w", closefd=False)),
+                                  encoding=sys.__stdout__.encoding, errors=sys.__stdout__.errors)
+    sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True,
+                                  encoding=sys.__stderr__.encoding, errors=sys.__stderr__.errors)
     sys.stdin = open(os.devnull)
+    # logging: pytest's capture handlers go (the script's basicConfig must take effect); the libraries' own handlers,
+    # made at import, write to this process's stderr instead of pytest's
+    logging.root.handlers.clear()
+    for logger in logging.Logger.manager.loggerDict.values():
+        for handler in getattr(logger, "handlers", []):
+            if type(handler) is logging.StreamHandler:
+                handler.setStream(sys.stderr)
+    warnings.resetwarnings()  # pytest records warnings; a new Python prints them, with its default filters
+    for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+        warnings.filterwarnings("ignore", category=category)
+    warnings.filterwarnings("default", category=DeprecationWarning, module="__main__")
+    warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: sys.stderr.write(
+        warnings.formatwarning(message, category, filename, lineno, line))
+    torch.seed()  # random states a new process would have (`random` reseeds itself after a fork)
+    np.random.seed()
     os.environ.clear()
     os.environ.update(env)
     os.chdir(REPO)
     sys.argv = [path, *args]
     # the script's folder first and PYTHONPATH, as Python sets them; this process's own additions (tests/, tools/) out
-    own = {os.path.dirname(os.path.abspath(__file__)), REPO, os.path.join(REPO, "tools")}
     sys.path = [os.path.dirname(path), *env.get("PYTHONPATH", "").split(os.pathsep),
-                *(entry for entry in sys.path if entry and os.path.abspath(entry) not in own)]
-    logging.root.handlers.clear()  # pytest's capture handlers: the script's basicConfig must take effect
+                *(entry for entry in sys.path if entry and os.path.abspath(entry) not in OWN_FOLDERS)]
+    # the pack's own modules are imported afresh from that path (the tests imported and patched some); the
+    # libraries stay loaded, which is the point of the fork
+    for name, module in list(sys.modules.items()):
+        if os.path.dirname(os.path.abspath(getattr(module, "__file__", None) or "/")) in OWN_FOLDERS:
+            del sys.modules[name]
     atexit._clear()  # this test process's exit handlers; the script's own run at its exit below
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
-    craft_utils._fault_points_reached.clear()
     code = 0
     try:
         runpy.run_path(path, run_name="__main__")
     except SystemExit as stop:
-        if isinstance(stop.code, str):
+        if stop.code is not None and not isinstance(stop.code, int):
             print(stop.code, file=sys.stderr)
         code = stop.code if isinstance(stop.code, int) else 0 if stop.code is None else 1
     except BaseException:
         traceback.print_exc()
         code = 1
+    threading._shutdown()  # at exit a new Python waits for the script's non-daemon threads, then runs atexit
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -292,7 +292,8 @@ def test_killed_overwrite_loses_nothing_and_a_rerun_finishes_it(tmp_path, kill_a
     flags = ("--candidates_dir", candidates, "--output_dir", tmp_path / "f")
     run_script("crf_filter.py", *flags, "--mode", "none")
     old = folder_contents(tmp_path / "f")
-    run_script("crf_filter.py", "--candidates_dir", candidates, "--output_dir", tmp_path / "straight")
+    run_script("crf_filter.py", "--candidates_dir", candidates, "--output_dir", tmp_path / "straight",
+               fresh_interpreter=True)  # other string hashing than the runs it must equal
     new = folder_contents(tmp_path / "straight")
     assert len(cu.read_jsonl(tmp_path / "f" / "metadata.jsonl")) == 8 and len(new) == 5  # 2 images + 3 files
 

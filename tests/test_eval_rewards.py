@@ -155,9 +155,11 @@ def uninterrupted(zoo, candidates, tmp_path_factory):
     """Folder mode and model mode, each run once without a kill: what the kill tests must reproduce."""
     base = tmp_path_factory.mktemp("uninterrupted")
     shutil.copytree(candidates, base / "folder")
-    run_script("eval_rewards.py", "--images_dir", base / "folder", *EVAL_KILL_FLAGS, *reward_flags(zoo))
+    # new Pythons: other string hashing than the runs they must equal
+    run_script("eval_rewards.py", "--images_dir", base / "folder", *EVAL_KILL_FLAGS, *reward_flags(zoo),
+               fresh_interpreter=True)
     run_script("eval_rewards.py", "--pretrained_model_name_or_path", zoo / "sd15", "--output_dir", base / "model",
-               *eval_model_flags(base), *EVAL_KILL_FLAGS, *reward_flags(zoo))
+               *eval_model_flags(base), *EVAL_KILL_FLAGS, *reward_flags(zoo), fresh_interpreter=True)
     return {"folder": base / "folder", "model": base / "model"}
 
 
