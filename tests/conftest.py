@@ -17,15 +17,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tools"))
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may download at test time
-# One thread in the test processes too (set before torch starts its thread pool): a process forked from one whose
+# One thread per process, in the scripts' runs (as torchrun sets it: float results then do not depend on the process
+# count) and in the test processes too, set before torch starts its thread pool: a process forked from one whose
 # OpenMP pool ran hangs, and the scripts' runs fork from here (run_script). Two xdist workers keep two cores busy.
 os.environ["OMP_NUM_THREADS"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
 def subprocess_env():
-    # One thread per process, as torchrun sets it: float results then do not depend on the process count.
-    return dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=REPO, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    """The environment of the scripts' runs: this process's (set above) and the pack on the module path."""
+    return dict(os.environ, PYTHONPATH=REPO)
 
 
 # Two CPU processes with gloo: accelerate sees MULTI_CPU with 2 ranks (`accelerate launch --cpu` runs one here).

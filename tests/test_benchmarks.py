@@ -1,10 +1,13 @@
 """The generation and round-cost benchmarks: their figures against values computed here."""
 
+import os
 import re
+import shlex
+import sys
 
 import torch
 
-from conftest import run_script
+from conftest import REPO, run_script
 
 
 def test_round_cost_adds_up_the_stages_by_hand():
@@ -44,12 +47,6 @@ def test_gpu_pending_runs_only_flags_configurations_and_options_that_exist():
     """benchmarks/gpu_pending.sh is run on a GPU machine, rarely and against a time budget: every benchmark command in
     it must parse with that benchmark's own parser, name options and configurations the benchmark has, and each part
     must fit the deadline the file's own instructions give it."""
-    import os
-    import shlex
-    import sys
-
-    from conftest import REPO
-
     sys.path.insert(0, os.path.join(REPO, "benchmarks"))
     import bench_generation
     import bench_rewards

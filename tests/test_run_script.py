@@ -6,7 +6,7 @@ import signal
 import textwrap
 
 import craft_utils
-from conftest import run_script
+from conftest import REPO, run_script
 
 PROBE = """
 import os, random, sys, warnings
@@ -35,8 +35,6 @@ def probe(tmp_path, *args, **run):
 
 
 def test_a_forked_run_starts_like_a_new_python(tmp_path, monkeypatch):
-    from conftest import REPO
-
     monkeypatch.setattr(craft_utils, "PATCHED", True, raising=False)  # the tests' own changes stay here
     runs = [probe(tmp_path, "plain") for _ in range(2)]
     fresh = probe(tmp_path, "plain", fresh_interpreter=True)
