@@ -1,11 +1,16 @@
-"""Loading text-to-image pipelines (SD1.5, SDXL, FLUX.1) and generating images with them, resumable and sharded
-across processes: shared by generate_candidates.py, eval_rewards.py's model mode and the benchmarks."""
+"""Loading any diffusers text-to-image pipeline and generating images with it, resumable and sharded across
+processes: shared by generate_candidates.py, eval_rewards.py's model mode and the benchmarks. Nothing here knows a
+model family: what differs between families is read from the pipeline (model_index.json's classes, its __call__
+parameters and their defaults, its denoiser's and VAE's configs)."""
 
 import contextlib
 import hashlib
+import inspect
 import os
 import shutil
 import time
+
+from types import SimpleNamespace
 
 import craft_utils as cu
 
@@ -28,18 +33,23 @@ SCHEDULERS = {
 def add_generation_args(parser, model_required=True):
     group = parser.add_argument_group("model and sampling")
     group.add_argument("--pretrained_model_name_or_path", required=model_required,
-                       help="SD1.5-, SDXL- or FLUX.1-style diffusers pipeline: Hub id or local folder")
+                       help="any diffusers text-to-image pipeline (SD1.5, SDXL, FLUX, Z-Image, FLUX.2 [klein], SD3, "
+                            "...): Hub id or local folder")
     group.add_argument("--revision", help="model revision (branch, tag or commit) on the Hub")
     group.add_argument("--variant", help="weights variant to load, e.g. fp16")
     group.add_argument("--pretrained_vae_model_name_or_path",
                        help="a VAE to use instead of the pipeline's (e.g. madebyollin/sdxl-vae-fp16-fix)")
     group.add_argument("--lora_path", help="LoRA weights to load into the pipeline (a folder or a .safetensors file)")
-    group.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sampler (default: the pipeline's own)")
+    group.add_argument("--scheduler", choices=sorted(SCHEDULERS),
+                       help="sampler, for pipelines whose scheduler these replace (SD1.5/SDXL-style); default: the "
+                            "pipeline's own")
     group.add_argument("--num_inference_steps", type=int, default=30)
     group.add_argument("--guidance_scale", type=float,
-                       help="classifier-free guidance (SD1.5/SDXL; default 7.5), or the guidance embedding's value "
-                            "(FLUX.1-dev; default 3.5)")
-    group.add_argument("--max_sequence_length", type=int, help="FLUX: T5 tokens per prompt (the pipeline's 512)")
+                       help="the pipeline's guidance_scale: classifier-free guidance, or a guidance-distilled model's "
+                            "guidance input (default: the pipeline's own, e.g. 7.5 SD1.5, 5.0 SDXL, 3.5 FLUX.1)")
+    group.add_argument("--max_sequence_length", type=int,
+                       help="text tokens per prompt, for pipelines that take it (FLUX, SD3, Z-Image...; default: the "
+                            "pipeline's own)")
     group.add_argument("--height", type=int, help="image height (default: the model's native size)")
     group.add_argument("--width", type=int, help="image width (default: the model's native size)")
     group.add_argument("--num_images_per_prompt", type=int, default=2, help="images (seeds) per prompt text")
@@ -121,46 +131,91 @@ def start_generation_folder(output_dir, settings, pipe, args, start_over, state)
     state.wait_for_everyone()
 
 
-def pipeline_class_name(path, revision):
-    """The pipeline class a model_index.json names (local folder or Hub id); None if there is none to read."""
+def read_pipeline(path, revision):
+    """What the pack reads of a pipeline before loading its weights, from its model_index.json and the diffusers
+    classes that names: `name` (the pipeline class), `components` (name -> class name), `denoiser` ("unet" or
+    "transformer") and `call` (its __call__'s parameters -> defaults). A pipeline the pack cannot drive is refused
+    here, in one line."""
+    import diffusers
     from diffusers import DiffusionPipeline
+    from diffusers.pipelines.auto_pipeline import AUTO_TEXT2IMAGE_PIPELINES_MAPPING
 
     try:
-        return DiffusionPipeline.load_config(path, revision=revision).get("_class_name")
-    except Exception:  # not a pipeline folder, or not reachable: loading the model says why
-        return None
+        index = DiffusionPipeline.load_config(path, revision=revision)
+    except (OSError, ValueError) as error:
+        cu.fail(f"could not read a diffusers pipeline from '{path}' ({str(error).splitlines()[0]}); give a local "
+                "pipeline folder with model_index.json or a Hub id")
+    name = index.get("_class_name")
+    pipeline_class = getattr(diffusers, name or "", None)
+    if pipeline_class is None:
+        cu.fail(f"{path} is a {name}, which diffusers {diffusers.__version__} does not have; upgrade diffusers or "
+                "give a diffusers text-to-image pipeline")
+    components = {key: value[1] for key, value in index.items()
+                  if not key.startswith("_") and isinstance(value, list) and len(value) == 2 and value[1]}
+    call = {key: parameter.default for key, parameter in inspect.signature(pipeline_class.__call__).parameters.items()}
+    denoiser = next((key for key in ("unet", "transformer") if key in components), None)
+    text_to_image = {cls.__name__ for cls in AUTO_TEXT2IMAGE_PIPELINES_MAPPING.values()}
+    taken = {"prompt", "height", "width", "num_inference_steps", "generator", "output_type"}
+    if name not in text_to_image or not denoiser or "vae" not in components or "controlnet" in components \
+            or taken - set(call):
+        cu.fail(f"{path} is a {name}, which the pack cannot drive: it generates from prompts alone with diffusers' "
+                "text-to-image pipelines (AutoPipelineForText2Image's) that have a VAE and a UNet or transformer; "
+                "give such a pipeline (StableDiffusionXLPipeline, FluxPipeline, ZImagePipeline, ...)")
+    return SimpleNamespace(name=name, pipeline_class=pipeline_class, components=components, denoiser=denoiser,
+                           call=call)
 
 
-def resolve_sampling_defaults(args):
-    """The defaults that depend on the model family, resolved before the settings are recorded: --guidance_scale is
-    classifier-free guidance for SD1.5/SDXL (7.5) and the guidance embedding's value for FLUX.1-dev (3.5)."""
-    is_flux = "Flux" in (pipeline_class_name(args.pretrained_model_name_or_path, args.revision) or "")
-    if args.guidance_scale is None:
-        args.guidance_scale = 3.5 if is_flux else 7.5
-    if args.max_sequence_length is not None and not is_flux:
-        cu.fail("--max_sequence_length is for FLUX pipelines (the T5 encoder's tokens); leave it out for SD1.5/SDXL")
-    if args.scheduler and is_flux:
-        cu.fail("--scheduler picks an SD1.5/SDXL sampler; FLUX samples with its own flow-matching Euler scheduler")
+def resolve_sampling_settings(args):
+    """Before any folder is written: refuse, in one line, each flag the pipeline cannot take, and resolve
+    --guidance_scale to the pipeline's own __call__ default when it is not given. An existing folder (no
+    --overwrite) goes on with the guidance it recorded, so a folder is never resumed under another default."""
+    import diffusers
+
+    pipeline = read_pipeline(args.pretrained_model_name_or_path, args.revision)
+    name = pipeline.name
+    for flag in ("guidance_scale", "max_sequence_length"):
+        if getattr(args, flag) is not None and flag not in pipeline.call:
+            cu.fail(f"--{flag}: {name} has no {flag} to set; leave the flag out")
+    if args.scheduler:
+        own = pipeline.components.get("scheduler")
+        if SCHEDULERS[args.scheduler] not in {own, *getattr(getattr(diffusers, own or "", None), "_compatibles", [])}:
+            cu.fail(f"--scheduler {args.scheduler}: {name} samples with its {own}, which "
+                    f"{SCHEDULERS[args.scheduler]} cannot replace; leave --scheduler out")
+    if args.lora_path and not hasattr(pipeline.pipeline_class, "load_lora_weights"):
+        cu.fail(f"--lora_path: {name} cannot load LoRA weights; leave the flag out")
+    denoiser_class = getattr(diffusers, pipeline.components[pipeline.denoiser], None)
+    vae_class = getattr(diffusers, pipeline.components["vae"], None)
+    for flag, model, method in (("fuse_qkv_projections", denoiser_class, "fuse_qkv_projections"),
+                                ("vae_slicing", vae_class, "enable_slicing"), ("vae_tiling", vae_class, "enable_tiling")):
+        if getattr(args, flag) and model is not None and not hasattr(model, method):
+            cu.fail(f"--{flag}: {name}'s {model.__name__} has no {method}; leave the flag out")
+    if args.guidance_scale is None and "guidance_scale" in pipeline.call:
+        default = pipeline.call["guidance_scale"]
+        args.guidance_scale = default
+        if not args.overwrite and os.path.isfile(os.path.join(args.output_dir, cu.GENERATION_CONFIG)):
+            recorded = cu.recorded_settings(args.output_dir).get("guidance_scale")
+            if recorded is not None and recorded != default:
+                args.guidance_scale = recorded
+                print(f"{args.output_dir}: going on with the guidance_scale {recorded:g} it was made with ({name}'s "
+                      f"own default is {default!r}); pass --guidance_scale or --overwrite to change it")
+    return pipeline
 
 
 def load_pipeline(args, device):
     import torch
-    from diffusers import AutoencoderKL, DiffusionPipeline
+    from diffusers import AutoModel, DiffusionPipeline
     import diffusers
 
     dtype = getattr(torch, cu.TORCH_DTYPES[args.mixed_precision])
     common = {"revision": args.revision, "variant": args.variant, "dtype": dtype}
     try:
         extra = {}
-        if args.pretrained_vae_model_name_or_path:
-            extra["vae"] = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, dtype=dtype)
+        if args.pretrained_vae_model_name_or_path:  # of the class its config names, as the pipeline's own VAE
+            extra["vae"] = AutoModel.from_pretrained(args.pretrained_vae_model_name_or_path, dtype=dtype)
         pipe = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, **common, **extra)
-    except (OSError, ValueError, EnvironmentError) as error:
+    except (OSError, ValueError) as error:
         cu.fail(f"could not load a diffusers pipeline from '{args.pretrained_model_name_or_path}' "
                 f"({str(error).splitlines()[0]}); give a local pipeline folder with model_index.json or a Hub id")
-    if not (hasattr(pipe, "unet") or hasattr(pipe, "transformer")) or not hasattr(pipe, "vae"):
-        cu.fail(f"{args.pretrained_model_name_or_path} is a {type(pipe).__name__}, not an SD1.5/SDXL/FLUX-style "
-                "pipeline")
     if args.lora_path:
         if not os.path.exists(args.lora_path):
             cu.fail(f"--lora_path {args.lora_path} does not exist")
@@ -186,7 +241,7 @@ def speed_up(pipe, args, device):
     """The speed and memory options, applied to a loaded pipeline; returns it on `device` (or offloaded)."""
     import torch
 
-    denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+    denoiser = denoiser_of(pipe)
     if args.sdpa_backend:  # a backend that cannot run here fails now, in one line, not at the first image
         probe = torch.zeros(1, 1, 8, 64, device=device, dtype=denoiser.dtype)
         try:
@@ -203,8 +258,8 @@ def speed_up(pipe, args, device):
             pipe.fuse_lora(components=pipe._lora_loadable_modules)
             pipe.unload_lora_weights()
         denoiser.fuse_qkv_projections()
-    if args.channels_last:
-        for module in (denoiser, pipe.vae) if hasattr(pipe, "unet") else (pipe.vae,):  # FLUX's transformer: no convs
+    if args.channels_last:  # only 4-d weights change: a transformer without convolutions stays as it is
+        for module in (denoiser, pipe.vae):
             module.to(memory_format=torch.channels_last)
     if args.vae_slicing:
         pipe.vae.enable_slicing()
@@ -225,10 +280,19 @@ def speed_up(pipe, args, device):
     return pipe.to(device)
 
 
+def denoiser_of(pipe):
+    return pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+
+
 def native_size(pipe):
-    """A UNet's sample size, or (FLUX) the pipeline's default, in pixels."""
-    latent_size = pipe.unet.config.sample_size if hasattr(pipe, "unet") else pipe.default_sample_size
-    return latent_size * pipe.vae_scale_factor
+    """The pipeline's own image size in pixels: its default latent size (FLUX, SD3...) or its denoiser's configured
+    one (a UNet's), times the VAE's downscaling; else its __call__'s default height; None where the pipeline
+    settles it inside its call (Z-Image)."""
+    latent_size = getattr(pipe, "default_sample_size", None) or denoiser_of(pipe).config.get("sample_size")
+    if isinstance(latent_size, int) and hasattr(pipe, "vae_scale_factor"):
+        return latent_size * pipe.vae_scale_factor
+    height = inspect.signature(type(pipe).__call__).parameters["height"].default
+    return height if isinstance(height, int) else None
 
 
 def generate_images(pipe, planned, output_dir, args, state):
@@ -253,6 +317,11 @@ def generate_images(pipe, planned, output_dir, args, state):
     todo = sum(row["file_name"] not in done for batch in mine for row in batch)
     log = cu.AppendLog(os.path.join(output_dir, cu.PROGRESS_DIR, f"images-{state.process_index:05d}.jsonl"))
     size = native_size(pipe)
+    # what this pipeline takes (resolve_sampling_settings refused the rest); unset values stay the pipeline's own
+    sampling = {"num_inference_steps": args.num_inference_steps, "output_type": "pil", **{
+        key: value for key, value in (("guidance_scale", args.guidance_scale), ("height", args.height or size),
+                                      ("width", args.width or size), ("max_sequence_length", args.max_sequence_length))
+        if value is not None}}
     started = time.time()
     attention = attention_kernel(args)
     with tqdm(total=todo, unit="img", desc="generating", disable=not state.is_local_main_process) as progress, \
@@ -260,13 +329,9 @@ def generate_images(pipe, planned, output_dir, args, state):
         for batch in mine:
             # compiled: a short last batch is padded with copies of its last image, so no shape is new
             calls = batch + batch[-1:] * (args.batch_size - len(batch)) if args.compile else batch
-            images = pipe(
-                prompt=[row["text"] for row in calls],
-                generator=[torch.Generator("cpu").manual_seed(row["seed"]) for row in calls],
-                num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                height=args.height or size, width=args.width or size, output_type="pil",
-                **({"max_sequence_length": args.max_sequence_length} if args.max_sequence_length else {}),
-            ).images
+            images = pipe(prompt=[row["text"] for row in calls],
+                          generator=[torch.Generator("cpu").manual_seed(row["seed"]) for row in calls],
+                          **sampling).images
             new_rows = [row for row in batch if row["file_name"] not in done]
             for row, image in zip(batch, images):
                 if row["file_name"] not in done:

@@ -180,8 +180,8 @@ def resume(accelerator, args):
         accelerator.load_state(checkpoint)
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         cu.fail(f"cannot resume from {checkpoint} ({type(error).__name__}: {str(error).splitlines()[0][:200]}); it "
-                "must be a checkpoint of this script saved with the same model, --use_lora, --train_text_encoder and "
-                "--fused_optimizer_step")
+                "must be a checkpoint of this script, saved with the same model and the same flags for what trains "
+                "(LoRA or full weights, text encoders, optimizer)")
     accelerator.print(f"resumed from {checkpoint} at step {step}")
     return step
 
@@ -329,8 +329,9 @@ def write_training_config(args, stats):
         "versions": {"diffusers": diffusers.__version__, "torch": torch.__version__}})
 
 
-def write_model_card(args, is_lora, stats, license="openrail++"):
-    """README.md for the Hub; `license`: the base model's (a fine-tune inherits it; "other" for custom licences)."""
+def write_model_card(args, stats, is_lora, license, model_tags):
+    """README.md for the Hub; `license`: the base model's (a fine-tune inherits it; "other" for custom licences);
+    `model_tags`: the family's Hub tags (e.g. stable-diffusion-xl)."""
     from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH, populate_model_card
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -369,7 +370,8 @@ def write_model_card(args, is_lora, stats, license="openrail++"):
     card = ModelCard.from_template(
         ModelCardData(license=license, library_name="diffusers", base_model=args.pretrained_model_name_or_path),
         template_path=MODEL_CARD_TEMPLATE_PATH, model_description=description)
-    tags = ["text-to-image", "diffusers", "diffusion-dpo" if args.loss == "dpo" else "craft", "diffusers-training"]
+    tags = ["text-to-image", "diffusers", *model_tags, "diffusion-dpo" if args.loss == "dpo" else "craft",
+            "diffusers-training"]
     tags += ["lora"] if is_lora else []
     populate_model_card(card, tags=tags).save(os.path.join(args.output_dir, "README.md"))
 
@@ -385,9 +387,9 @@ def push_to_hub(args):
     return repo_id
 
 
-def finish(args, is_lora, stats, license="openrail++"):
-    """training_config.json, the model card, and the Hub upload with --push_to_hub."""
+def finish(args, stats, is_lora, license, model_tags):
+    """training_config.json, the model card (write_model_card's arguments), and the Hub upload with --push_to_hub."""
     write_training_config(args, stats)
-    write_model_card(args, is_lora, stats, license)
+    write_model_card(args, stats, is_lora=is_lora, license=license, model_tags=model_tags)
     if args.push_to_hub:
         push_to_hub(args)

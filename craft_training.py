@@ -12,7 +12,6 @@ import math
 import os
 from dataclasses import dataclass
 
-import craft_generation as cg
 import craft_outputs as co
 import craft_utils as cu
 
@@ -69,14 +68,11 @@ def add_training_args(parser, resolution, beta_dpo=None):
     a("--adam_weight_decay", type=float, default=1e-2)
     a("--adam_epsilon", type=float, default=1e-8)
     a("--max_grad_norm", type=float, default=1.0)
-    a("--snr_gamma", type=float, help="min-SNR loss weighting (5.0 is the usual value)")
-    a("--noise_offset", type=float, default=0.0)
-    a("--prediction_type", choices=["epsilon", "v_prediction"], help="default: the scheduler's")
     a("--mixed_precision", choices=["no", "fp16", "bf16"], help="default: accelerate's config")
     a("--allow_tf32", action="store_true")
     a("--rank", type=int, default=4, help="LoRA rank")
     a("--lora_alpha", type=int, help="LoRA alpha (default: --rank, i.e. scale 1)")
-    a("--lora_target_modules", default="to_k,to_q,to_v,to_out.0", help="UNet modules that get a LoRA")
+    a("--lora_target_modules", default="to_k,to_q,to_v,to_out.0", help="the denoiser's modules that get a LoRA")
     a("--output_kohya_format", action="store_true",
       help="also write pytorch_lora_weights_kohya.safetensors for A1111/ComfyUI")
     a("--checkpointing_steps", type=int, default=500)
@@ -101,6 +97,14 @@ def add_training_args(parser, resolution, beta_dpo=None):
     import craft_rewards
 
     craft_rewards.add_reward_args(parser)  # the weights of --validation_rewards
+
+
+def add_ddpm_args(parser):
+    """The flags of families trained with DDPM's noise-prediction objective (SD1.5, SDXL): a script for such a family
+    adds them; flow-matching scripts have their own (--weighting_scheme)."""
+    parser.add_argument("--snr_gamma", type=float, help="min-SNR loss weighting (5.0 is the usual value)")
+    parser.add_argument("--noise_offset", type=float, default=0.0)
+    parser.add_argument("--prediction_type", choices=["epsilon", "v_prediction"], help="default: the scheduler's")
 
 
 def parse_training_args(parser, input_args):
@@ -141,7 +145,7 @@ def parse_training_args(parser, input_args):
             parser.error("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes")
     if args.beta_dpo is not None and args.beta_dpo < 0:
         parser.error("--beta_dpo must be >= 0 (a negative value would reverse the preference)")
-    if args.loss == "dpo" and args.snr_gamma:
+    if args.loss == "dpo" and getattr(args, "snr_gamma", None):
         parser.error("--snr_gamma weights the CRAFT loss's terms; Diffusion-DPO's (--loss dpo) has none")
     if not 0 <= args.proportion_empty_prompts <= 1:
         parser.error("--proportion_empty_prompts must be between 0 and 1")
@@ -171,20 +175,49 @@ def parse_training_args(parser, input_args):
     return args
 
 
-FAMILIES = {  # a pipeline's model_index.json class -> (what it is, the script that trains it)
-    "StableDiffusionPipeline": ("an SD1.5-style model", "train_craft_sd15.py"),
-    "StableDiffusionXLPipeline": ("an SDXL model", "train_craft_sdxl_lora.py"),
-    "FluxPipeline": ("a FLUX model", "train_craft_flux_lora.py"),
-}
+def check_model_family(path, revision, script, pipeline_class):
+    """Refuse, in one line, a pipeline of another class than the one `script` trains (its PIPELINE_CLASS), naming
+    the script beside it that trains that class: whatever the scripts are called, a fork trains its own family and
+    a new script needs no edit here. A folder without model_index.json goes on to the script's own loading."""
+    import glob
+
+    from diffusers import DiffusionPipeline
+
+    try:
+        class_name = DiffusionPipeline.load_config(path, revision=revision).get("_class_name")
+    except (OSError, ValueError):  # not a pipeline folder, or not reachable: loading the model says why
+        return
+    if class_name == pipeline_class:
+        return
+    script = os.path.abspath(script)
+    others = [os.path.basename(other) for other in sorted(glob.glob(os.path.join(glob.escape(os.path.dirname(script)),
+                                                                                 "*.py")))
+              if other != script and trained_pipeline_class(other) == class_name]
+    if others:
+        cu.fail(f"{path} is a {class_name}; {os.path.basename(script)} trains {pipeline_class}: use "
+                f"{' or '.join(others)}")
+    cu.fail(f"{path} is a {class_name}; {os.path.basename(script)} trains {pipeline_class}, and no script beside it "
+            f"trains {class_name}: fork the one closest to it (README: Forking a script for your model)")
 
 
-def check_model_family(path, revision, script):
-    """Refuse, in one line naming the right script, a pipeline of a family another of our scripts trains. Pipelines
-    of other classes (or without a model_index.json) go on to the script's own loading and its errors."""
-    class_name = cg.pipeline_class_name(path, revision)
-    what, right_script = FAMILIES.get(class_name, (None, script))
-    if right_script != script:
-        cu.fail(f"{path} is {what} ({class_name}); use {right_script}")
+def trained_pipeline_class(script):
+    """The PIPELINE_CLASS a trainer script sets at its top, read from its source (nothing is imported); None for
+    other files."""
+    import ast
+
+    with open(script, encoding="utf-8", errors="replace") as f:
+        source = f.read()
+    if "PIPELINE_CLASS" not in source:
+        return None
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return None
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant) and \
+                any(isinstance(target, ast.Name) and target.id == "PIPELINE_CLASS" for target in node.targets):
+            return node.value.value
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -237,8 +270,7 @@ def load_examples(args):
     has_weights = args.weight_column != "none" and args.loss == "craft"
     if has_weights and is_pairs and not any(args.weight_column in row for row in rows):
         cu.fail(f"{source} holds preference pairs (crf_filter.py --mode pairs): "
-                + ("train them with --loss dpo" if args.beta_dpo is not None else
-                   "this script has no DPO loss (train_craft_sd15.py and train_craft_sdxl_lora.py have)")
+                + ("train them with --loss dpo" if args.beta_dpo is not None else "this script has no --loss dpo")
                 + ", give the CRAFT set (crf_filter.py's default mode), or --weight_column none for plain SFT on "
                 "the preferred images")
     if has_weights:

@@ -167,7 +167,7 @@ def generate_eval_images(jobs, state):
     plans = []
     for args in jobs:
         prompts = cu.load_prompts(args)
-        cg.resolve_sampling_defaults(args)
+        cg.resolve_sampling_settings(args)
         settings = {**cg.generation_settings(args), "prompts_source": args.prompts_file or args.dataset_name,
                     "num_prompts": len(prompts), "prompts_sha256": cu.sha256_of(prompts)}
         plans.append((args, prompts, settings, cu.check_generation_folder(args.output_dir, settings, args.overwrite)))

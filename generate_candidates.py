@@ -188,7 +188,7 @@ def expand_prompts(prompts, args, state):
 def main(args):
     state = cu.process_state()
     prompts = cu.load_prompts(args)
-    cg.resolve_sampling_defaults(args)
+    cg.resolve_sampling_settings(args)
     settings = {
         **cg.generation_settings(args), **expansion_settings(args),
         "prompts_source": args.prompts_file or f"{args.dataset_name}:{args.dataset_split}",

@@ -31,6 +31,10 @@ import craft_outputs as co
 import craft_training as ct
 import craft_utils as cu
 
+PIPELINE_CLASS = "FluxPipeline"  # the family this script trains: model_index.json's _class_name
+LICENSE = "other"  # the model card's: FLUX.1-dev has a non-commercial licence of its own, which a fine-tune inherits
+MODEL_TAGS = ["flux", "flux-diffusers"]  # the model card's Hub tags for the family
+
 ATTENTION = "to_k,to_q,to_v,to_out.0,add_k_proj,add_q_proj,add_v_proj,to_add_out"  # double and single blocks
 # kohya (sd-scripts, Forge) names FLUX.1's modules as BFL's checkpoint does, where q, k and v (and in the single
 # blocks the MLP's input too) are one fused projection: kohya module -> the diffusers projections in it, in order
@@ -62,9 +66,6 @@ def parse_args(input_args=None):
                         help="load the frozen base transformer in 4-bit NF4 (bitsandbytes); the LoRA trains in fp32")
     parser.set_defaults(learning_rate=1e-4, lora_target_modules=ATTENTION)
     args = ct.parse_training_args(parser, input_args)
-    for flag in ("snr_gamma", "noise_offset", "prediction_type"):
-        if getattr(args, flag):
-            parser.error(f"--{flag} is for DDPM models (SD1.5, SDXL); FLUX is flow-matching: see --weighting_scheme")
     if not 1 <= args.max_sequence_length <= 512:
         parser.error("--max_sequence_length must be between 1 and 512")
     return args
@@ -76,7 +77,7 @@ def load_models(args, weight_dtype):
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
     path, revision, variant = args.pretrained_model_name_or_path, args.revision, args.variant
-    ct.check_model_family(path, revision, os.path.basename(__file__))
+    ct.check_model_family(path, revision, __file__, PIPELINE_CLASS)
     if args.quantize_base:  # diffusers' own check that 4-bit loading works here, before anything loads
         from diffusers.quantizers import DiffusersAutoQuantizer
 
@@ -382,7 +383,7 @@ def main(args):
             if args.output_kohya_format:
                 save_file(kohya_state_dict(accelerator.unwrap_model(transformer), lora_alpha / args.rank),
                           os.path.join(folder, co.KOHYA_FILE))
-        co.finish(args, True, stats, license="other")  # FLUX.1-dev's non-commercial licence: see the base model
+        co.finish(args, stats, is_lora=True, license=LICENSE, model_tags=MODEL_TAGS)
         accelerator.print(f"trained {global_step} steps in {stats['seconds']} s, {stats['memory']}; "
                           f"saved to {args.output_dir}")
     accelerator.end_training()

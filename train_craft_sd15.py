@@ -36,10 +36,15 @@ import craft_outputs as co
 import craft_training as ct
 import craft_utils as cu
 
+PIPELINE_CLASS = "StableDiffusionPipeline"  # the family this script trains: model_index.json's _class_name
+LICENSE = "creativeml-openrail-m"  # the model card's: SD1.5's, which a fine-tune inherits
+MODEL_TAGS = ["stable-diffusion", "stable-diffusion-diffusers"]  # the model card's Hub tags for the family
+
 
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ct.add_training_args(parser, resolution=512, beta_dpo=2500)
+    ct.add_ddpm_args(parser)
     parser.add_argument("--use_lora", action="store_true", help="train a LoRA instead of the full UNet")
     parser.add_argument("--train_text_encoder", action="store_true",
                         help="with --use_lora: a LoRA on the text encoder too (captions are then encoded every step)")
@@ -74,7 +79,7 @@ def load_models(args):
 
     common = {"revision": args.revision}
     path = args.pretrained_model_name_or_path
-    ct.check_model_family(path, args.revision, os.path.basename(__file__))
+    ct.check_model_family(path, args.revision, __file__, PIPELINE_CLASS)
     try:
         scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **common)
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **common)
@@ -347,7 +352,7 @@ def main(args):
                     args.pretrained_model_name_or_path, unet=unet, vae=vae, text_encoder=text_encoder,
                     tokenizer=tokenizer, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
                     revision=args.revision, variant=args.variant).save_pretrained(folder)
-        co.finish(args, args.use_lora, stats, license="creativeml-openrail-m")  # SD1.5's
+        co.finish(args, stats, is_lora=args.use_lora, license=LICENSE, model_tags=MODEL_TAGS)
         accelerator.print(f"trained {global_step} steps in {stats['seconds']} s, {stats['memory']}; "
                           f"saved to {args.output_dir}")
     accelerator.end_training()

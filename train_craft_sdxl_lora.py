@@ -25,10 +25,15 @@ import craft_outputs as co
 import craft_training as ct
 import craft_utils as cu
 
+PIPELINE_CLASS = "StableDiffusionXLPipeline"  # the family this script trains: model_index.json's _class_name
+LICENSE = "openrail++"  # the model card's: SDXL's, which a fine-tune inherits
+MODEL_TAGS = ["stable-diffusion-xl", "stable-diffusion-xl-diffusers"]  # the model card's Hub tags for the family
+
 
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ct.add_training_args(parser, resolution=1024, beta_dpo=5000)
+    ct.add_ddpm_args(parser)
     parser.add_argument("--pretrained_vae_model_name_or_path",
                         help="a VAE that works in fp16 (madebyollin/sdxl-vae-fp16-fix); without it the VAE stays fp32")
     parser.add_argument("--train_text_encoder", action="store_true",
@@ -50,7 +55,7 @@ def load_models(args):
     from transformers import AutoTokenizer
 
     path, revision, variant = args.pretrained_model_name_or_path, args.revision, args.variant
-    ct.check_model_family(path, revision, os.path.basename(__file__))
+    ct.check_model_family(path, revision, __file__, PIPELINE_CLASS)
     try:
         scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=revision)
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=revision, variant=variant)
@@ -322,7 +327,7 @@ def main(args):
             co.save_lora(StableDiffusionXLPipeline, folder, lora_models)
             if args.output_kohya_format:
                 co.save_kohya(folder, lora_models, lora_alpha, one_text_encoder=False)
-        co.finish(args, True, stats)
+        co.finish(args, stats, is_lora=True, license=LICENSE, model_tags=MODEL_TAGS)
         accelerator.print(f"trained {global_step} steps in {stats['seconds']} s, {stats['memory']}; "
                           f"saved to {args.output_dir}")
     accelerator.end_training()

@@ -110,7 +110,7 @@ def denoiser_flops_per_image(pipe, settings, size):
     """Every denoiser forward of one image (both CFG halves at every step), counted by torch's FLOP counter."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+    denoiser = cg.denoiser_of(pipe)
     with FlopCounterMode(display=False) as counter:
         pipe(PROMPTS[0], generator=torch.Generator("cpu").manual_seed(0), height=size, width=size,
              num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale,

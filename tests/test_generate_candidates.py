@@ -231,7 +231,7 @@ def test_bad_input_gives_one_clear_error_and_writes_nothing(zoo, tmp_path, case)
         "unknown_column": "{tmp}/prompts.jsonl has no column 'prompt' (columns: caption); set --prompt_column",
         "latin1_txt": "{tmp}/latin1.txt is not UTF-8 text (byte 5 is b'\\xe9'); save it as UTF-8",
         "latin1_jsonl": "{tmp}/latin1.jsonl is not UTF-8 text (byte 17 is b'\\xe9'); save it as UTF-8",
-        "missing_model": "could not load a diffusers pipeline from '{zoo}/missing'",
+        "missing_model": "could not read a diffusers pipeline from '{zoo}/missing'",
         "offload_without_gpu": "--enable_model_cpu_offload / --enable_sequential_cpu_offload move weights between the "
                                "CPU and a GPU; there is no GPU here: leave them out",
         "sdpa_backend_without_kernel": "--sdpa_backend efficient has no kernel for cpu in torch.float32; choose "
@@ -417,8 +417,9 @@ def test_append_log_drops_a_torn_row_and_read_jsonl_names_the_bad_line(tmp_path)
 
 
 def test_flux_candidates_record_flux_defaults_and_plain_diffusers_regenerates_them(zoo, reference, tmp_path):
-    """FLUX.1-dev-style pipelines: the guidance embedding's default (3.5, where SD's classifier-free guidance gets
-    7.5), --max_sequence_length recorded and used; the SD-only and FLUX-only flags refused in one line."""
+    """FLUX.1-dev-style pipelines: the pipeline's own guidance default (3.5, the guidance embedding's, where SD1.5's
+    classifier-free guidance gets 7.5), --max_sequence_length recorded and used; a flag a pipeline cannot take
+    refused in one line."""
     from diffusers import FluxPipeline
 
     prompts = write_lines(tmp_path / "prompts.txt", PROMPTS[:2])
@@ -440,8 +441,10 @@ def test_flux_candidates_record_flux_defaults_and_plain_diffusers_regenerates_th
     assert np.abs(np.asarray(Image.open(out / rows[5]["file_name"]), dtype=np.int16) - saved).mean() > 1
 
     for model, flag, expected in (
-            ("sd15", ["--max_sequence_length", 16], "--max_sequence_length is for FLUX pipelines"),
-            ("flux", ["--scheduler", "ddim"], "--scheduler picks an SD1.5/SDXL sampler; FLUX samples with its own")):
+            ("sd15", ["--max_sequence_length", 16], "--max_sequence_length: StableDiffusionPipeline has no "
+                                                    "max_sequence_length to set; leave the flag out"),
+            ("flux", ["--scheduler", "ddim"], "--scheduler ddim: FluxPipeline samples with its "
+                                              "FlowMatchEulerDiscreteScheduler, which DDIMScheduler cannot replace")):
         result = generate(zoo, prompts, tmp_path / f"refused-{model}", *flag, model=model, check=False)
         assert result.returncode != 0 and expected in result.stderr.strip().splitlines()[-1]
         assert not (tmp_path / f"refused-{model}").exists()

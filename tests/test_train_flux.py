@@ -215,10 +215,13 @@ def check_kohya(kohya, lora, scale, tmp_path):
 def test_bad_input_is_one_clear_error(zoo, data, tmp_path, case):
     script, model, extra = "train_craft_flux_lora.py", "flux", []
     expected = {
-        "sdxl_to_flux": "is an SDXL model (StableDiffusionXLPipeline); use train_craft_sdxl_lora.py",
-        "flux_to_sdxl": "is a FLUX model (FluxPipeline); use train_craft_flux_lora.py",
-        "flux_to_sd15": "is a FLUX model (FluxPipeline); use train_craft_flux_lora.py",
-        "snr_gamma": "--snr_gamma is for DDPM models (SD1.5, SDXL); FLUX is flow-matching: see --weighting_scheme",
+        "sdxl_to_flux": "sdxl is a StableDiffusionXLPipeline; train_craft_flux_lora.py trains FluxPipeline: use "
+                        "train_craft_sdxl_lora.py",
+        "flux_to_sdxl": "flux is a FluxPipeline; train_craft_sdxl_lora.py trains StableDiffusionXLPipeline: use "
+                        "train_craft_flux_lora.py",
+        "flux_to_sd15": "flux is a FluxPipeline; train_craft_sd15.py trains StableDiffusionPipeline: use "
+                        "train_craft_flux_lora.py",
+        "snr_gamma": "unrecognized arguments: --snr_gamma 5",  # a DDPM flag: the SD scripts have it
         "resolution": "--resolution 70 must be a multiple of 4 for this model (VAE x 2x2 packing)",
         "quantize_on_cpu": "--quantize_base nf4 needs a GPU: diffusers says 'No GPU found. A GPU is needed for "
                            "quantization.'; leave it out on the CPU",

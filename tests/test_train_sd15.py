@@ -505,12 +505,15 @@ def test_model_card_and_hub_upload_without_network(tmp_path, data):
                                         str(data), "--output_dir", str(tmp_path / "out"), "--push_to_hub",
                                         "--hub_model_id", "me/craft-sd15", "--use_lora"])
     os.makedirs(args.output_dir)
-    co.write_model_card(args, True, {"num_images": 8, "weights": "w", "steps": 5})
+    co.write_model_card(args, {"num_images": 8, "weights": "w", "steps": 5}, is_lora=True, license="mit",
+                        model_tags=["my-family"])
     card = (tmp_path / "out" / "README.md").read_text()
     assert "base_model: base/model" in card and "- craft" in card and "- lora" in card
+    assert "license: mit" in card and "- my-family" in card
     assert 'pipe.load_lora_weights("me/craft-sd15"' in card
     args.loss, args.beta_dpo = "dpo", 2500.0
-    co.write_model_card(args, True, {"num_images": 8, "weights": "w", "steps": 5})
+    co.write_model_card(args, {"num_images": 8, "weights": "w", "steps": 5}, is_lora=True, license="mit",
+                        model_tags=[])
     card = (tmp_path / "out" / "README.md").read_text()
     assert "# Diffusion-DPO LoRA of base/model" in card and "beta 2500" in card and "- diffusion-dpo" in card
     assert "- craft\n" not in card and "- training pairs: 8" in card
@@ -564,7 +567,8 @@ def test_bad_input_is_one_clear_error(zoo, tmp_path, case):
         "output_not_empty": f"{tmp_path}/out is not empty; pass --overwrite_output_dir",
         "resume_latest_without_checkpoint": f"{tmp_path}/out is not empty and holds no checkpoint-* to resume from; "
                                             "pass --overwrite_output_dir to train anew over it, or choose another",
-        "sdxl_model": "is an SDXL model (StableDiffusionXLPipeline); use train_craft_sdxl_lora.py",
+        "sdxl_model": "sdxl is a StableDiffusionXLPipeline; train_craft_sd15.py trains StableDiffusionPipeline: use "
+                      "train_craft_sdxl_lora.py",
         "fused_step_with_clipping": "--fused_optimizer_step steps each weight before the gradient's global norm is "
                                     "known: add --max_grad_norm 0 (no clipping)",
         "fused_step_with_lora": "--fused_optimizer_step saves a full fine-tune's gradient buffer; a LoRA's is small: "

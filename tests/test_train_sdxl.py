@@ -139,7 +139,8 @@ def test_two_processes_and_model_kind_check(zoo, data, tmp_path):
     result = run_script("train_craft_sdxl_lora.py", "--pretrained_model_name_or_path", zoo / "sd15",
                         "--train_data_dir", data, "--output_dir", tmp_path / "x", check=False)
     assert result.returncode != 0
-    assert "is an SD1.5-style model (StableDiffusionPipeline); use train_craft_sd15.py" in result.stderr
+    assert "sd15 is a StableDiffusionPipeline; train_craft_sdxl_lora.py trains StableDiffusionXLPipeline: use " \
+           "train_craft_sd15.py" in result.stderr
 
 
 def test_dpo_loss_by_hand_and_a_killed_run_resumed_equals_straight(zoo, tmp_path):

@@ -10,6 +10,11 @@ OUTDIR/
   sd15/                       StableDiffusionPipeline folder (64x64 images)
   sdxl/                       StableDiffusionXLPipeline folder (two text encoders, text_time embedding)
   flux/                       FluxPipeline folder (FLUX.1-dev layout: guidance embedding, CLIP + T5, 16x16 latents)
+  zimage/                     ZImagePipeline folder (Qwen3 text encoder, 16-channel latents; the configs of diffusers'
+                              tests/pipelines/z_image)
+  flux2_klein/                Flux2KleinPipeline folder (Qwen3 causal LM read at layers 9, 18, 27; FLUX.2's VAE)
+  sd3/                        StableDiffusion3Pipeline folder (two CLIPs + T5): a family no script of the pack trains
+  qwen_tokenizer/             Qwen-style tokenizer (WordLevel, <|im_start|> chat template with enable_thinking)
   t5_tokenizer/               T5 (Unigram) tokenizer built from a generated vocab
   clip_tokenizer/             CLIPTokenizer built from a generated vocab
   expander/                   tiny causal LM + tokenizer with a chat template (for --expansion llm)
@@ -231,6 +236,123 @@ def make_flux(out_dir, tokenizer, t5_tokenizer):
     pipe.save_pretrained(out_dir)
 
 
+def make_qwen_tokenizer(out_dir):
+    """A Qwen2/3-style fast tokenizer (the real ones come from the Hub): WORDS as whole tokens, Qwen's special tokens,
+    and a chat template that renders <|im_start|>role ... <|im_end|> and reads enable_thinking as Qwen3's does."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<unk>"]
+    tokens = specials + sorted(set(WORDS)) + ["user", "assistant", "system", ",", ".", ":", "'", '"']
+    backend = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    backend.add_special_tokens(specials)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<|im_end|>",
+                                        pad_token="<|endoftext|>")
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n"
+        "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+    )
+    tokenizer.model_max_length = 512
+    tokenizer.save_pretrained(out_dir)
+    return PreTrainedTokenizerFast.from_pretrained(out_dir)
+
+
+def qwen3_config(vocab_size, layers):
+    from transformers import Qwen3Config
+
+    return Qwen3Config(hidden_size=16, intermediate_size=16, num_hidden_layers=layers, num_attention_heads=2,
+                       num_key_value_heads=2, head_dim=8, vocab_size=vocab_size, max_position_embeddings=512)
+
+
+def make_zimage(out_dir, qwen_tokenizer):
+    """Z-Image: a single-stream transformer that reads the Qwen3 encoder's second-to-last hidden states (the
+    tiny configs of diffusers' own tests), FLUX.1's VAE layout with 16 latent channels, a flow-matching scheduler."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Model
+
+    torch.manual_seed(0)
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32, n_layers=2, n_refiner_layers=1, n_heads=2,
+        n_kv_heads=2, norm_eps=1e-5, qk_norm=True, cap_feat_dim=16, rope_theta=256.0, t_scale=1000.0,
+        axes_dims=[8, 4, 4], axes_lens=[256, 32, 32],
+    )
+    with torch.no_grad():  # allocated with torch.empty: fixed, so the files are the same on every run
+        transformer.x_pad_token.copy_(torch.ones_like(transformer.x_pad_token))
+        transformer.cap_pad_token.copy_(torch.ones_like(transformer.cap_pad_token))
+    torch.manual_seed(1)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"], block_out_channels=[32, 64], layers_per_block=1,
+        latent_channels=16, norm_num_groups=32, sample_size=32, scaling_factor=0.3611, shift_factor=0.1159,
+    )
+    torch.manual_seed(2)
+    text_encoder = Qwen3Model(qwen3_config(len(qwen_tokenizer), layers=2))
+    ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
+                   tokenizer=qwen_tokenizer, transformer=transformer).save_pretrained(out_dir)
+
+
+def make_flux2_klein(out_dir, qwen_tokenizer):
+    """FLUX.2 [klein]: a FLUX.2 transformer without guidance embedding (klein samples with classifier-free guidance),
+    conditioned on the Qwen3 causal LM's hidden states at layers 9, 18 and 27 stacked (the pipeline's defaults: the
+    tiny encoder has 27 layers), FLUX.2's VAE (latents patchified 2x2 into 4 channels)."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, \
+        Flux2Transformer2DModel
+    from transformers import Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=3 * 16, timestep_guidance_channels=256, axes_dims_rope=[4, 4, 4, 4], guidance_embeds=False,
+    )
+    torch.manual_seed(1)
+    text_encoder = Qwen3ForCausalLM(qwen3_config(len(qwen_tokenizer), layers=27))
+    torch.manual_seed(2)
+    vae = AutoencoderKLFlux2(
+        sample_size=32, in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",), block_out_channels=(4,), layers_per_block=1, latent_channels=1,
+        norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+    )
+    Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
+                       tokenizer=qwen_tokenizer, transformer=transformer).save_pretrained(out_dir)
+
+
+def make_sd3(out_dir, tokenizer, t5_tokenizer):
+    """SD3: an MMDiT over two CLIP encoders (with projections) and T5; 32x32 images by default (the configs of
+    diffusers' tests)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, \
+        StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(
+        sample_size=32, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=4,
+        caption_projection_dim=32, joint_attention_dim=2 * TEXT_HIDDEN, pooled_projection_dim=2 * TEXT_HIDDEN,
+        out_channels=4,
+    )
+    encoders = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        encoders.append(CLIPTextModelWithProjection(clip_text_config(len(tokenizer))))
+    torch.manual_seed(3)
+    text_encoder_3 = T5EncoderModel(T5Config(
+        vocab_size=len(t5_tokenizer), d_model=2 * TEXT_HIDDEN, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    ))
+    torch.manual_seed(4)
+    vae = AutoencoderKL(
+        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1, latent_channels=4,
+        norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035,
+    )
+    StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=encoders[0],
+        tokenizer=tokenizer, text_encoder_2=encoders[1], tokenizer_2=tokenizer, text_encoder_3=text_encoder_3,
+        tokenizer_3=t5_tokenizer, image_encoder=None, feature_extractor=None,
+    ).save_pretrained(out_dir)
+
+
 def make_expander(out_dir):
     """A random Llama-style chat model; its rewrites are gibberish, but the transformers code path is real."""
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders
@@ -343,7 +465,12 @@ def make_zoo(out_dir):
     tokenizer = make_clip_tokenizer(os.path.join(out_dir, "clip_tokenizer"))
     make_sd15(os.path.join(out_dir, "sd15"), tokenizer)
     make_sdxl(os.path.join(out_dir, "sdxl"), tokenizer)
-    make_flux(os.path.join(out_dir, "flux"), tokenizer, make_t5_tokenizer(os.path.join(out_dir, "t5_tokenizer")))
+    t5_tokenizer = make_t5_tokenizer(os.path.join(out_dir, "t5_tokenizer"))
+    make_flux(os.path.join(out_dir, "flux"), tokenizer, t5_tokenizer)
+    qwen_tokenizer = make_qwen_tokenizer(os.path.join(out_dir, "qwen_tokenizer"))
+    make_zimage(os.path.join(out_dir, "zimage"), qwen_tokenizer)
+    make_flux2_klein(os.path.join(out_dir, "flux2_klein"), qwen_tokenizer)
+    make_sd3(os.path.join(out_dir, "sd3"), tokenizer, t5_tokenizer)
     make_expander(os.path.join(out_dir, "expander"))
     for name in ("hps", "aesthetic", "imagereward"):
         os.makedirs(os.path.join(out_dir, name), exist_ok=True)
