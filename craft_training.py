@@ -73,8 +73,6 @@ def add_training_args(parser, resolution, beta_dpo=None):
     a("--rank", type=int, default=4, help="LoRA rank")
     a("--lora_alpha", type=int, help="LoRA alpha (default: --rank, i.e. scale 1)")
     a("--lora_target_modules", default="to_k,to_q,to_v,to_out.0", help="the denoiser's modules that get a LoRA")
-    a("--output_kohya_format", action="store_true",
-      help="also write pytorch_lora_weights_kohya.safetensors for A1111/ComfyUI")
     a("--checkpointing_steps", type=int, default=500)
     a("--checkpoints_total_limit", type=int)
     a("--resume_from_checkpoint", help="'latest' or a checkpoint folder (absolute, or inside --output_dir)")

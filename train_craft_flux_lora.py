@@ -64,6 +64,9 @@ def parse_args(input_args=None):
     parser.add_argument("--mode_scale", type=float, default=1.29, help="mode: scale")
     parser.add_argument("--quantize_base", choices=["nf4"],
                         help="load the frozen base transformer in 4-bit NF4 (bitsandbytes); the LoRA trains in fp32")
+    parser.add_argument("--output_kohya_format", action="store_true",
+                        help="also write pytorch_lora_weights_kohya.safetensors under BFL's fused module names (Forge, "
+                             "sd-scripts)")
     parser.set_defaults(learning_rate=1e-4, lora_target_modules=ATTENTION)
     args = ct.parse_training_args(parser, input_args)
     if not 1 <= args.max_sequence_length <= 512:

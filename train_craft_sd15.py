@@ -46,6 +46,9 @@ def parse_args(input_args=None):
     ct.add_training_args(parser, resolution=512, beta_dpo=2500)
     ct.add_ddpm_args(parser)
     parser.add_argument("--use_lora", action="store_true", help="train a LoRA instead of the full UNet")
+    parser.add_argument("--output_kohya_format", action="store_true",
+                        help="with --use_lora: also write pytorch_lora_weights_kohya.safetensors (kohya's names, "
+                             "for A1111/ComfyUI)")
     parser.add_argument("--train_text_encoder", action="store_true",
                         help="with --use_lora: a LoRA on the text encoder too (captions are then encoded every step)")
     parser.add_argument("--use_ema", action="store_true", help="full fine-tune: keep an EMA of the UNet weights")

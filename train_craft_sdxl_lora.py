@@ -38,6 +38,8 @@ def parse_args(input_args=None):
                         help="a VAE that works in fp16 (madebyollin/sdxl-vae-fp16-fix); without it the VAE stays fp32")
     parser.add_argument("--train_text_encoder", action="store_true",
                         help="LoRA on both text encoders too (captions are then encoded every step)")
+    parser.add_argument("--output_kohya_format", action="store_true",
+                        help="also write pytorch_lora_weights_kohya.safetensors (kohya's names, for A1111/ComfyUI)")
     parser.set_defaults(learning_rate=1e-4)
     return ct.parse_training_args(parser, input_args)
 
