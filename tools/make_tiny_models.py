@@ -315,6 +315,9 @@ def make_flux2_klein(out_dir, qwen_tokenizer):
         up_block_types=("UpDecoderBlock2D",), block_out_channels=(4,), layers_per_block=1, latent_channels=1,
         norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
     )
+    with torch.no_grad():  # batch-norm statistics of the patchified latents, as a trained VAE has (not 0 and 1)
+        vae.bn.running_mean.copy_(torch.linspace(-0.3, 0.3, 4))
+        vae.bn.running_var.copy_(torch.linspace(0.5, 2.0, 4))
     Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
                        tokenizer=qwen_tokenizer, transformer=transformer).save_pretrained(out_dir)
 
