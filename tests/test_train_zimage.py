@@ -12,6 +12,7 @@ import craft_outputs as co
 import craft_utils as cu
 from conftest import TWO_PROCESSES, run_script
 from make_tiny_models import make_pairs_set, make_training_set
+from test_train_flux import LIFT_GPU_CHECK
 from test_train_sd15 import center_crop_pixels, tensorboard_scalars
 
 
@@ -137,3 +138,19 @@ def test_bad_input_is_one_clear_error(zoo, data, tmp_path, case):
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert expected in result.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "out").exists()
+
+
+def test_nf4_base_trains_its_lora_on_4_bit_weights(zoo, data, tmp_path):
+    """--quantize_base nf4 through the script's own path (LoRAs on bitsandbytes' Linear4bit): the first loss is the
+    full-precision run's up to the quantization error, the LoRA trains, and its file loads into the unquantized
+    pipeline."""
+    from diffusers import ZImagePipeline
+
+    flags = ("--max_train_steps", 3, "--learning_rate", 1e-2, "--report_to", "tensorboard")
+    train(zoo, data, tmp_path / "full", *flags)
+    train(zoo, data, tmp_path / "nf4", *flags, "--quantize_base", "nf4", launcher=LIFT_GPU_CHECK)
+    full, nf4 = tensorboard_scalars(tmp_path / "full", "loss")[1], tensorboard_scalars(tmp_path / "nf4", "loss")[1]
+    assert full != nf4 and abs(nf4 - full) < 0.1 * full
+    lora = load_file(tmp_path / "nf4" / co.LORA_FILE)
+    assert max(v.abs().max().item() for k, v in lora.items() if "lora_B" in k) > 1e-4
+    ZImagePipeline.from_pretrained(zoo / "zimage").load_lora_weights(tmp_path / "nf4")
