@@ -1,5 +1,5 @@
 # One CRAFT round, every stage, with the settings of the recipe that sources this file (sd15_full_finetune.sh,
-# sdxl_paper.sh, sdxl_lora_16gb.sh). Every variable below can be set from the environment; rerunning a recipe
+# sdxl_paper.sh, sdxl_lora_16gb.sh, zimage_lora_16gb.sh, flux2_klein_lora_16gb.sh). Every variable below can be set from the environment; rerunning a recipe
 # resumes where it stopped (each stage resumes or reuses its finished output, and refuses one made with other
 # settings). The filter level names its own folders, so the paper's three levels share one set of candidates:
 #   for level in hpsv2.1 hpsv2.1,aesthetic hpsv2.1,pickscore,aesthetic; do FILTER_REWARDS=$level bash RECIPE; done
