@@ -514,6 +514,19 @@ def per_sample_mse(model_pred, target):
     return ((model_pred.float() - target.float()) ** 2).mean(dim=list(range(1, model_pred.dim())))
 
 
+def diffusion_dpo_loss(errors, reference_errors, beta):
+    """Diffusion-DPO (Wallace et al., 2023) from per-sample errors, the batch's preferred images (w) first and their
+    rejected ones (l) after, of the model and of the reference: L = mean -log sigmoid(-beta/2 * ((e_w - e_l) -
+    (e_ref_w - e_ref_l))). -> (L, each pair's term inside the sigmoid: > 0 where the model prefers w more than the
+    reference does, the implicit accuracy)."""
+    import torch
+
+    model_w, model_l = errors.chunk(2)
+    reference_w, reference_l = reference_errors.chunk(2)
+    inside = -0.5 * beta * ((model_w - model_l) - (reference_w - reference_l))
+    return -torch.nn.functional.logsigmoid(inside).mean(), inside
+
+
 @contextlib.contextmanager
 def adapters_disabled(*models):
     """The base model inside models that train LoRAs (a no-op for models without): Diffusion-DPO's reference."""

@@ -14,11 +14,14 @@ in form:
 
     L = mean_i [ w_i * || v_theta(x_t, sigma_i, c_i) - (noise_i - x_0,i) ||^2 / (C H W) ]
 
-with w_i the sample's CRF advantage. FLUX.2's latents are patchified 2x2 and normalised with the VAE's batch-norm
-statistics, then packed into tokens with 4-axis position ids; the caption conditions through the Qwen3 encoder's
-hidden states at the pipeline's layers (9, 18, 27) stacked, padded to --max_sequence_length (as the pipeline encodes a
-prompt), cached once with the latents, after which the encoder and the VAE leave the GPU. klein base models sample
-with classifier-free guidance; their transformer has no guidance input.
+with w_i the sample's CRF advantage. --loss dpo trains the Diffusion-DPO baseline on crf_filter.py --mode pairs's
+folder, written for velocity prediction as in train_craft_flux_lora.py: the squared velocity errors of each pair's
+preferred and rejected image (one noise, one sigma) against the base's (the LoRA switched off). FLUX.2's latents are
+patchified 2x2 and normalised with the VAE's batch-norm statistics, then packed into tokens with 4-axis position
+ids; the caption conditions through the Qwen3 encoder's hidden states at the pipeline's layers (9, 18, 27) stacked,
+padded to --max_sequence_length (as the pipeline encodes a prompt), cached once with the latents, after which the
+encoder and the VAE leave the GPU. klein base models sample with classifier-free guidance; their transformer has no
+guidance input.
 
 Output: pytorch_lora_weights.safetensors (Flux2KleinPipeline.load_lora_weights reads it), training_config.json,
 validation grids and a model card.
@@ -43,7 +46,7 @@ ATTENTION = "to_k,to_q,to_v,to_out.0,add_k_proj,add_q_proj,add_v_proj,to_add_out
 
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ct.add_training_args(parser, resolution=1024)
+    ct.add_training_args(parser, resolution=1024, beta_dpo=5000)
     parser.add_argument("--max_sequence_length", type=int, default=512,
                         help="Qwen3 tokens per chat-formatted caption (the pipeline's 512)")
     parser.add_argument("--weighting_scheme", choices=["none", "logit_normal", "mode"], default="none",
@@ -235,13 +238,13 @@ def main(args):
             move_frozen("cpu", [vae])
 
     accelerator.print(
-        f"{len(examples)} training images ({weights_note}); latents {'cached' if cache else 'encoded'}, text "
-        + ("cached" if cache else "encoded each step")
+        f"{len(examples)} training {'pairs' if args.loss == 'dpo' else 'images'} ({weights_note}); latents "
+        f"{'cached' if cache else 'encoded'}, text " + ("cached" if cache else "encoded each step")
         + f"; {max_train_steps} steps of {args.train_batch_size} x {args.gradient_accumulation_steps} x "
-          f"{accelerator.num_processes} images")
+          f"{accelerator.num_processes} {'pairs' if args.loss == 'dpo' else 'images'}")
     progress_bar = tqdm(range(max_train_steps), initial=global_step, desc="steps",
                         disable=not accelerator.is_local_main_process)
-    clock, losses = co.StepClock(), []
+    clock, losses, accuracies = co.StepClock(), [], []
     for epoch in range(first_epoch, num_train_epochs):
         if global_step >= max_train_steps:  # resumed from the last checkpoint: only the outputs are left to write
             break
@@ -255,32 +258,52 @@ def main(args):
             with accelerator.accumulate(transformer):
                 captions = ct.drop_captions(batch["caption"], args.proportion_empty_prompts, random)
                 mean, std, _ = encodings.latent_dist(batch)
-                latents = mean + std * random.randn(*mean.shape[1:]).to(mean.device)
+                latents, copies = mean + std * random.randn(*mean.shape[1:]).to(mean.device), 1
+                if args.loss == "dpo":  # each pair's rejected image goes after the batch's preferred ones
+                    mean, std, _ = encodings.latent_dist(batch, rejected=True)
+                    rejected = mean + std * random.randn(*mean.shape[1:]).to(mean.device)
+                    latents, copies = torch.cat([latents, rejected]), 2
                 latents = Flux2KleinPipeline._patchify_latents(latents)  # 2x2 patches as channels
                 latents = (latents - latents_mean.to(latents.device)) / latents_std.to(latents.device)
-                text = encodings.text(captions)
+                text = {name: value.repeat(copies, *[1] * (value.dim() - 1))
+                        for name, value in encodings.text(captions).items()}
 
-                # flow matching: noise, a sigma per sample from --weighting_scheme, the straight path between them
-                noise = random.randn(*latents.shape[1:]).to(latents.device)
+                # flow matching: noise, a sigma per sample from --weighting_scheme (a pair's images share both), the
+                # straight path between them
+                noise = random.randn(*latents.shape[1:]).to(latents.device).repeat(copies, 1, 1, 1)
                 positions = (draw_sigma_positions(random, args) * noise_scheduler.config.num_train_timesteps).long()
                 positions = positions.clamp(max=noise_scheduler.config.num_train_timesteps - 1)  # 'mode' reaches u = 1
+                positions = positions.repeat(copies)
                 timesteps = noise_scheduler.timesteps[positions].to(latents.device)
                 sigmas = noise_scheduler.sigmas[positions].to(latents.device).view(-1, 1, 1, 1)
                 noisy_latents = (1 - sigmas) * latents + sigmas * noise
-                target = noise - latents
+                target = Flux2KleinPipeline._pack_latents(noise - latents)
 
                 # the transformer's inputs: the patches as tokens with their (t, h, w, l) ids, the text tokens' ids
                 prompt_embeds = text["prompt_embeds"].to(latents.device, weight_dtype)
-                model_pred = transformer(hidden_states=Flux2KleinPipeline._pack_latents(noisy_latents).to(weight_dtype),
-                                         timestep=timesteps / 1000, guidance=None, encoder_hidden_states=prompt_embeds,
-                                         txt_ids=Flux2KleinPipeline._prepare_text_ids(prompt_embeds).to(latents.device),
-                                         img_ids=Flux2KleinPipeline._prepare_latent_ids(latents).to(latents.device),
-                                         return_dict=False)[0]
 
-                # The CRAFT loss: L = mean_i [ w_i * ||v_i - (noise_i - x0_i)||^2 / (C*H*W) ], w_i the sample's weight
-                # (its CRF advantage; 1 in plain SFT). The packed target holds the same elements as the latents.
-                per_sample_loss = ct.per_sample_mse(model_pred, Flux2KleinPipeline._pack_latents(target))
-                loss = (per_sample_loss * batch["weight"].to(per_sample_loss.device)).mean()
+                def predict(transformer):
+                    return transformer(hidden_states=Flux2KleinPipeline._pack_latents(noisy_latents).to(weight_dtype),
+                                       timestep=timesteps / 1000, guidance=None, encoder_hidden_states=prompt_embeds,
+                                       txt_ids=Flux2KleinPipeline._prepare_text_ids(prompt_embeds).to(latents.device),
+                                       img_ids=Flux2KleinPipeline._prepare_latent_ids(latents).to(latents.device),
+                                       return_dict=False)[0]
+
+                # the per-sample error ||v_i - (noise_i - x0_i)||^2 / (C*H*W); the packed target holds the same
+                # elements as the latents
+                per_sample_loss = ct.per_sample_mse(predict(transformer), target)
+                if args.loss == "craft":
+                    # The CRAFT loss: L = mean_i [ w_i * ||v_i - (noise_i - x0_i)||^2 / (C*H*W) ], w_i the sample's
+                    # weight (its CRF advantage; 1 in plain SFT).
+                    loss = (per_sample_loss * batch["weight"].to(per_sample_loss.device)).mean()
+                else:
+                    # Diffusion-DPO on velocities: the squared velocity errors e of the model and of the base (the LoRA
+                    # off) on each pair's preferred (w) and rejected (l) image, one noise and one sigma per pair
+                    with torch.no_grad(), ct.adapters_disabled(accelerator.unwrap_model(transformer)):
+                        reference_loss = ct.per_sample_mse(predict(accelerator.unwrap_model(transformer)), target)
+                    loss, inside = ct.diffusion_dpo_loss(per_sample_loss, reference_loss, args.beta_dpo)
+                    # the share of pairs where the model prefers w more than the base does
+                    accuracies.append(accelerator.gather((inside > 0).float()).mean().item())
 
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm:
@@ -294,7 +317,9 @@ def main(args):
             global_step += 1
             clock.step_done(global_step)
             logs = {"loss": statistics.fmean(losses), "lr": lr_scheduler.get_last_lr()[0]}
-            losses = []
+            if accuracies:
+                logs["implicit_acc"] = statistics.fmean(accuracies)
+            losses, accuracies = [], []
             progress_bar.update(1)
             progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
             accelerator.log(logs, step=global_step)

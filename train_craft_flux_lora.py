@@ -12,10 +12,15 @@ as diffusers' FLUX scripts name them). The CRAFT loss is unchanged in form:
 
     L = mean_i [ w_i * || v_theta(x_t, sigma_i, c_i) - (noise_i - x_0,i) ||^2 / (C H W) ]
 
-with w_i the sample's CRF advantage. Latents are packed 2x2 into tokens with image position ids; the caption
-conditions through T5's hidden states (up to --max_sequence_length tokens) and CLIP's pooled embedding, both cached
-once with the latents, after which the encoders and the VAE leave the GPU. FLUX.1-dev is guidance-distilled: the
-guidance value (--guidance_scale) is an input of the transformer, not classifier-free guidance.
+with w_i the sample's CRF advantage. --loss dpo trains the Diffusion-DPO baseline on crf_filter.py --mode pairs's
+folder, written for velocity prediction: for each pair, preferred w and rejected l with one noise and one sigma,
+
+    L = mean_i [ -log sigmoid( -beta/2 * ((e_w - e_l) - (e_ref_w - e_ref_l)) ) ],   e = ||v - (noise - x_0)||^2 / (C H W)
+
+with e_ref the base's errors (the LoRA switched off). Latents are packed 2x2 into tokens with image position ids;
+the caption conditions through T5's hidden states (up to --max_sequence_length tokens) and CLIP's pooled embedding,
+both cached once with the latents, after which the encoders and the VAE leave the GPU. FLUX.1-dev is guidance-
+distilled: the guidance value (--guidance_scale) is an input of the transformer, not classifier-free guidance.
 
 Output: pytorch_lora_weights.safetensors (FluxPipeline.load_lora_weights reads it; ComfyUI loads this diffusers
 naming too), with --output_kohya_format also a kohya file (BFL's fused module names, for Forge and sd-scripts),
@@ -53,7 +58,7 @@ KOHYA_NAMES = {
 
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ct.add_training_args(parser, resolution=1024)
+    ct.add_training_args(parser, resolution=1024, beta_dpo=5000)
     parser.add_argument("--guidance_scale", type=float, default=3.5,
                         help="the guidance embedding's value for guidance-distilled models (FLUX.1-dev)")
     parser.add_argument("--max_sequence_length", type=int, default=512, help="T5 tokens per caption (at most 512)")
@@ -294,13 +299,13 @@ def main(args):
             move_frozen("cpu", [vae])
 
     accelerator.print(
-        f"{len(examples)} training images ({weights_note}); latents {'cached' if cache else 'encoded'}, text "
-        + ("cached" if cache else "encoded each step")
+        f"{len(examples)} training {'pairs' if args.loss == 'dpo' else 'images'} ({weights_note}); latents "
+        f"{'cached' if cache else 'encoded'}, text " + ("cached" if cache else "encoded each step")
         + f"; {max_train_steps} steps of {args.train_batch_size} x {args.gradient_accumulation_steps} x "
-          f"{accelerator.num_processes} images")
+          f"{accelerator.num_processes} {'pairs' if args.loss == 'dpo' else 'images'}")
     progress_bar = tqdm(range(max_train_steps), initial=global_step, desc="steps",
                         disable=not accelerator.is_local_main_process)
-    clock, losses = co.StepClock(), []
+    clock, losses, accuracies = co.StepClock(), [], []
     guidance_embeds = accelerator.unwrap_model(transformer).config.guidance_embeds
     for epoch in range(first_epoch, num_train_epochs):
         if global_step >= max_train_steps:  # resumed from the last checkpoint: only the outputs are left to write
@@ -315,19 +320,26 @@ def main(args):
             with accelerator.accumulate(transformer):
                 captions = ct.drop_captions(batch["caption"], args.proportion_empty_prompts, random)
                 mean, std, _ = encodings.latent_dist(batch)
-                latents = mean + std * random.randn(*mean.shape[1:]).to(mean.device)
+                latents, copies = mean + std * random.randn(*mean.shape[1:]).to(mean.device), 1
+                if args.loss == "dpo":  # each pair's rejected image goes after the batch's preferred ones
+                    mean, std, _ = encodings.latent_dist(batch, rejected=True)
+                    rejected = mean + std * random.randn(*mean.shape[1:]).to(mean.device)
+                    latents, copies = torch.cat([latents, rejected]), 2
                 latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
-                text = encodings.text(captions)
+                text = {name: value.repeat(copies, *[1] * (value.dim() - 1))
+                        for name, value in encodings.text(captions).items()}
                 batch_size, channels, height, width = latents.shape
 
-                # flow matching: noise, a sigma per sample from --weighting_scheme, the straight path between them
-                noise = random.randn(*latents.shape[1:]).to(latents.device)
+                # flow matching: noise, a sigma per sample from --weighting_scheme (a pair's images share both), the
+                # straight path between them
+                noise = random.randn(*latents.shape[1:]).to(latents.device).repeat(copies, 1, 1, 1)
                 positions = (draw_sigma_positions(random, args) * noise_scheduler.config.num_train_timesteps).long()
                 positions = positions.clamp(max=noise_scheduler.config.num_train_timesteps - 1)  # 'mode' reaches u = 1
+                positions = positions.repeat(copies)
                 timesteps = noise_scheduler.timesteps[positions].to(latents.device)
                 sigmas = noise_scheduler.sigmas[positions].to(latents.device).view(-1, 1, 1, 1)
                 noisy_latents = (1 - sigmas) * latents + sigmas * noise
-                target = noise - latents
+                target = FluxPipeline._pack_latents(noise - latents, batch_size, channels, height, width)
 
                 # the transformer's inputs: 2x2 patches as tokens, their (row, column) ids, the text tokens' ids (0)
                 packed = FluxPipeline._pack_latents(noisy_latents, batch_size, channels, height, width)
@@ -337,17 +349,28 @@ def main(args):
                 text_ids = torch.zeros(prompt_embeds.shape[1], 3, device=latents.device, dtype=weight_dtype)
                 guidance = torch.full((batch_size,), args.guidance_scale, device=latents.device) \
                     if guidance_embeds else None
-                model_pred = transformer(hidden_states=packed.to(weight_dtype), timestep=timesteps / 1000,
-                                         guidance=guidance, encoder_hidden_states=prompt_embeds,
-                                         pooled_projections=text["pooled_prompt_embeds"].to(latents.device,
-                                                                                             weight_dtype),
-                                         txt_ids=text_ids, img_ids=image_ids, return_dict=False)[0]
 
-                # The CRAFT loss: L = mean_i [ w_i * ||v_i - (noise_i - x0_i)||^2 / (C*H*W) ], w_i the sample's weight
-                # (its CRF advantage; 1 in plain SFT). The packed target holds the same elements as the latents.
-                per_sample_loss = ct.per_sample_mse(
-                    model_pred, FluxPipeline._pack_latents(target, batch_size, channels, height, width))
-                loss = (per_sample_loss * batch["weight"].to(per_sample_loss.device)).mean()
+                def predict(transformer):
+                    return transformer(hidden_states=packed.to(weight_dtype), timestep=timesteps / 1000,
+                                       guidance=guidance, encoder_hidden_states=prompt_embeds,
+                                       pooled_projections=text["pooled_prompt_embeds"].to(latents.device, weight_dtype),
+                                       txt_ids=text_ids, img_ids=image_ids, return_dict=False)[0]
+
+                # the per-sample error ||v_i - (noise_i - x0_i)||^2 / (C*H*W); the packed target holds the same
+                # elements as the latents
+                per_sample_loss = ct.per_sample_mse(predict(transformer), target)
+                if args.loss == "craft":
+                    # The CRAFT loss: L = mean_i [ w_i * ||v_i - (noise_i - x0_i)||^2 / (C*H*W) ], w_i the sample's
+                    # weight (its CRF advantage; 1 in plain SFT).
+                    loss = (per_sample_loss * batch["weight"].to(per_sample_loss.device)).mean()
+                else:
+                    # Diffusion-DPO on velocities: the squared velocity errors e of the model and of the base (the LoRA
+                    # off) on each pair's preferred (w) and rejected (l) image, one noise and one sigma per pair
+                    with torch.no_grad(), ct.adapters_disabled(accelerator.unwrap_model(transformer)):
+                        reference_loss = ct.per_sample_mse(predict(accelerator.unwrap_model(transformer)), target)
+                    loss, inside = ct.diffusion_dpo_loss(per_sample_loss, reference_loss, args.beta_dpo)
+                    # the share of pairs where the model prefers w more than the base does
+                    accuracies.append(accelerator.gather((inside > 0).float()).mean().item())
 
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm:
@@ -361,7 +384,9 @@ def main(args):
             global_step += 1
             clock.step_done(global_step)
             logs = {"loss": statistics.fmean(losses), "lr": lr_scheduler.get_last_lr()[0]}
-            losses = []
+            if accuracies:
+                logs["implicit_acc"] = statistics.fmean(accuracies)
+            losses, accuracies = [], []
             progress_bar.update(1)
             progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
             accelerator.log(logs, step=global_step)

@@ -298,10 +298,8 @@ def main(args):
                         reference = accelerator.unwrap_model(unet) if reference_unet is None else reference_unet
                         reference_pred = reference(noisy_latents.to(weight_dtype), timesteps,
                                                    encoder_hidden_states=prompt_embeds.to(latents.device)).sample
-                    model_w, model_l = per_sample_loss.chunk(2)
-                    reference_w, reference_l = ct.per_sample_mse(reference_pred, target).chunk(2)
-                    inside = -0.5 * args.beta_dpo * ((model_w - model_l) - (reference_w - reference_l))
-                    loss = -torch.nn.functional.logsigmoid(inside).mean()
+                    loss, inside = ct.diffusion_dpo_loss(per_sample_loss, ct.per_sample_mse(reference_pred, target),
+                                                         args.beta_dpo)
                     # the share of pairs where the model prefers w more than the base does
                     accuracies.append(accelerator.gather((inside > 0).float()).mean().item())
 

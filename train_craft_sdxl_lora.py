@@ -283,10 +283,8 @@ def main(args):
                     # errors e of the model and of the base (LoRAs off) on each pair's preferred (w) and rejected (l)
                     with torch.no_grad(), ct.adapters_disabled(*(accelerator.unwrap_model(m) for m in models_to_train)):
                         reference_pred = predict(accelerator.unwrap_model(unet), encode_text(captions))
-                    model_w, model_l = per_sample_loss.chunk(2)
-                    reference_w, reference_l = ct.per_sample_mse(reference_pred, target).chunk(2)
-                    inside = -0.5 * args.beta_dpo * ((model_w - model_l) - (reference_w - reference_l))
-                    loss = -torch.nn.functional.logsigmoid(inside).mean()
+                    loss, inside = ct.diffusion_dpo_loss(per_sample_loss, ct.per_sample_mse(reference_pred, target),
+                                                         args.beta_dpo)
                     # the share of pairs where the model prefers w more than the base does
                     accuracies.append(accelerator.gather((inside > 0).float()).mean().item())
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 import craft_outputs as co
 import craft_utils as cu
 from conftest import TWO_PROCESSES, run_script
-from make_tiny_models import make_training_set
+from make_tiny_models import make_pairs_set, make_training_set
 from train_craft_flux_lora import ATTENTION
 from test_train_sd15 import center_crop_pixels, tensorboard_scalars
 
@@ -247,3 +247,56 @@ def test_bad_input_is_one_clear_error(zoo, data, tmp_path, case):
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert expected in result.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "out").exists()
+
+
+def test_dpo_on_velocities_by_hand_and_beta_0_leaves_the_lora_unchanged(zoo, tmp_path):
+    """--loss dpo: step 1 is log 2 (the new LoRA is the base); the loss logged at step 2 against the formula
+    computed here with checkpoint-1's LoRA as the model and the base as the reference: both images of each pair with
+    one noise and one sigma, the squared velocity errors; implicit_acc logged. With beta 0 nothing moves."""
+    import math
+
+    import torch.nn.functional as F
+    from diffusers import FluxPipeline
+
+    from test_train_sd15 import dpo_inside
+
+    pairs = make_pairs_set(tmp_path / "pairs")
+    flags = ("--loss", "dpo", "--beta_dpo", 500, "--learning_rate", 3e-3, "--max_train_steps", 2,
+             "--checkpointing_steps", 1, "--center_crop", "--report_to", "tensorboard")
+    train(zoo, pairs, tmp_path / "dpo", *flags)
+    logged = tensorboard_scalars(tmp_path / "dpo", "loss")
+    assert logged[1] == pytest.approx(math.log(2), abs=1e-6) and abs(logged[2] - math.log(2)) > 1e-4
+    assert set(tensorboard_scalars(tmp_path / "dpo", "implicit_acc")) == {1, 2}
+
+    base, tuned = FluxPipeline.from_pretrained(zoo / "flux"), FluxPipeline.from_pretrained(zoo / "flux")
+    tuned.load_lora_weights(tmp_path / "dpo" / "checkpoint-1", weight_name=co.LORA_FILE)
+    rows = cu.read_jsonl(pairs / "metadata.jsonl")
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cu.derive(7, "order", 0))).tolist()
+    terms = []
+    for index in order[2:4]:  # the second batch of two
+        row = rows[index]
+        draws = torch.Generator().manual_seed(cu.derive(7, "sample", 0, index))
+        torch.rand((), generator=draws)  # caption dropout's draw
+        with torch.no_grad():
+            images = []
+            for column in ("file_name", "rejected_file_name"):
+                dist = base.vae.encode(center_crop_pixels(pairs / row[column])).latent_dist
+                sample = dist.mean + dist.std * torch.randn(dist.mean.shape[1:], generator=draws)
+                images.append((sample - 0.1159) * 0.3611)
+            noise = torch.randn(images[0].shape[1:], generator=draws)[None]
+            sigma = 1 - int(torch.rand((), generator=draws) * 1000) / 1000  # --weighting_scheme none: uniform
+            embeds, pooled, text_ids = base.encode_prompt(row["text"], prompt_2=None, max_sequence_length=16)
+            _, channels, height, width = noise.shape
+            ids = base._prepare_latent_image_ids(1, height // 2, width // 2, "cpu", torch.float32)
+            errors = [[((pipe._unpack_latents(pipe.transformer(
+                hidden_states=pipe._pack_latents((1 - sigma) * x0 + sigma * noise, 1, channels, height, width),
+                timestep=torch.tensor([sigma]), guidance=torch.tensor([3.5]), pooled_projections=pooled,
+                encoder_hidden_states=embeds, txt_ids=text_ids, img_ids=ids).sample, 64, 64, pipe.vae_scale_factor)
+                - (noise - x0)) ** 2).mean().item() for x0 in images] for pipe in (tuned, base)]
+        terms.append(-F.logsigmoid(torch.tensor(dpo_inside(*errors, 500), dtype=torch.float64)).item())
+    assert logged[2] == pytest.approx(sum(terms) / 2, rel=1e-4)
+
+    train(zoo, pairs, tmp_path / "beta0", "--loss", "dpo", "--beta_dpo", 0, "--adam_weight_decay", 0,
+          "--max_train_steps", 2, "--learning_rate", 1e-2)
+    up = {k: v for k, v in load_file(tmp_path / "beta0" / co.LORA_FILE).items() if "lora_B" in k}
+    assert up and all(torch.all(v == 0) for v in up.values())  # a new LoRA's up-weights are 0, and stay so

@@ -125,7 +125,7 @@ def test_bad_input_is_one_clear_error(zoo, data, tmp_path, case):
         "flux_script": "flux2_klein is a Flux2KleinPipeline; train_craft_flux_lora.py trains FluxPipeline: use "
                        "train_craft_flux2_klein_lora.py",
         "flux1_flag": "unrecognized arguments: --guidance_scale 3.5",  # klein has no guidance embedding to train
-        "pairs_folder": "holds preference pairs (crf_filter.py --mode pairs): this script has no --loss dpo",
+        "pairs_folder": "holds preference pairs (crf_filter.py --mode pairs): train them with --loss dpo",
         "resolution": "--resolution 15 must be a multiple of 2 for this model (VAE x 2x2 patches)",
     }[case]
     if case == "zimage_model":
@@ -159,3 +159,59 @@ def test_nf4_base_trains_its_lora_on_4_bit_weights(zoo, data, tmp_path):
     lora = load_file(tmp_path / "nf4" / co.LORA_FILE)
     assert max(v.abs().max().item() for k, v in lora.items() if "lora_B" in k) > 1e-4
     Flux2KleinPipeline.from_pretrained(zoo / "flux2_klein").load_lora_weights(tmp_path / "nf4")
+
+
+def test_dpo_on_velocities_by_hand_and_beta_0_leaves_the_lora_unchanged(zoo, tmp_path):
+    """--loss dpo: step 1 is log 2 (the new LoRA is the base); the loss logged at step 2 against the formula
+    computed here with checkpoint-1's LoRA as the model and the base as the reference: both images of each pair
+    patchified and normalised, one noise and one sigma; implicit_acc logged. With beta 0 nothing moves."""
+    import math
+
+    import torch.nn.functional as F
+    from diffusers import Flux2KleinPipeline
+
+    from test_train_sd15 import dpo_inside
+
+    pairs = make_pairs_set(tmp_path / "pairs")
+    flags = ("--loss", "dpo", "--beta_dpo", 500, "--learning_rate", 3e-3, "--max_train_steps", 2,
+             "--checkpointing_steps", 1, "--center_crop", "--report_to", "tensorboard")
+    train(zoo, pairs, tmp_path / "dpo", *flags)
+    logged = tensorboard_scalars(tmp_path / "dpo", "loss")
+    assert logged[1] == pytest.approx(math.log(2), abs=1e-6) and abs(logged[2] - math.log(2)) > 1e-4
+    assert set(tensorboard_scalars(tmp_path / "dpo", "implicit_acc")) == {1, 2}
+
+    base = Flux2KleinPipeline.from_pretrained(zoo / "flux2_klein")
+    tuned = Flux2KleinPipeline.from_pretrained(zoo / "flux2_klein")
+    tuned.load_lora_weights(tmp_path / "dpo" / "checkpoint-1", weight_name=co.LORA_FILE)
+    bn = base.vae.bn
+    rows = cu.read_jsonl(pairs / "metadata.jsonl")
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cu.derive(7, "order", 0))).tolist()
+    terms = []
+    for index in order[2:4]:  # the second batch of two
+        row = rows[index]
+        draws = torch.Generator().manual_seed(cu.derive(7, "sample", 0, index))
+        torch.rand((), generator=draws)  # caption dropout's draw
+        with torch.no_grad():
+            images = []
+            for column in ("file_name", "rejected_file_name"):
+                dist = base.vae.encode(center_crop_pixels(pairs / row[column], 16)).latent_dist
+                sample = dist.mean + dist.std * torch.randn(dist.mean.shape[1:], generator=draws)
+                patches = sample.view(1, 1, 8, 2, 8, 2).permute(0, 1, 3, 5, 2, 4).reshape(1, 4, 8, 8)
+                images.append((patches - bn.running_mean.view(1, 4, 1, 1)) /
+                              torch.sqrt(bn.running_var.view(1, 4, 1, 1) + 1e-4))
+            noise = torch.randn(images[0].shape[1:], generator=draws)[None]
+            sigma = 1 - int(torch.rand((), generator=draws) * 1000) / 1000  # --weighting_scheme none: uniform
+            embeds, text_ids = base.encode_prompt(row["text"], max_sequence_length=32)
+            errors = [[((pipe.transformer(hidden_states=((1 - sigma) * x0 + sigma * noise).reshape(1, 4, 64)
+                                          .permute(0, 2, 1), timestep=torch.tensor([sigma]), guidance=None,
+                                          encoder_hidden_states=embeds, txt_ids=text_ids,
+                                          img_ids=pipe._prepare_latent_ids(x0)).sample
+                         - (noise - x0).reshape(1, 4, 64).permute(0, 2, 1)) ** 2).mean().item() for x0 in images]
+                      for pipe in (tuned, base)]
+        terms.append(-F.logsigmoid(torch.tensor(dpo_inside(*errors, 500), dtype=torch.float64)).item())
+    assert logged[2] == pytest.approx(sum(terms) / 2, rel=1e-4)
+
+    train(zoo, pairs, tmp_path / "beta0", "--loss", "dpo", "--beta_dpo", 0, "--adam_weight_decay", 0,
+          "--max_train_steps", 2, "--learning_rate", 1e-2)
+    up = {k: v for k, v in load_file(tmp_path / "beta0" / co.LORA_FILE).items() if "lora_B" in k}
+    assert up and all(torch.all(v == 0) for v in up.values())  # a new LoRA's up-weights are 0, and stay so
