@@ -268,6 +268,16 @@ def log_validation(pipeline, args, accelerator, rewards, step, prompt_inputs=Non
         accelerator.print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in logs.items()))
 
 
+def lora_copied_onto(source, target):
+    """`target`, a denoiser of `source`'s architecture (the distilled sibling of the base being trained), with a copy
+    of `source`'s LoRA: the model a validation run shows as users will run the LoRA."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    target.add_adapter(source.peft_config["default"])
+    set_peft_model_state_dict(target, get_peft_model_state_dict(source), adapter_name="default")
+    return target.eval()
+
+
 def image_grid(images, columns):
     from PIL import Image
 

@@ -51,6 +51,12 @@ def parse_args(input_args=None):
     parser.add_argument("--logit_mean", type=float, default=0.0, help="logit_normal: mean")
     parser.add_argument("--logit_std", type=float, default=1.0, help="logit_normal: standard deviation")
     parser.add_argument("--mode_scale", type=float, default=1.29, help="mode: scale")
+    parser.add_argument("--validation_model_name_or_path",
+                        help="validate (grids, --validation_rewards) with the trained LoRA on this pipeline of the same "
+                             "family instead of the base: the distilled model users run the LoRA on, e.g. "
+                             "Tongyi-MAI/Z-Image-Turbo")
+    parser.add_argument("--validation_guidance_scale", type=float,
+                        help="the validation pipeline's guidance_scale (default: its own; 0 for Z-Image-Turbo)")
     parser.add_argument("--quantize_base", choices=["nf4"],
                         help="load the frozen base transformer in 4-bit NF4 (bitsandbytes); the LoRA trains in fp32")
     parser.set_defaults(learning_rate=1e-4, lora_target_modules=ATTENTION)
@@ -67,6 +73,8 @@ def load_models(args, weight_dtype):
 
     path, revision, variant = args.pretrained_model_name_or_path, args.revision, args.variant
     ct.check_model_family(path, revision, __file__, PIPELINE_CLASS)
+    if args.validation_model_name_or_path:
+        ct.check_model_family(args.validation_model_name_or_path, None, __file__, PIPELINE_CLASS)
     if args.quantize_base:  # diffusers' own check that 4-bit loading works here, before anything loads
         from diffusers.quantizers import DiffusersAutoQuantizer
 
@@ -87,19 +95,19 @@ def load_models(args, weight_dtype):
     return scheduler, tokenizer, text_encoder, vae
 
 
-def load_transformer(args, weight_dtype, device):
-    """The transformer on `device`: in the training dtype, or (--quantize_base nf4) quantized to 4 bits as it loads."""
+def load_transformer(args, weight_dtype, device, path=None):
+    """The transformer of the base (or of `path`, the validation model) on `device`: in the training dtype, or
+    (--quantize_base nf4) quantized to 4 bits as it loads."""
     from diffusers import ZImageTransformer2DModel
 
+    path, revision = (path, None) if path else (args.pretrained_model_name_or_path, args.revision)
     quantization = nf4_config(weight_dtype) if args.quantize_base else None
     try:
         transformer = ZImageTransformer2DModel.from_pretrained(
-            args.pretrained_model_name_or_path, subfolder="transformer", revision=args.revision, variant=args.variant,
-            dtype=weight_dtype, quantization_config=quantization,
-            **({"device_map": {"": str(device)}} if quantization else {}))
+            path, subfolder="transformer", revision=revision, variant=args.variant, dtype=weight_dtype,
+            quantization_config=quantization, **({"device_map": {"": str(device)}} if quantization else {}))
     except (OSError, ValueError) as error:
-        cu.fail(f"could not load a Z-Image transformer from {args.pretrained_model_name_or_path} "
-                f"({str(error).splitlines()[0]})")
+        cu.fail(f"could not load a Z-Image transformer from {path} ({str(error).splitlines()[0]})")
     return transformer.to(device) if not quantization else transformer
 
 
@@ -229,14 +237,19 @@ def main(args):
             return
         move_frozen(accelerator.device, [vae])
         transformer.eval()
+        denoiser, model = accelerator.unwrap_model(transformer), args.validation_model_name_or_path
+        if model:  # the LoRA as users run it: on the distilled sibling, loaded for this validation only
+            denoiser = co.lora_copied_onto(denoiser, load_transformer(args, weight_dtype, accelerator.device, model))
         pipeline = ZImagePipeline.from_pretrained(
-            args.pretrained_model_name_or_path, transformer=accelerator.unwrap_model(transformer), vae=vae,
-            text_encoder=None, tokenizer=None, revision=args.revision, variant=args.variant).to(accelerator.device)
+            model or args.pretrained_model_name_or_path, transformer=denoiser, vae=vae, text_encoder=None,
+            tokenizer=None, revision=None if model else args.revision, variant=args.variant).to(accelerator.device)
         inputs = {prompt: {name: [value.to(accelerator.device) for value in features]
                            for name, features in embeds.items()} for prompt, embeds in validation_inputs.items()}
+        guidance = {} if args.validation_guidance_scale is None else {"guidance_scale": args.validation_guidance_scale}
         co.log_validation(pipeline, args, accelerator, rewards, step, inputs, height=args.resolution,
-                          width=args.resolution)
-        del pipeline
+                          width=args.resolution, **guidance)
+        del pipeline, denoiser
+        free_memory()
         transformer.train()
         if cache:
             move_frozen("cpu", [vae])

@@ -215,3 +215,38 @@ def test_dpo_on_velocities_by_hand_and_beta_0_leaves_the_lora_unchanged(zoo, tmp
           "--max_train_steps", 2, "--learning_rate", 1e-2)
     up = {k: v for k, v in load_file(tmp_path / "beta0" / co.LORA_FILE).items() if "lora_B" in k}
     assert up and all(torch.all(v == 0) for v in up.values())  # a new LoRA's up-weights are 0, and stay so
+
+
+def test_validation_on_the_distilled_klein_shows_the_lora_as_users_run_it(zoo, data, tmp_path):
+    """--validation_model_name_or_path: the grid is the LoRA on a distilled klein (a stand-in: the zoo's pipeline
+    with other transformer weights, marked is_distilled, so it samples without classifier-free guidance), exactly
+    what diffusers makes from that pipeline with the saved LoRA loaded."""
+    import shutil
+
+    import numpy as np
+    from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
+    from PIL import Image
+
+    distilled = tmp_path / "distilled"
+    shutil.copytree(zoo / "flux2_klein", distilled)
+    transformer = Flux2Transformer2DModel.from_pretrained(distilled, subfolder="transformer")
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for weight in transformer.parameters():
+            weight.add_(torch.randn_like(weight) * 0.05)
+    transformer.save_pretrained(distilled / "transformer")
+    index = json.loads((distilled / "model_index.json").read_text())
+    (distilled / "model_index.json").write_text(json.dumps({**index, "is_distilled": True}))
+
+    out = tmp_path / "out"
+    train(zoo, data, out, "--max_train_steps", 3, "--learning_rate", 1e-2, "--validation_prompt", "a red square",
+          "--num_validation_images", 2, "--validation_inference_steps", 2, "--validation_steps", 3,
+          "--validation_model_name_or_path", distilled)
+    grid = np.asarray(Image.open(out / "validation" / "step-000003.png"), dtype=np.int16)
+    pipe = Flux2KleinPipeline.from_pretrained(distilled)
+    assert pipe.config.is_distilled
+    pipe.load_lora_weights(out, weight_name=co.LORA_FILE)
+    for i in range(2):
+        image = pipe(prompt="a red square", height=16, width=16, num_inference_steps=2, max_sequence_length=32,
+                     generator=torch.Generator().manual_seed(cu.derive(7, "validation", 0, i))).images[0]
+        assert np.abs(np.asarray(image, dtype=np.int16) - grid[:, 16 * i: 16 * (i + 1)]).max() <= 2

@@ -203,3 +203,43 @@ def test_dpo_on_velocities_by_hand_and_beta_0_leaves_the_lora_unchanged(zoo, tmp
           "--max_train_steps", 2, "--learning_rate", 1e-2)
     up = {k: v for k, v in load_file(tmp_path / "beta0" / co.LORA_FILE).items() if "lora_B" in k}
     assert up and all(torch.all(v == 0) for v in up.values())  # a new LoRA's up-weights are 0, and stay so
+
+
+def test_validation_on_the_distilled_sibling_shows_the_lora_as_users_run_it(zoo, data, tmp_path):
+    """--validation_model_name_or_path: the grid is the LoRA on another pipeline of the family (a stand-in for
+    Z-Image-Turbo: the zoo's pipeline with other transformer weights) at --validation_guidance_scale, exactly what
+    diffusers makes from that pipeline with the saved LoRA loaded; a model of another family is refused first."""
+    import shutil
+
+    import numpy as np
+    from diffusers import ZImagePipeline, ZImageTransformer2DModel
+    from PIL import Image
+
+    turbo = tmp_path / "turbo"
+    shutil.copytree(zoo / "zimage", turbo)
+    transformer = ZImageTransformer2DModel.from_pretrained(turbo, subfolder="transformer")
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for weight in transformer.parameters():
+            weight.add_(torch.randn_like(weight) * 0.05)
+    transformer.save_pretrained(turbo / "transformer")
+
+    out = tmp_path / "out"
+    flags = ["--max_train_steps", 3, "--learning_rate", 1e-2, "--validation_prompt", "a red square",
+             "--num_validation_images", 2, "--validation_inference_steps", 2, "--validation_steps", 3,
+             "--validation_guidance_scale", 0]
+    train(zoo, data, out, *flags, "--validation_model_name_or_path", turbo)
+    grid = np.asarray(Image.open(out / "validation" / "step-000003.png"), dtype=np.int16)
+    pipe = ZImagePipeline.from_pretrained(turbo)
+    pipe.load_lora_weights(out, weight_name=co.LORA_FILE)
+    for i in range(2):
+        image = pipe("a red square", height=32, width=32, num_inference_steps=2, guidance_scale=0.0,
+                     max_sequence_length=32, generator=torch.Generator().manual_seed(cu.derive(7, "validation", 0, i)))
+        assert np.abs(np.asarray(image.images[0], dtype=np.int16) - grid[:, 32 * i: 32 * (i + 1)]).max() <= 2
+    train(zoo, data, tmp_path / "on_base", *flags)  # the same LoRA on the base draws other images
+    base_grid = np.asarray(Image.open(tmp_path / "on_base" / "validation" / "step-000003.png"), dtype=np.int16)
+    assert np.abs(base_grid - grid).mean() > 1
+
+    result = train(zoo, data, tmp_path / "x", *flags, "--validation_model_name_or_path", zoo / "flux", check=False)
+    assert result.returncode != 0 and "flux is a FluxPipeline; train_craft_zimage_lora.py trains ZImagePipeline" in \
+        result.stderr.strip().splitlines()[-1] and not (tmp_path / "x").exists()
