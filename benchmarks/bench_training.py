@@ -12,6 +12,7 @@ allocation, or the process's peak RSS on a CPU) in training_config.json.
   SDXL LoRA:             ours (cached latents + both encoders' embeddings, VAE/encoders off the GPU) vs the
                          diffusers way (VAE and both text encoders run every step)
   FLUX.1 LoRA r16:       the NF4-quantized base (QLoRA, --quantize_base nf4; GPU only) vs the bf16 base
+  Z-Image, FLUX.2 [klein] 4B LoRA r16: the same pair
 
     python benchmarks/bench_training.py --zoo /tmp/zoo                 # tiny models, CPU
     python benchmarks/bench_training.py --real_size                    # GPU: real architectures, random weights
@@ -41,17 +42,22 @@ sys.path.insert(0, os.path.join(REPO, "tools"))
 def write_real_size_pipelines(folder, kinds):
     import torch
 
-    from make_tiny_models import make_clip_tokenizer, make_t5_tokenizer
-    from real_size_models import real_size_flux, real_size_pipeline
+    from make_tiny_models import make_clip_tokenizer, make_qwen_tokenizer, make_t5_tokenizer
+    from real_size_models import real_size_flux, real_size_flux2_klein, real_size_pipeline, real_size_zimage
 
     tokenizer = make_clip_tokenizer(os.path.join(folder, "tokenizer"))  # padded to 77 tokens like the real one
     device = "cuda" if torch.cuda.is_available() else "cpu"
     paths = {}
-    for kind, dtype in (("sd15", torch.float32), ("sdxl", torch.bfloat16), ("flux", torch.bfloat16)):
+    kinds_and_dtypes = (("sd15", torch.float32), ("sdxl", torch.bfloat16), ("flux", torch.bfloat16),
+                        ("zimage", torch.bfloat16), ("flux2_klein", torch.bfloat16))
+    for kind, dtype in kinds_and_dtypes:
         if kind not in kinds:  # SD1.5 fine-tunes fp32 weights
             continue
         if kind == "flux":  # ~34 GB on disk in bf16
             pipe = real_size_flux(tokenizer, make_t5_tokenizer(os.path.join(folder, "t5_tokenizer")), device, dtype)
+        elif kind in ("zimage", "flux2_klein"):  # ~21 and ~16 GB on disk in bf16
+            build = real_size_zimage if kind == "zimage" else real_size_flux2_klein
+            pipe = build(make_qwen_tokenizer(os.path.join(folder, "qwen_tokenizer")), device, dtype)
         else:
             pipe = real_size_pipeline(kind, tokenizer, device, dtype)
         paths[kind] = os.path.join(folder, kind)
@@ -98,7 +104,8 @@ def max_difference(a, b):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--zoo", help="the tiny zoo (tools/make_tiny_models.py), for the tiny runs")
-    parser.add_argument("--real_size", action="store_true", help="real SD1.5/SDXL/FLUX.1 architectures, random weights")
+    parser.add_argument("--real_size", action="store_true",
+                        help="real SD1.5/SDXL/FLUX.1/Z-Image/FLUX.2 [klein] architectures, random weights")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--configs", help="comma-separated prefixes: run only the configurations they start")
     parser.add_argument("--compare_to_commit", help="also run the trainers of this git commit (the baseline)")
@@ -116,10 +123,14 @@ def configurations(real_size):
         sdxl = ["--resolution", 1024, "--train_batch_size", 1, "--mixed_precision", "bf16", "--gradient_checkpointing",
                 "--use_8bit_adam", "--rank", 16]
         flux = sdxl + ["--max_sequence_length", 512]
+        qwen = sdxl + ["--max_sequence_length", 512]
+        klein = qwen
     else:
         sd15 = ["--resolution", 64, "--train_batch_size", 2]
         sdxl = ["--resolution", 64, "--train_batch_size", 2, "--use_8bit_adam"]
         flux = sdxl + ["--max_sequence_length", 16]
+        qwen = ["--resolution", 32, "--train_batch_size", 2, "--use_8bit_adam", "--max_sequence_length", 32]
+        klein = qwen[:1] + [16] + qwen[2:]  # the tiny klein's VAE does not downsample
     return {
         "sd15 full, cached, 8-bit Adam": ("train_craft_sd15.py", "sd15", sd15 + ["--use_8bit_adam"]),
         "sd15 full, encoded each step, 8-bit Adam": ("train_craft_sd15.py", "sd15",
@@ -136,6 +147,11 @@ def configurations(real_size):
                                                          sdxl + ["--cache_latents", "no"]),
         "flux LoRA, nf4 base (QLoRA)": ("train_craft_flux_lora.py", "flux", flux + ["--quantize_base", "nf4"]),
         "flux LoRA, bf16 base": ("train_craft_flux_lora.py", "flux", flux),
+        "zimage LoRA, nf4 base (QLoRA)": ("train_craft_zimage_lora.py", "zimage", qwen + ["--quantize_base", "nf4"]),
+        "zimage LoRA, bf16 base": ("train_craft_zimage_lora.py", "zimage", qwen),
+        "klein LoRA, nf4 base (QLoRA)": ("train_craft_flux2_klein_lora.py", "flux2_klein",
+                                         klein + ["--quantize_base", "nf4"]),
+        "klein LoRA, bf16 base": ("train_craft_flux2_klein_lora.py", "flux2_klein", klein),
     }
 
 
@@ -159,7 +175,7 @@ def main():
     if args.real_size:
         models = write_real_size_pipelines(work, {kind for _, kind, _ in configs.values()})
     else:
-        models = {kind: os.path.join(args.zoo, kind) for kind in ("sd15", "sdxl", "flux")}
+        models = {kind: os.path.join(args.zoo, kind) for kind in ("sd15", "sdxl", "flux", "zimage", "flux2_klein")}
     if args.compare_to_commit:
         compare(args, configs, models, str(data), work)
         return
@@ -178,7 +194,9 @@ def main():
         ("sd15 full, cached, 8-bit Adam", "sd15 full, cached, 32-bit AdamW"),
         ("sd15 full, cached, 8-bit Adam, fused step", "sd15 full, cached, 8-bit Adam, no clipping"),
         ("sdxl LoRA, cached (ours)", "sdxl LoRA, encoded each step (diffusers way)"),
-        ("flux LoRA, nf4 base (QLoRA)", "flux LoRA, bf16 base"))
+        ("flux LoRA, nf4 base (QLoRA)", "flux LoRA, bf16 base"),
+        ("zimage LoRA, nf4 base (QLoRA)", "zimage LoRA, bf16 base"),
+        ("klein LoRA, nf4 base (QLoRA)", "klein LoRA, bf16 base"))
         if {ours, baseline} <= set(results)]
     if pairs:
         print("ratios (baseline / ours):")

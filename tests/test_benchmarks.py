@@ -74,3 +74,23 @@ def test_gpu_pending_runs_only_flags_configurations_and_options_that_exist():
     for part, body in parts.items():
         limits = [int(limit) for limit in re.findall(r'^\s*(?:\[.*\] \|\| )?run "[^"]*" (\d+)', body, re.M)]
         assert limits and max(limits) <= deadlines[part], (part, limits)
+
+
+def test_real_size_z_image_and_klein_have_the_published_sizes(zoo):
+    """bench_training's real-size Z-Image and FLUX.2 [klein] 4B, built on the meta device (no memory): the parameter
+    counts of the published checkpoints (Z-Image's transformer 6.15B, klein base 4B's 3.88B, Qwen3-4B 4.02B)."""
+    from transformers import PreTrainedTokenizerFast
+
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    from real_size_models import real_size_flux2_klein, real_size_zimage
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(zoo / "qwen_tokenizer")
+    zimage = real_size_zimage(tokenizer, "meta", torch.bfloat16)
+    klein = real_size_flux2_klein(tokenizer, "meta", torch.bfloat16)
+
+    def billions(model):
+        return round(sum(p.numel() for p in model.parameters()) / 1e9, 2)
+
+    assert (billions(zimage.transformer), billions(zimage.text_encoder)) == (6.15, 4.02)
+    assert (billions(klein.transformer), billions(klein.text_encoder)) == (3.88, 4.02)
+    assert (zimage.vae.config.latent_channels, klein.vae.config.latent_channels) == (16, 32)
