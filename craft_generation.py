@@ -41,8 +41,8 @@ def add_generation_args(parser, model_required=True):
                        help="a VAE to use instead of the pipeline's (e.g. madebyollin/sdxl-vae-fp16-fix)")
     group.add_argument("--lora_path", help="LoRA weights to load into the pipeline (a folder or a .safetensors file)")
     group.add_argument("--scheduler", choices=sorted(SCHEDULERS),
-                       help="sampler, for pipelines whose scheduler these replace (SD1.5/SDXL-style); default: the "
-                            "pipeline's own")
+                       help="sampler, for pipelines whose scheduler these replace (the DDPM-family ones of SD1.5, "
+                            "SDXL...); default: the pipeline's own")
     group.add_argument("--num_inference_steps", type=int, default=30)
     group.add_argument("--guidance_scale", type=float,
                        help="the pipeline's guidance_scale: classifier-free guidance, or a guidance-distilled model's "
@@ -146,7 +146,10 @@ def read_pipeline(path, revision):
         cu.fail(f"could not read a diffusers pipeline from '{path}' ({str(error).splitlines()[0]}); give a local "
                 "pipeline folder with model_index.json or a Hub id")
     name = index.get("_class_name")
-    pipeline_class = getattr(diffusers, name or "", None)
+    if not isinstance(name, str):  # a custom pipeline names [module, class]
+        cu.fail(f"{path}/model_index.json names {name!r}, not one of diffusers' pipeline classes; the pack loads "
+                "diffusers' own text-to-image pipelines")
+    pipeline_class = getattr(diffusers, name, None)
     if pipeline_class is None:
         cu.fail(f"{path} is a {name}, which diffusers {diffusers.__version__} does not have; upgrade diffusers or "
                 "give a diffusers text-to-image pipeline")
@@ -156,19 +159,20 @@ def read_pipeline(path, revision):
     denoiser = next((key for key in ("unet", "transformer") if key in components), None)
     text_to_image = {cls.__name__ for cls in AUTO_TEXT2IMAGE_PIPELINES_MAPPING.values()}
     taken = {"prompt", "height", "width", "num_inference_steps", "generator", "output_type"}
-    if name not in text_to_image or not denoiser or "vae" not in components or "controlnet" in components \
-            or taken - set(call):
+    needs_an_image = "controlnet" in components or {"control_image", "mask_image"} & set(call)
+    if name not in text_to_image or not denoiser or "vae" not in components or needs_an_image or taken - set(call):
         cu.fail(f"{path} is a {name}, which the pack cannot drive: it generates from prompts alone with diffusers' "
-                "text-to-image pipelines (AutoPipelineForText2Image's) that have a VAE and a UNet or transformer; "
-                "give such a pipeline (StableDiffusionXLPipeline, FluxPipeline, ZImagePipeline, ...)")
+                "text-to-image pipelines (AutoPipelineForText2Image's, without a control or mask image) that have a "
+                "VAE and a UNet or transformer; give such a pipeline (StableDiffusionXLPipeline, FluxPipeline, "
+                "ZImagePipeline, ...)")
     return SimpleNamespace(name=name, pipeline_class=pipeline_class, components=components, denoiser=denoiser,
                            call=call)
 
 
 def resolve_sampling_settings(args):
     """Before any folder is written: refuse, in one line, each flag the pipeline cannot take, and resolve
-    --guidance_scale to the pipeline's own __call__ default when it is not given. An existing folder (no
-    --overwrite) goes on with the guidance it recorded, so a folder is never resumed under another default."""
+    --guidance_scale to the pipeline's own __call__ default when it is not given. A folder made at another guidance
+    is refused with the way to resume it: it is never resumed under another default."""
     import diffusers
 
     pipeline = read_pipeline(args.pretrained_model_name_or_path, args.revision)
@@ -183,21 +187,27 @@ def resolve_sampling_settings(args):
                     f"{SCHEDULERS[args.scheduler]} cannot replace; leave --scheduler out")
     if args.lora_path and not hasattr(pipeline.pipeline_class, "load_lora_weights"):
         cu.fail(f"--lora_path: {name} cannot load LoRA weights; leave the flag out")
-    denoiser_class = getattr(diffusers, pipeline.components[pipeline.denoiser], None)
-    vae_class = getattr(diffusers, pipeline.components["vae"], None)
-    for flag, model, method in (("fuse_qkv_projections", denoiser_class, "fuse_qkv_projections"),
-                                ("vae_slicing", vae_class, "enable_slicing"), ("vae_tiling", vae_class, "enable_tiling")):
-        if getattr(args, flag) and model is not None and not hasattr(model, method):
-            cu.fail(f"--{flag}: {name}'s {model.__name__} has no {method}; leave the flag out")
+    if args.fuse_qkv_projections and not hasattr(getattr(diffusers, pipeline.components[pipeline.denoiser], None),
+                                                 "fuse_qkv_projections"):
+        cu.fail(f"--fuse_qkv_projections: {name}'s {pipeline.components[pipeline.denoiser]} has no fused attention "
+                "projections; leave the flag out")
+    if args.pretrained_vae_model_name_or_path:  # the pipeline's own VAE class, or its call fails after the first batch
+        try:
+            vae_class = diffusers.AutoModel.load_config(args.pretrained_vae_model_name_or_path).get("_class_name")
+        except (OSError, ValueError) as error:
+            cu.fail(f"--pretrained_vae_model_name_or_path: could not read a model from "
+                    f"'{args.pretrained_vae_model_name_or_path}' ({str(error).splitlines()[0]})")
+        if vae_class != pipeline.components["vae"]:
+            cu.fail(f"--pretrained_vae_model_name_or_path {args.pretrained_vae_model_name_or_path} is a {vae_class}; "
+                    f"{name} takes a {pipeline.components['vae']}: give one of those")
     if args.guidance_scale is None and "guidance_scale" in pipeline.call:
-        default = pipeline.call["guidance_scale"]
-        args.guidance_scale = default
+        args.guidance_scale = default = pipeline.call["guidance_scale"]
         if not args.overwrite and os.path.isfile(os.path.join(args.output_dir, cu.GENERATION_CONFIG)):
             recorded = cu.recorded_settings(args.output_dir).get("guidance_scale")
             if recorded is not None and recorded != default:
-                args.guidance_scale = recorded
-                print(f"{args.output_dir}: going on with the guidance_scale {recorded:g} it was made with ({name}'s "
-                      f"own default is {default!r}); pass --guidance_scale or --overwrite to change it")
+                cu.fail(f"{args.output_dir} was made at guidance_scale {recorded:g} and {name}'s own default is "
+                        f"{default!r}: pass --guidance_scale {recorded:g} to resume it, or --overwrite to start over "
+                        "at the default")
     return pipeline
 
 
@@ -220,7 +230,11 @@ def load_pipeline(args, device):
         if not os.path.exists(args.lora_path):
             cu.fail(f"--lora_path {args.lora_path} does not exist")
         folder, weight_name = (args.lora_path, None) if os.path.isdir(args.lora_path) else os.path.split(args.lora_path)
-        pipe.load_lora_weights(folder, weight_name=weight_name)
+        try:
+            pipe.load_lora_weights(folder, weight_name=weight_name)
+        except (OSError, ValueError, KeyError) as error:
+            cu.fail(f"--lora_path {args.lora_path}: {type(pipe).__name__} cannot load it as a LoRA "
+                    f"({str(error).splitlines()[0][:200]}); give a LoRA file of this model's family")
     if args.scheduler:
         scheduler_class = getattr(diffusers, SCHEDULERS[args.scheduler])
         pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
@@ -261,10 +275,13 @@ def speed_up(pipe, args, device):
     if args.channels_last:  # only 4-d weights change: a transformer without convolutions stays as it is
         for module in (denoiser, pipe.vae):
             module.to(memory_format=torch.channels_last)
-    if args.vae_slicing:
-        pipe.vae.enable_slicing()
-    if args.vae_tiling:
-        pipe.vae.enable_tiling()
+    for flag, enable in (("vae_slicing", "enable_slicing"), ("vae_tiling", "enable_tiling")):
+        if getattr(args, flag):
+            try:
+                getattr(pipe.vae, enable)()
+            except (AttributeError, NotImplementedError):
+                cu.fail(f"--{flag}: {type(pipe).__name__}'s {type(pipe.vae).__name__} does not support it; leave "
+                        "the flag out")
     if args.compile:
         denoiser.compile()
         pipe.vae.decoder.compile()

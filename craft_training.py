@@ -174,9 +174,10 @@ def parse_training_args(parser, input_args):
 
 
 def check_model_family(path, revision, script, pipeline_class):
-    """Refuse, in one line, a pipeline of another class than the one `script` trains (its PIPELINE_CLASS), naming
-    the script beside it that trains that class: whatever the scripts are called, a fork trains its own family and
-    a new script needs no edit here. A folder without model_index.json goes on to the script's own loading."""
+    """Refuse, in one line, a pipeline of another family than the one `script` trains (its PIPELINE_CLASS), naming
+    the script that trains that family, beside `script` or in the pack: whatever the scripts are called, a fork trains
+    its own family and a new script needs no edit here. An image-to-image or inpainting class counts as its family's
+    text-to-image pipeline (the same weights). A folder without model_index.json goes on to the script's loading."""
     import glob
 
     from diffusers import DiffusionPipeline
@@ -185,17 +186,31 @@ def check_model_family(path, revision, script, pipeline_class):
         class_name = DiffusionPipeline.load_config(path, revision=revision).get("_class_name")
     except (OSError, ValueError):  # not a pipeline folder, or not reachable: loading the model says why
         return
+    class_name = text_to_image_class(class_name)
     if class_name == pipeline_class:
         return
     script = os.path.abspath(script)
-    others = [os.path.basename(other) for other in sorted(glob.glob(os.path.join(glob.escape(os.path.dirname(script)),
-                                                                                 "*.py")))
+    folders = dict.fromkeys([os.path.dirname(script), os.path.dirname(os.path.abspath(__file__))])
+    others = [os.path.basename(other) if os.path.dirname(other) == os.path.dirname(script) else other
+              for folder in folders for other in sorted(glob.glob(os.path.join(glob.escape(folder), "*.py")))
               if other != script and trained_pipeline_class(other) == class_name]
     if others:
         cu.fail(f"{path} is a {class_name}; {os.path.basename(script)} trains {pipeline_class}: use "
                 f"{' or '.join(others)}")
-    cu.fail(f"{path} is a {class_name}; {os.path.basename(script)} trains {pipeline_class}, and no script beside it "
+    cu.fail(f"{path} is a {class_name}; {os.path.basename(script)} trains {pipeline_class}, and no script of the pack "
             f"trains {class_name}: fork the one closest to it (README: Forking a script for your model)")
+
+
+def text_to_image_class(class_name):
+    """The text-to-image pipeline class of the family `class_name` belongs to (diffusers' AutoPipeline tables:
+    StableDiffusionImg2ImgPipeline -> StableDiffusionPipeline); the name itself where the tables have none."""
+    from diffusers.pipelines import auto_pipeline
+
+    for tasks in (auto_pipeline.AUTO_IMAGE2IMAGE_PIPELINES_MAPPING, auto_pipeline.AUTO_INPAINT_PIPELINES_MAPPING):
+        family = next((key for key, cls in tasks.items() if cls.__name__ == class_name), None)
+        if family in auto_pipeline.AUTO_TEXT2IMAGE_PIPELINES_MAPPING:
+            return auto_pipeline.AUTO_TEXT2IMAGE_PIPELINES_MAPPING[family].__name__
+    return class_name
 
 
 def trained_pipeline_class(script):

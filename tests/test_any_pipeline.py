@@ -109,17 +109,18 @@ def test_model_mode_evaluation_with_a_lora_against_the_base(zoo, tmp_path, famil
     assert np.abs(by_hand(pipe, rows[0], family) - tuned).max() <= 2
 
 
-def not_drivable(zoo, tmp_path, class_name):
-    """The zoo's SD1.5 folder, named as another pipeline class in its model_index.json."""
-    folder = tmp_path / class_name
-    shutil.copytree(zoo / "sd15", folder)
+def renamed(zoo, tmp_path, class_name, model="sd15"):
+    """A zoo pipeline folder whose model_index.json names another pipeline class."""
+    folder = tmp_path / str(class_name).replace("'", "").replace(" ", "")
+    shutil.copytree(zoo / model, folder)
     index = json.loads((folder / "model_index.json").read_text())
     (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": class_name}))
     return folder
 
 
 @pytest.mark.parametrize("case", ["sequence_length_sd15", "scheduler_zimage", "scheduler_klein", "fuse_qkv_zimage",
-                                  "img2img", "unknown_class", "not_a_pipeline"])
+                                  "img2img", "control", "unknown_class", "custom_class", "not_a_pipeline", "vae_class",
+                                  "vae_missing", "not_a_lora"])
 def test_what_a_pipeline_cannot_take_is_one_line_before_any_folder(zoo, tmp_path, case):
     model, flags, expected = {
         "sequence_length_sd15": ("sd15", ["--max_sequence_length", 16],
@@ -132,15 +133,29 @@ def test_what_a_pipeline_cannot_take_is_one_line_before_any_folder(zoo, tmp_path
                             "--scheduler euler: Flux2KleinPipeline samples with its FlowMatchEulerDiscreteScheduler, "
                             "which EulerDiscreteScheduler cannot replace; leave --scheduler out"),
         "fuse_qkv_zimage": ("zimage", ["--fuse_qkv_projections"],
-                            "--fuse_qkv_projections: ZImagePipeline's ZImageTransformer2DModel has no "
-                            "fuse_qkv_projections; leave the flag out"),
-        "img2img": (not_drivable(zoo, tmp_path, "StableDiffusionImg2ImgPipeline"), [],
+                            "--fuse_qkv_projections: ZImagePipeline's ZImageTransformer2DModel has no fused attention "
+                            "projections; leave the flag out"),
+        "img2img": (renamed(zoo, tmp_path, "StableDiffusionImg2ImgPipeline"), [],
                     "is a StableDiffusionImg2ImgPipeline, which the pack cannot drive: it generates from prompts alone "
                     "with diffusers' text-to-image pipelines"),
-        "unknown_class": (not_drivable(zoo, tmp_path, "MyOwnPipeline"), [],
+        "control": (renamed(zoo, tmp_path, "FluxControlPipeline", "flux"), [],  # in diffusers' text-to-image table
+                    "is a FluxControlPipeline, which the pack cannot drive: it generates from prompts alone with "
+                    "diffusers' text-to-image pipelines (AutoPipelineForText2Image's, without a control or mask image)"),
+        "unknown_class": (renamed(zoo, tmp_path, "MyOwnPipeline"), [],
                           "is a MyOwnPipeline, which diffusers 0.42.1 does not have; upgrade diffusers or give a "
                           "diffusers text-to-image pipeline"),
+        "custom_class": (renamed(zoo, tmp_path, ["my_pipeline", "MyPipeline"]), [],
+                         "/model_index.json names ['my_pipeline', 'MyPipeline'], not one of diffusers' pipeline "
+                         "classes"),
         "not_a_pipeline": (zoo / "clip", [], "could not read a diffusers pipeline from"),
+        "vae_class": ("flux2_klein", ["--pretrained_vae_model_name_or_path", zoo / "sdxl" / "vae"],
+                      f"--pretrained_vae_model_name_or_path {zoo}/sdxl/vae is a AutoencoderKL; Flux2KleinPipeline "
+                      "takes a AutoencoderKLFlux2: give one of those"),
+        "vae_missing": ("sdxl", ["--pretrained_vae_model_name_or_path", zoo / "nope"],
+                        f"--pretrained_vae_model_name_or_path: could not read a model from '{zoo}/nope'"),
+        "not_a_lora": ("sd15", ["--lora_path", zoo / "sd15" / "unet" / "diffusion_pytorch_model.safetensors"],
+                       f"--lora_path {zoo}/sd15/unet/diffusion_pytorch_model.safetensors: StableDiffusionPipeline "
+                       "cannot load it as a LoRA"),
     }[case]
     prompts = write_lines(tmp_path / "prompts.txt", PROMPTS[:1])
     for script, out in (("generate_candidates.py", tmp_path / "candidates"), ("eval_rewards.py", tmp_path / "eval")):
@@ -152,23 +167,43 @@ def test_what_a_pipeline_cannot_take_is_one_line_before_any_folder(zoo, tmp_path
         assert not out.exists()
 
 
-def test_an_omitted_guidance_is_the_pipelines_own_and_a_folder_goes_on_with_its_recorded_one(zoo, tmp_path):
-    """SDXL's own default is 5.0; a folder made with 7.5 (the pack's earlier default for SDXL) resumes with the same
-    command, without the flag, and is never mixed with images at 5.0; --overwrite starts over at the default."""
+def test_an_omitted_guidance_is_the_pipelines_own_and_never_resumes_a_folder_made_at_another(zoo, tmp_path):
+    """SDXL's own default is 5.0. A folder made at 7.5 (the pack's earlier default for SDXL) is not resumed at 5.0:
+    one line says how to resume it (the flag) or start over (--overwrite, then at 5.0); --compare_to between folders
+    sampled at different guidance says so."""
     prompts = write_lines(tmp_path / "prompts.txt", PROMPTS[:2])
     flags = ["--num_variants", 0, "--num_images_per_prompt", 1]
     generate(zoo, prompts, tmp_path / "new", *flags, model="sdxl")
     assert cu.recorded_settings(tmp_path / "new")["guidance_scale"] == 5.0
     generate(zoo, prompts, tmp_path / "old", *flags, "--guidance_scale", 7.5, model="sdxl")
     before = folder_files(tmp_path / "old")
-    result = generate(zoo, prompts, tmp_path / "old", *flags, model="sdxl")
-    assert "going on with the guidance_scale 7.5 it was made with (StableDiffusionXLPipeline's own default is 5.0)" \
-        in result.stdout and "(0 made now" in result.stdout
+    result = generate(zoo, prompts, tmp_path / "old", *flags, model="sdxl", check=False)
+    assert result.returncode != 0 and result.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path}/old was made at guidance_scale 7.5 and StableDiffusionXLPipeline's own default is 5.0: "
+        "pass --guidance_scale 7.5 to resume it, or --overwrite to start over at the default")
     assert folder_files(tmp_path / "old") == before
+    assert "(0 made now" in generate(zoo, prompts, tmp_path / "old", *flags, "--guidance_scale", 7.5, model="sdxl").stdout
+
+    result = run_script("eval_rewards.py", "--images_dir", tmp_path / "new", "--compare_to", tmp_path / "old",
+                        "--rewards", "jpeg")
+    assert f"note: {tmp_path}/new and {tmp_path}/old were sampled with other settings (guidance_scale 5.0 vs 7.5): " \
+           "the deltas mix the models' difference with the sampling's" in result.stdout
+
     generate(zoo, prompts, tmp_path / "old", *flags, "--overwrite", model="sdxl")
     assert cu.recorded_settings(tmp_path / "old")["guidance_scale"] == 5.0
     name = cu.read_jsonl(tmp_path / "new" / "metadata.jsonl")[0]["file_name"]
     assert folder_files(tmp_path / "old")[name] == folder_files(tmp_path / "new")[name]
+
+
+def test_native_size_is_read_from_each_pipeline(zoo):
+    """The pipeline's default latent size or its UNet's, times the VAE's downscaling (2 per VAE block after the
+    first); None where the pipeline settles its size inside its call (Z-Image: 1024 there)."""
+    import craft_generation as cg
+    from diffusers import DiffusionPipeline
+
+    expected = {"sd15": 32 * 2, "sdxl": 32 * 2, "flux": 128 * 2, "sd3": 32 * 1, "flux2_klein": 128 * 1,
+                "zimage": None}
+    assert {model: cg.native_size(DiffusionPipeline.from_pretrained(zoo / model)) for model in expected} == expected
 
 
 # The trainers: each names the pipeline class it trains (PIPELINE_CLASS); a copy under any name trains that class
@@ -201,33 +236,39 @@ def test_a_renamed_copy_of_each_trainer_trains_its_family(zoo, data, tmp_path, s
     card = (tmp_path / "out" / "README.md").read_text()
     assert f"license: {license}\n" in card and f"- {tag}\n" in card
 
-    other = "zimage" if model != "sd15" else "sdxl"
-    result = run_script(str(copy), "--pretrained_model_name_or_path", zoo / other, "--output_dir", tmp_path / "x",
+    result = run_script(str(copy), "--pretrained_model_name_or_path", zoo / "sd3", "--output_dir", tmp_path / "x",
                         *common, check=False)
-    class_name = {"zimage": "ZImagePipeline", "sdxl": "StableDiffusionXLPipeline"}[other]
     assert result.returncode != 0 and "Traceback" not in result.stderr and not (tmp_path / "x").exists()
     assert result.stderr.strip().splitlines()[-1].endswith(
-        f"{other} is a {class_name}; train_my_model.py trains {pipeline_class}, and no script beside it trains "
-        f"{class_name}: fork the one closest to it (README: Forking a script for your model)")
+        f"sd3 is a StableDiffusion3Pipeline; train_my_model.py trains {pipeline_class}, and no script of the pack "
+        "trains StableDiffusion3Pipeline: fork the one closest to it (README: Forking a script for your model)")
 
 
-def test_the_family_check_finds_the_script_beside_it_that_trains_a_model(zoo, data, tmp_path):
-    """No table to edit: a script added beside the others is named for its family; the pack's own scripts name
-    each other; a family none of them trains is one line."""
+def test_the_family_check_finds_the_script_that_trains_a_model(zoo, data, tmp_path):
+    """No table to edit: a script added beside the others is named for its family, and so are the pack's own
+    scripts for a copy kept elsewhere; an image-to-image pipeline folder trains as its family's text-to-image one."""
     folder = tmp_path / "scripts"
     folder.mkdir()
     shutil.copy(f"{REPO}/train_craft_sd15.py", folder / "a.py")
     shutil.copy(f"{REPO}/train_craft_sdxl_lora.py", folder / "b.py")
-    (folder / "notes.py").write_text("PIPELINE_CLASS = None  # not a trainer\n")
+    img2img = tmp_path / "sdxl_img2img"
+    shutil.copytree(zoo / "sdxl", img2img)
+    index = json.loads((img2img / "model_index.json").read_text())
+    (img2img / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLImg2ImgPipeline"}))
     common = ["--train_data_dir", data, "--output_dir", tmp_path / "x", "--max_train_steps", 1]
     for script, model, expected in (
-            (folder / "a.py", "sdxl", "sdxl is a StableDiffusionXLPipeline; a.py trains StableDiffusionPipeline: use "
-                                      "b.py"),
-            (f"{REPO}/train_craft_sd15.py", "flux", "flux is a FluxPipeline; train_craft_sd15.py trains "
-                                                    "StableDiffusionPipeline: use train_craft_flux_lora.py"),
-            (f"{REPO}/train_craft_flux_lora.py", "zimage", "zimage is a ZImagePipeline; train_craft_flux_lora.py trains "
-                                                           "FluxPipeline, and no script beside it trains ZImagePipeline")):
-        result = run_script(str(script), "--pretrained_model_name_or_path", zoo / model, *common, check=False)
+            (folder / "a.py", zoo / "sdxl", "sdxl is a StableDiffusionXLPipeline; a.py trains StableDiffusionPipeline: "
+                                            "use b.py or " + f"{REPO}/train_craft_sdxl_lora.py"),
+            (folder / "a.py", img2img, "sdxl_img2img is a StableDiffusionXLPipeline; a.py trains "
+                                       "StableDiffusionPipeline: use b.py or " + f"{REPO}/train_craft_sdxl_lora.py"),
+            (f"{REPO}/train_craft_sd15.py", zoo / "flux", "flux is a FluxPipeline; train_craft_sd15.py trains "
+                                                          "StableDiffusionPipeline: use train_craft_flux_lora.py"),
+            (f"{REPO}/train_craft_flux_lora.py", zoo / "zimage", "zimage is a ZImagePipeline; train_craft_flux_lora.py "
+                                                                 "trains FluxPipeline: use train_craft_zimage_lora.py")):
+        result = run_script(str(script), "--pretrained_model_name_or_path", model, *common, check=False)
         assert result.returncode != 0 and "Traceback" not in result.stderr
         assert expected in result.stderr.strip().splitlines()[-1]
         assert not (tmp_path / "x").exists()
+    run_script(f"{REPO}/train_craft_sdxl_lora.py", "--pretrained_model_name_or_path", img2img, *common,
+               "--resolution", 32, "--report_to", "none")
+    assert (tmp_path / "x" / "pytorch_lora_weights.safetensors").is_file()
