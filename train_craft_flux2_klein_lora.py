@@ -40,8 +40,10 @@ PIPELINE_CLASS = "Flux2KleinPipeline"  # the family this script trains: model_in
 LICENSE = "other"  # the model card's: klein 4B is Apache-2.0, klein 9B non-commercial: see the base model
 MODEL_TAGS = ["flux2-klein", "flux2-klein-diffusers"]  # the model card's Hub tags for the family
 
-# attention of the double-stream blocks, and the single-stream blocks' fused q/k/v/MLP input projection
-ATTENTION = "to_k,to_q,to_v,to_out.0,add_k_proj,add_q_proj,add_v_proj,to_add_out,to_qkv_mlp_proj"
+# as diffusers' klein script targets: the double-stream blocks' image attention, and the single-stream blocks' fused
+# q/k/v/MLP input and their output projection (named per block: the double blocks' to_out is a list; klein 9B has 24)
+ATTENTION = ",".join(["to_k", "to_q", "to_v", "to_out.0", "to_qkv_mlp_proj"]
+                     + [f"single_transformer_blocks.{i}.attn.to_out" for i in range(24)])
 
 
 def parse_args(input_args=None):
