@@ -105,6 +105,38 @@ def add_ddpm_args(parser):
     parser.add_argument("--prediction_type", choices=["epsilon", "v_prediction"], help="default: the scheduler's")
 
 
+def add_flow_matching_args(parser):
+    """The flags of flow-matching families (FLUX, Z-Image, FLUX.2 [klein]): how each sample's sigma is drawn (the
+    schemes as diffusers' scripts name them; the draw itself is the script's), and the 4-bit base."""
+    parser.add_argument("--weighting_scheme", choices=["none", "logit_normal", "mode"], default="none",
+                        help="how each sample's sigma is drawn: none = uniform")
+    parser.add_argument("--logit_mean", type=float, default=0.0, help="logit_normal: mean")
+    parser.add_argument("--logit_std", type=float, default=1.0, help="logit_normal: standard deviation")
+    parser.add_argument("--mode_scale", type=float, default=1.29, help="mode: scale")
+    parser.add_argument("--quantize_base", choices=["nf4"],
+                        help="load the frozen base transformer in 4-bit NF4 (bitsandbytes); the LoRA trains in fp32")
+
+
+def nf4_config(weight_dtype):
+    """bitsandbytes 4-bit NF4 for a frozen base (--quantize_base nf4); its matmuls compute in the training dtype."""
+    from diffusers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=weight_dtype)
+
+
+def check_quantize_base(args, weight_dtype):
+    """--quantize_base nf4 where diffusers cannot quantize (it needs a GPU): one line, before any model loads."""
+    if not args.quantize_base:
+        return
+    from diffusers.quantizers import DiffusersAutoQuantizer
+
+    try:
+        DiffusersAutoQuantizer.from_config(nf4_config(weight_dtype)).validate_environment()
+    except RuntimeError as error:
+        cu.fail(f"--quantize_base nf4 needs a GPU: diffusers says {str(error).splitlines()[0]!r}; leave it out on the "
+                "CPU")
+
+
 def parse_training_args(parser, input_args):
     """argparse is the truth; a --config file only changes defaults, and unknown keys are refused."""
     pre = argparse.ArgumentParser(add_help=False)

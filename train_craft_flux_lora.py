@@ -59,16 +59,10 @@ KOHYA_NAMES = {
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ct.add_training_args(parser, resolution=1024, beta_dpo=5000)
+    ct.add_flow_matching_args(parser)
     parser.add_argument("--guidance_scale", type=float, default=3.5,
                         help="the guidance embedding's value for guidance-distilled models (FLUX.1-dev)")
     parser.add_argument("--max_sequence_length", type=int, default=512, help="T5 tokens per caption (at most 512)")
-    parser.add_argument("--weighting_scheme", choices=["none", "logit_normal", "mode"], default="none",
-                        help="how each sample's sigma is drawn: none = uniform")
-    parser.add_argument("--logit_mean", type=float, default=0.0, help="logit_normal: mean")
-    parser.add_argument("--logit_std", type=float, default=1.0, help="logit_normal: standard deviation")
-    parser.add_argument("--mode_scale", type=float, default=1.29, help="mode: scale")
-    parser.add_argument("--quantize_base", choices=["nf4"],
-                        help="load the frozen base transformer in 4-bit NF4 (bitsandbytes); the LoRA trains in fp32")
     parser.add_argument("--output_kohya_format", action="store_true",
                         help="also write pytorch_lora_weights_kohya.safetensors under BFL's fused module names (Forge, "
                              "sd-scripts)")
@@ -86,14 +80,7 @@ def load_models(args, weight_dtype):
 
     path, revision, variant = args.pretrained_model_name_or_path, args.revision, args.variant
     ct.check_model_family(path, revision, __file__, PIPELINE_CLASS)
-    if args.quantize_base:  # diffusers' own check that 4-bit loading works here, before anything loads
-        from diffusers.quantizers import DiffusersAutoQuantizer
-
-        try:
-            DiffusersAutoQuantizer.from_config(nf4_config(weight_dtype)).validate_environment()
-        except RuntimeError as error:
-            cu.fail(f"--quantize_base nf4 needs a GPU: diffusers says {str(error).splitlines()[0]!r}; leave it out "
-                    "on the CPU")
+    ct.check_quantize_base(args, weight_dtype)  # diffusers' own check that 4-bit loading works here
     try:
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler", revision=revision)
         tokenizers = (CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=revision),
@@ -112,7 +99,7 @@ def load_transformer(args, weight_dtype, device):
     """The transformer on `device`: in the training dtype, or (--quantize_base nf4) quantized to 4 bits as it loads."""
     from diffusers import FluxTransformer2DModel
 
-    quantization = nf4_config(weight_dtype) if args.quantize_base else None
+    quantization = ct.nf4_config(weight_dtype) if args.quantize_base else None
     try:
         transformer = FluxTransformer2DModel.from_pretrained(
             args.pretrained_model_name_or_path, subfolder="transformer", revision=args.revision, variant=args.variant,
@@ -122,13 +109,6 @@ def load_transformer(args, weight_dtype, device):
         cu.fail(f"could not load a FLUX transformer from {args.pretrained_model_name_or_path} "
                 f"({str(error).splitlines()[0]})")
     return transformer.to(device) if not quantization else transformer
-
-
-def nf4_config(weight_dtype):
-    """bitsandbytes 4-bit NF4 for the frozen base; its matmuls compute in the training dtype."""
-    from diffusers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=weight_dtype)
 
 
 def draw_sigma_positions(random, args):

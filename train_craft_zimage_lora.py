@@ -44,25 +44,19 @@ ATTENTION = "to_k,to_q,to_v,to_out.0"  # the attention of every block, as diffus
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ct.add_training_args(parser, resolution=1024, beta_dpo=5000)
+    ct.add_flow_matching_args(parser)
     parser.add_argument("--max_sequence_length", type=int, default=512,
                         help="Qwen3 tokens per chat-formatted caption (the pipeline's 512)")
-    parser.add_argument("--weighting_scheme", choices=["none", "logit_normal", "mode"], default="none",
-                        help="how each sample's sigma is drawn: none = uniform")
-    parser.add_argument("--logit_mean", type=float, default=0.0, help="logit_normal: mean")
-    parser.add_argument("--logit_std", type=float, default=1.0, help="logit_normal: standard deviation")
-    parser.add_argument("--mode_scale", type=float, default=1.29, help="mode: scale")
     parser.add_argument("--validation_model_name_or_path",
                         help="validate (grids, --validation_rewards) with the trained LoRA on this pipeline of the same "
                              "family instead of the base: the distilled model users run the LoRA on, e.g. "
                              "Tongyi-MAI/Z-Image-Turbo")
     parser.add_argument("--validation_guidance_scale", type=float,
                         help="the validation pipeline's guidance_scale (default: its own; 0 for Z-Image-Turbo)")
-    parser.add_argument("--quantize_base", choices=["nf4"],
-                        help="load the frozen base transformer in 4-bit NF4 (bitsandbytes); the LoRA trains in fp32")
     parser.set_defaults(learning_rate=1e-4, lora_target_modules=ATTENTION)
     args = ct.parse_training_args(parser, input_args)
-    if not 1 <= args.max_sequence_length <= 512:
-        parser.error("--max_sequence_length must be between 1 and 512")
+    if args.max_sequence_length < 1:
+        parser.error("--max_sequence_length must be at least 1")
     return args
 
 
@@ -75,14 +69,7 @@ def load_models(args, weight_dtype):
     ct.check_model_family(path, revision, __file__, PIPELINE_CLASS)
     if args.validation_model_name_or_path:
         ct.check_model_family(args.validation_model_name_or_path, None, __file__, PIPELINE_CLASS)
-    if args.quantize_base:  # diffusers' own check that 4-bit loading works here, before anything loads
-        from diffusers.quantizers import DiffusersAutoQuantizer
-
-        try:
-            DiffusersAutoQuantizer.from_config(nf4_config(weight_dtype)).validate_environment()
-        except RuntimeError as error:
-            cu.fail(f"--quantize_base nf4 needs a GPU: diffusers says {str(error).splitlines()[0]!r}; leave it out "
-                    "on the CPU")
+    ct.check_quantize_base(args, weight_dtype)  # diffusers' own check that 4-bit loading works here
     try:
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler", revision=revision)
         tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer", revision=revision)
@@ -101,7 +88,7 @@ def load_transformer(args, weight_dtype, device, path=None):
     from diffusers import ZImageTransformer2DModel
 
     path, revision = (path, None) if path else (args.pretrained_model_name_or_path, args.revision)
-    quantization = nf4_config(weight_dtype) if args.quantize_base else None
+    quantization = ct.nf4_config(weight_dtype) if args.quantize_base else None
     try:
         transformer = ZImageTransformer2DModel.from_pretrained(
             path, subfolder="transformer", revision=revision, variant=args.variant, dtype=weight_dtype,
@@ -109,13 +96,6 @@ def load_transformer(args, weight_dtype, device, path=None):
     except (OSError, ValueError) as error:
         cu.fail(f"could not load a Z-Image transformer from {path} ({str(error).splitlines()[0]})")
     return transformer.to(device) if not quantization else transformer
-
-
-def nf4_config(weight_dtype):
-    """bitsandbytes 4-bit NF4 for the frozen base; its matmuls compute in the training dtype."""
-    from diffusers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=weight_dtype)
 
 
 def draw_sigma_positions(random, args):
