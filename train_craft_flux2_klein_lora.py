@@ -53,11 +53,13 @@ def parse_args(input_args=None):
     parser.add_argument("--max_sequence_length", type=int, default=512,
                         help="Qwen3 tokens per chat-formatted caption (the pipeline's 512)")
     parser.add_argument("--validation_model_name_or_path",
-                        help="validate (grids, --validation_rewards) with the trained LoRA on this pipeline of the same "
-                             "family instead of the base: the distilled model users run the LoRA on, e.g. "
+                        help="validate (grids, --validation_rewards) with the trained LoRA on this pipeline of the "
+                             "same family instead of the base: the distilled model users run the LoRA on, loaded "
+                             "beside the trained one for each validation, e.g. "
                              "black-forest-labs/FLUX.2-klein-4B")
     parser.add_argument("--validation_guidance_scale", type=float,
-                        help="the validation pipeline's guidance_scale (default: its own; the distilled klein needs none)")
+                        help="the validation pipeline's guidance_scale (default: its own; the distilled klein needs "
+                             "none)")
     parser.set_defaults(learning_rate=1e-4, lora_target_modules=ATTENTION)
     args = ct.parse_training_args(parser, input_args)
     if args.max_sequence_length < 1:
@@ -67,13 +69,18 @@ def parse_args(input_args=None):
 
 def load_models(args, weight_dtype):
     """Everything but the transformer, which loads once these have encoded the training set and left the GPU."""
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
     from transformers import AutoTokenizer, Qwen3ForCausalLM
 
     path, revision, variant = args.pretrained_model_name_or_path, args.revision, args.variant
     ct.check_model_family(path, revision, __file__, PIPELINE_CLASS)
     if args.validation_model_name_or_path:
         ct.check_model_family(args.validation_model_name_or_path, None, __file__, PIPELINE_CLASS)
+        try:  # on every process now, not at the first validation on the main process alone
+            Flux2Transformer2DModel.load_config(args.validation_model_name_or_path, subfolder="transformer")
+        except (OSError, ValueError) as error:
+            cu.fail(f"--validation_model_name_or_path {args.validation_model_name_or_path}: no transformer to load "
+                    f"({str(error).splitlines()[0]})")
     ct.check_quantize_base(args, weight_dtype)  # diffusers' own check that 4-bit loading works here
     try:
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler", revision=revision)
@@ -92,11 +99,13 @@ def load_transformer(args, weight_dtype, device, path=None):
     (--quantize_base nf4) quantized to 4 bits as it loads."""
     from diffusers import Flux2Transformer2DModel
 
-    path, revision = (path, None) if path else (args.pretrained_model_name_or_path, args.revision)
+    # the validation model loads its own default weights: the base's revision and variant need not exist there
+    path, revision, variant = (path, None, None) if path else (args.pretrained_model_name_or_path, args.revision,
+                                                                args.variant)
     quantization = ct.nf4_config(weight_dtype) if args.quantize_base else None
     try:
         transformer = Flux2Transformer2DModel.from_pretrained(
-            path, subfolder="transformer", revision=revision, variant=args.variant, dtype=weight_dtype,
+            path, subfolder="transformer", revision=revision, variant=variant, dtype=weight_dtype,
             quantization_config=quantization, **({"device_map": {"": str(device)}} if quantization else {}))
     except (OSError, ValueError) as error:
         cu.fail(f"could not load a FLUX.2 transformer from {path} ({str(error).splitlines()[0]})")
@@ -220,7 +229,8 @@ def main(args):
             denoiser = co.lora_copied_onto(denoiser, load_transformer(args, weight_dtype, accelerator.device, model))
         pipeline = Flux2KleinPipeline.from_pretrained(
             model or args.pretrained_model_name_or_path, transformer=denoiser, vae=vae, text_encoder=None,
-            tokenizer=None, revision=None if model else args.revision, variant=args.variant).to(accelerator.device)
+            tokenizer=None, revision=None if model else args.revision, variant=None if model else args.variant,
+        ).to(accelerator.device)
         inputs = {prompt: {name: value.to(accelerator.device, weight_dtype) for name, value in embeds.items()}
                   for prompt, embeds in validation_inputs.items()}
         guidance = {} if args.validation_guidance_scale is None else {"guidance_scale": args.validation_guidance_scale}
