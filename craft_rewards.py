@@ -154,13 +154,12 @@ def read_folder(folder, caption_column):
     if not rows:
         cu.fail(f"{metadata} has no rows")
     for number, row in enumerate(rows, start=1):
-        if not isinstance(row.get("file_name"), str) or not row["file_name"].strip():
-            cu.fail(f"{metadata}, row {number}: no 'file_name'; each row names its image file")
+        path = cu.path_in_folder(folder, row.get("file_name"), f"{metadata}, row {number}")
         text = row.get("original_prompt") or row.get(caption_column)
         if not isinstance(text, str) or not text.strip():
             cu.fail(f"{metadata}, row {number}: no text (neither original_prompt nor {caption_column}); "
                     "fill it in or set --caption_column")
-        cu.check_image(os.path.join(folder, row["file_name"]), f"{metadata}, row {number}", decode=False)
+        cu.check_image(path, f"{metadata}, row {number}", decode=False)
         row["_text"], row["_where"] = text, f"{metadata}, row {number}"
     return rows
 

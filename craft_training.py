@@ -335,12 +335,13 @@ def load_examples(args):
         weight = row[args.weight_column] if has_weights else 1.0
         if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
             cu.fail(f"{where}: weight {weight!r} must be a finite number >= 0")
-        image = row[args.image_column] if folder is None else os.path.join(folder, str(row.get("file_name")))
+        image = row[args.image_column] if folder is None else cu.path_in_folder(folder, row.get("file_name"), where)
         rejected = None
         if args.loss == "dpo":
             if row[rejected_column] is None:
                 cu.fail(f"{where}: no rejected image ('{rejected_column}' is empty); give every pair both images")
-            rejected = row[rejected_column] if folder is None else os.path.join(folder, str(row[rejected_column]))
+            rejected = row[rejected_column] if folder is None else cu.path_in_folder(folder, row[rejected_column],
+                                                                                     where, rejected_column)
         if folder is not None:
             for path in (image, rejected) if rejected else (image,):
                 cu.check_image(path, where)

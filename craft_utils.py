@@ -224,6 +224,19 @@ def process_state():
     return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
+def path_in_folder(folder, name, where, column="file_name"):
+    """The path of a file that a row of a folder's metadata names: relative, and inside `folder` once `..` and
+    symlinks are resolved, else one line naming the row. Folders come from other people (a downloaded dataset, a
+    shared candidates folder): a row must not read, copy or overwrite anything outside them."""
+    if not isinstance(name, str) or not name.strip():
+        fail(f"{where}: no '{column}'; each row names its image file")
+    path = os.path.join(folder, name)
+    root = os.path.realpath(folder)
+    if os.path.isabs(name) or os.path.commonpath([root, os.path.realpath(path)]) != root:
+        fail(f"{where}: {column} {name!r} is outside {folder}; a row may only name a file inside its folder")
+    return path
+
+
 def open_image(path, where):
     """The decoded RGB image, or one line naming the row (`where`) that points at a missing, truncated or
     non-image file."""

@@ -156,6 +156,7 @@ def load_candidates(args, state):
         for column in ("file_name", "group_id", "variant_id", "original_prompt", "text"):
             if column not in row:
                 cu.fail(f"{metadata}, row {number}: no '{column}' column; give generate_candidates.py's output")
+        cu.path_in_folder(args.candidates_dir, row["file_name"], f"{metadata}, row {number}")  # copied out later
     rewards_path = os.path.join(args.candidates_dir, cr.REWARDS_FILE)
     table = {r["file_name"]: r for r in cu.read_jsonl(rewards_path)} if os.path.exists(rewards_path) else {}
     missing = [name for name in args.reward_names if any(table.get(r["file_name"], {}).get(name) is None for r in rows)]
