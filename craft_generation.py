@@ -77,6 +77,18 @@ def add_generation_args(parser, model_required=True):
                             "with --compile, edge tiles of other shapes compile again)")
 
 
+def check_generation_args(args):
+    """The sampling flags' values, refused in one line where they enter (a NaN guidance would draw black images)."""
+    import math
+
+    if args.guidance_scale is not None and not math.isfinite(args.guidance_scale):
+        cu.fail(f"--guidance_scale must be a finite number (got {args.guidance_scale})")
+    for flag in ("num_inference_steps", "max_sequence_length", "height", "width", "num_images_per_prompt",
+                 "batch_size"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            cu.fail(f"--{flag} must be at least 1 (got {getattr(args, flag)})")
+
+
 def local_model_configs_sha256(path):
     """A local pipeline folder's JSON configs, hashed: a model retrained or replaced at the same path changes them
     (architecture, the VAE's fitted scaling factor). None for a Hub id, which --revision pins."""

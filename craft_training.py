@@ -164,6 +164,12 @@ def parse_training_args(parser, input_args):
             if action.dest in values:
                 action.required = False
     args = parser.parse_args(input_args)
+    for action in parser._actions:  # a NaN or infinite value trains every weight to NaN
+        value = getattr(args, action.dest, None)
+        if action.type is float and value is not None and not math.isfinite(value):
+            parser.error(f"--{action.dest} must be a finite number (got {value})")
+    if not args.learning_rate > 0:
+        parser.error(f"--learning_rate must be > 0 (got {args.learning_rate})")
     if bool(args.train_data_dir) == bool(args.dataset_name):
         parser.error("give --train_data_dir or --dataset_name")
     if args.hub_token and args.report_to in ("wandb", "all"):
@@ -333,8 +339,9 @@ def load_examples(args):
         if not isinstance(caption, str):
             cu.fail(f"{where}: no '{args.caption_column}' caption; set --caption_column")
         weight = row[args.weight_column] if has_weights else 1.0
-        if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
-            cu.fail(f"{where}: weight {weight!r} must be a finite number >= 0")
+        # finite in the float32 the loss computes in, too (1e39 is a JSON number and float32's inf)
+        if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0 or abs(weight) > 3.4e38:
+            cu.fail(f"{where}: weight {weight!r} must be a finite number >= 0 (below 3.4e38, float32's largest)")
         image = row[args.image_column] if folder is None else cu.path_in_folder(folder, row.get("file_name"), where)
         rejected = None
         if args.loss == "dpo":

@@ -67,6 +67,7 @@ def parse_args(input_args=None):
     cu.add_prompt_args(parser)
     cr.add_reward_args(parser)
     args = parser.parse_args(input_args)
+    cg.check_generation_args(args)
     if bool(args.images_dir) == bool(args.pretrained_model_name_or_path):
         parser.error("give --images_dir (score a folder) or --pretrained_model_name_or_path (score a model)")
     if args.benchmark and (args.prompts_file or args.dataset_name):

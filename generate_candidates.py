@@ -62,9 +62,10 @@ def parse_args(input_args=None):
     parser.add_argument("--overwrite", action="store_true",
                         help="delete an existing candidates folder made with other settings and start over")
     args = parser.parse_args(input_args)
+    cg.check_generation_args(args)
 
-    if args.num_variants < 0 or args.num_images_per_prompt < 1 or args.batch_size < 1:
-        parser.error("--num_variants must be >= 0, --num_images_per_prompt and --batch_size >= 1")
+    if args.num_variants < 0:
+        parser.error("--num_variants must be >= 0")
     if args.num_variants and args.expansion == "llm" and not args.expansion_model:
         parser.error("--expansion llm needs --expansion_model (a Hub id or local folder)")
     if args.num_variants and args.expansion == "file" and not args.expansion_file:

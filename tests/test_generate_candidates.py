@@ -220,7 +220,8 @@ def test_file_expansion_uses_the_given_rewrites(zoo, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing_file", "empty_file", "unknown_column", "latin1_txt", "latin1_jsonl",
-                                  "missing_model", "offload_without_gpu", "sdpa_backend_without_kernel"])
+                                  "missing_model", "offload_without_gpu", "sdpa_backend_without_kernel",
+                                  "nan_guidance", "zero_steps"])
 def test_bad_input_gives_one_clear_error_and_writes_nothing(zoo, tmp_path, case):
     prompts = write_lines(tmp_path / "prompts.txt", PROMPTS[:1])
     model = "sd15"
@@ -236,6 +237,8 @@ def test_bad_input_gives_one_clear_error_and_writes_nothing(zoo, tmp_path, case)
                                "CPU and a GPU; there is no GPU here: leave them out",
         "sdpa_backend_without_kernel": "--sdpa_backend efficient has no kernel for cpu in torch.float32; choose "
                                        "another or leave it out to let torch choose",
+        "nan_guidance": "--guidance_scale must be a finite number (got nan)",
+        "zero_steps": "--num_inference_steps must be at least 1 (got 0)",
     }[case].format(tmp=tmp_path, zoo=zoo)
     if case == "missing_file":
         prompts = tmp_path / "nope.txt"
@@ -253,6 +256,8 @@ def test_bad_input_gives_one_clear_error_and_writes_nothing(zoo, tmp_path, case)
         if torch.cuda.is_available():
             pytest.skip("a GPU is here: these work")
         extra = ("--enable_model_cpu_offload",) if case == "offload_without_gpu" else ("--sdpa_backend", "efficient")
+    elif case in ("nan_guidance", "zero_steps"):
+        extra = ("--guidance_scale", "nan") if case == "nan_guidance" else ("--num_inference_steps", 0)
     else:
         model = "missing"
     result = generate(zoo, prompts, tmp_path / "out", *extra, model=model, check=False)

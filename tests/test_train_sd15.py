@@ -548,7 +548,8 @@ def test_config_file_supplies_defaults_and_flags_win(tmp_path, data, capsys):
 @pytest.mark.parametrize("case", ["missing_dir", "no_metadata", "no_caption", "corrupt_image", "negative_weight",
                                   "nan_weight", "all_zero", "weight_missing_in_a_row", "misspelled_weight_column",
                                   "output_not_empty", "resume_latest_without_checkpoint", "sdxl_model",
-                                  "fused_step_with_clipping", "fused_step_with_lora"])
+                                  "fused_step_with_clipping", "fused_step_with_lora", "float32_overflow_weight",
+                                  "nan_learning_rate", "infinite_noise_offset"])
 def test_bad_input_is_one_clear_error(zoo, tmp_path, case):
     data = make_training_set(tmp_path / "data", n=3)
     rows = cu.read_jsonl(data / "metadata.jsonl")
@@ -560,6 +561,10 @@ def test_bad_input_is_one_clear_error(zoo, tmp_path, case):
         "corrupt_image": f"{data}/metadata.jsonl, row 3: cannot read image {data}/002.png",
         "negative_weight": f"{data}/metadata.jsonl, row 1: weight -1.0 must be a finite number >= 0",
         "nan_weight": f"{data}/metadata.jsonl, row 2: weight nan must be a finite number >= 0",
+        "float32_overflow_weight": f"{data}/metadata.jsonl, row 2: weight 1e+39 must be a finite number >= 0 (below "
+                                   "3.4e38, float32's largest)",
+        "nan_learning_rate": "--learning_rate must be a finite number (got nan)",
+        "infinite_noise_offset": "--noise_offset must be a finite number (got inf)",
         "all_zero": "every weight is 0, nothing would train",
         "weight_missing_in_a_row": f"{data}/metadata.jsonl, row 2: no 'weight' value, though other rows have one",
         "misspelled_weight_column": f"{data}/metadata.jsonl: no row has a 'wieght' column; name the weight column "
@@ -575,7 +580,8 @@ def test_bad_input_is_one_clear_error(zoo, tmp_path, case):
                                 "leave it out with --use_lora",
     }[case]
     change = {"no_caption": (1, "text", None), "negative_weight": (0, "weight", -1.0),
-              "nan_weight": (1, "weight", float("nan")), "weight_missing_in_a_row": (1, "weight", None)}
+              "nan_weight": (1, "weight", float("nan")), "float32_overflow_weight": (1, "weight", 1e39),
+              "weight_missing_in_a_row": (1, "weight", None)}
     if case == "missing_dir":
         data = tmp_path / "nope"
     elif case == "no_metadata":
@@ -593,6 +599,8 @@ def test_bad_input_is_one_clear_error(zoo, tmp_path, case):
         extra += ["--fused_optimizer_step", *(["--use_lora", "--max_grad_norm", "0"] if "lora" in case else [])]
     elif case == "misspelled_weight_column":
         extra.append("--weight_column=wieght")
+    elif case in ("nan_learning_rate", "infinite_noise_offset"):
+        extra += ["--learning_rate", "nan"] if case == "nan_learning_rate" else ["--noise_offset", "inf"]
     elif case == "all_zero":
         cu.write_jsonl_atomic(data / "metadata.jsonl", [{**row, "weight": 0.0} for row in rows])
     else:
