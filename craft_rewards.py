@@ -183,6 +183,18 @@ def decoded_ahead(batches, folder, workers):
             yield pending.popleft().result()
 
 
+def write_scores(path, rows, table, name):
+    """rewards.jsonl with the reward `name` just computed (in `table`), merged under the folder's lock into what is on
+    disk now: a run scoring other rewards of the same folder at the same time keeps its columns, and `table` gets
+    theirs."""
+    with cu.folder_lock(os.path.dirname(path), "rewards"):
+        on_disk = {row["file_name"]: row for row in cu.read_jsonl(path)} if os.path.exists(path) else {}
+        for row in rows:
+            scores = table[row["file_name"]]
+            scores.update({**on_disk.get(row["file_name"], {}), name: scores[name]})
+        cu.write_jsonl_atomic(path, [table[row["file_name"]] for row in rows])
+
+
 def score_folders(folders, names, args, state, caption_column="text", overwrite=False):
     """Add the rewards `names` to each folder's rewards.jsonl where missing (all of them with `overwrite`), loading
     each reward model once for all the folders.
@@ -229,7 +241,7 @@ def score_folders(folders, names, args, state, caption_column="text", overwrite=
             for file_name, score in gather_object(scored):
                 table[file_name][name] = score
             if state.is_main_process:  # after each reward, so a kill loses at most the reward being computed
-                cu.write_jsonl_atomic(paths[folder], [table[row["file_name"]] for row in rows[folder]])
+                write_scores(paths[folder], rows[folder], table, name)
                 cu.fault_point("reward_written")
         del reward
         gc.collect()

@@ -3,6 +3,7 @@
 Each script is one stage and reads top to bottom; what two or more of them need lives here.
 """
 
+import contextlib
 import csv
 import glob
 import hashlib
@@ -77,6 +78,20 @@ def write_jsonl_atomic(path, rows):
 
 def write_text_atomic(path, text):
     write_atomic(path, lambda f: f.write(text.encode()))
+
+
+@contextlib.contextmanager
+def folder_lock(folder, name):
+    """An OS lock (flock) on `folder`/.`name`.lock, held for the block: writers of one shared file take turns, so
+    two runs never write back what the other has not seen."""
+    import fcntl
+
+    with open(os.path.join(folder, f".{name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def remove_temp_files(folder):

@@ -4,7 +4,8 @@
 Folder mode (`--images_dir DIR`, an imagefolder with metadata.jsonl): writes DIR/rewards.jsonl, one row per image
 with `file_name` and one column per reward. The text scored is `original_prompt` when the folder has it (CRAFT
 candidates: rewrites and originals answer the same question), else `--caption_column`. Rerunning with more
-rewards adds columns and keeps the others; `--overwrite` recomputes.
+rewards adds columns and keeps the others, also when two runs score other rewards of one folder at once (each
+merges its column into rewards.jsonl under the folder's lock); `--overwrite` recomputes.
 
 Model mode (`--pretrained_model_name_or_path` [+ `--lora_path`] with a prompt set): generates one image per prompt
 and seed into --output_dir (the seed scheme of generate_candidates.py), then scores that folder.

@@ -347,3 +347,36 @@ def test_bad_benchmark_input_is_one_clear_error(zoo, tmp_path, case):
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].endswith(expected)  # argparse's lines start with the usage
     assert not (tmp_path / "eval").exists()
+
+
+def test_a_run_scoring_other_rewards_of_the_folder_at_the_same_time_keeps_its_columns(tmp_path, monkeypatch):
+    """Two runs score one folder with different rewards at once: while this one scores `mine`, the other writes its
+    `theirs` column (done here from inside the reward, deterministically); this run's write merges under the folder's
+    lock, so rewards.jsonl ends with both columns and neither run's scores are lost."""
+    from types import SimpleNamespace
+
+    import craft_rewards as cr
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    rows = [{"file_name": f"{i}.png", "text": f"prompt {i}"} for i in range(3)]
+    for row in rows:
+        Image.new("RGB", (8, 8), (10, 20, 30)).save(folder / row["file_name"])
+    cu.write_jsonl_atomic(folder / "metadata.jsonl", rows)
+
+    def other_run_writes():  # what the other run's write_scores puts on disk meanwhile
+        cu.write_jsonl_atomic(folder / "rewards.jsonl", [{"file_name": r["file_name"], "theirs": 7.0} for r in rows])
+
+    def factory(args, device, dtype):
+        def score(images, prompts):
+            other_run_writes()
+            return [float(len(prompt)) for prompt in prompts]
+        return score
+
+    monkeypatch.setitem(cr.REWARDS, "mine", factory)
+    args = SimpleNamespace(reward_batch_size=16, image_decode_workers=0, reward_precision="no")
+    _, table = cr.score_folders([str(folder)], ["mine"], args, cu.process_state())[str(folder)]
+    written = cu.read_jsonl(folder / "rewards.jsonl")
+    assert written == [{"file_name": r["file_name"], "theirs": 7.0, "mine": 8.0} for r in rows]
+    assert table["0.png"] == written[0]
+    assert (folder / ".rewards.lock").exists()
