@@ -187,7 +187,7 @@ def write_scores(path, rows, table, name):
     """rewards.jsonl with the reward `name` just computed (in `table`), merged under the folder's lock into what is on
     disk now: a run scoring other rewards of the same folder at the same time keeps its columns, and `table` gets
     theirs."""
-    with cu.folder_lock(os.path.dirname(path), "rewards"):
+    with cu.folder_lock(os.path.dirname(path)):
         on_disk = {row["file_name"]: row for row in cu.read_jsonl(path)} if os.path.exists(path) else {}
         for row in rows:
             scores = table[row["file_name"]]

@@ -81,17 +81,17 @@ def write_text_atomic(path, text):
 
 
 @contextlib.contextmanager
-def folder_lock(folder, name):
-    """An OS lock (flock) on `folder`/.`name`.lock, held for the block: writers of one shared file take turns, so
-    two runs never write back what the other has not seen."""
+def folder_lock(folder):
+    """An OS lock (flock) on the folder itself, held for the block: writers of a shared file in it take turns, so two
+    runs never write back what the other has not seen; no lock file is left behind."""
     import fcntl
 
-    with open(os.path.join(folder, f".{name}.lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # closing releases the lock
 
 
 def remove_temp_files(folder):

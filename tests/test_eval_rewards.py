@@ -379,4 +379,4 @@ def test_a_run_scoring_other_rewards_of_the_folder_at_the_same_time_keeps_its_co
     written = cu.read_jsonl(folder / "rewards.jsonl")
     assert written == [{"file_name": r["file_name"], "theirs": 7.0, "mine": 8.0} for r in rows]
     assert table["0.png"] == written[0]
-    assert (folder / ".rewards.lock").exists()
+    assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]  # the lock is the folder's, no file
