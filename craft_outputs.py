@@ -322,6 +322,12 @@ class StepClock:
                 "memory": f"{memory_kind} {memory_gib:.2f} GiB", "peak_memory_gib": memory_gib}
 
 
+def run_stats(examples, weights_note, cache, clock, global_step):
+    """What training_config.json records of the run: the training set, the cache, steps, seconds and peak memory."""
+    return {"num_images": len(examples), "weights": weights_note, "weight_sum": sum(e.weight for e in examples),
+            "latents_cached": cache, **clock.summary(global_step)}
+
+
 def crf_report(args):
     path = os.path.join(args.train_data_dir or "", "crf_report.json")
     if not (args.train_data_dir and os.path.isfile(path)):
@@ -398,8 +404,10 @@ def push_to_hub(args):
 
 
 def finish(args, stats, is_lora, license, model_tags):
-    """training_config.json, the model card (write_model_card's arguments), and the Hub upload with --push_to_hub."""
+    """training_config.json, the model card (write_model_card's arguments), the Hub upload with --push_to_hub, and
+    the run's last line (main process)."""
     write_training_config(args, stats)
     write_model_card(args, stats, is_lora=is_lora, license=license, model_tags=model_tags)
     if args.push_to_hub:
         push_to_hub(args)
+    print(f"trained {stats['steps']} steps in {stats['seconds']} s, {stats['memory']}; saved to {args.output_dir}")

@@ -383,8 +383,7 @@ def main(args):
     progress_bar.close()
 
     accelerator.wait_for_everyone()
-    stats = {"num_images": len(examples), "weights": weights_note, "weight_sum": sum(e.weight for e in examples),
-             "latents_cached": cache, **clock.summary(global_step)}
+    stats = co.run_stats(examples, weights_note, cache, clock, global_step)
     if accelerator.is_main_process:
         with co.written_whole(args.output_dir) as folder:
             co.save_lora(FluxPipeline, folder, {"transformer": accelerator.unwrap_model(transformer)})
@@ -392,8 +391,6 @@ def main(args):
                 save_file(kohya_state_dict(accelerator.unwrap_model(transformer), lora_alpha / args.rank),
                           os.path.join(folder, co.KOHYA_FILE))
         co.finish(args, stats, is_lora=True, license=LICENSE, model_tags=MODEL_TAGS)
-        accelerator.print(f"trained {global_step} steps in {stats['seconds']} s, {stats['memory']}; "
-                          f"saved to {args.output_dir}")
     accelerator.end_training()
 
 

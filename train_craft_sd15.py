@@ -336,8 +336,7 @@ def main(args):
     progress_bar.close()
 
     accelerator.wait_for_everyone()
-    stats = {"num_images": len(examples), "weights": weights_note, "weight_sum": sum(e.weight for e in examples),
-             "latents_cached": cache, **clock.summary(global_step)}
+    stats = co.run_stats(examples, weights_note, cache, clock, global_step)
     if accelerator.is_main_process:
         unet = accelerator.unwrap_model(unet)
         if ema_unet is not None:
@@ -354,8 +353,6 @@ def main(args):
                     tokenizer=tokenizer, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
                     revision=args.revision, variant=args.variant).save_pretrained(folder)
         co.finish(args, stats, is_lora=args.use_lora, license=LICENSE, model_tags=MODEL_TAGS)
-        accelerator.print(f"trained {global_step} steps in {stats['seconds']} s, {stats['memory']}; "
-                          f"saved to {args.output_dir}")
     accelerator.end_training()
 
 

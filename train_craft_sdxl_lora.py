@@ -319,8 +319,7 @@ def main(args):
     progress_bar.close()
 
     accelerator.wait_for_everyone()
-    stats = {"num_images": len(examples), "weights": weights_note, "weight_sum": sum(e.weight for e in examples),
-             "latents_cached": cache, **clock.summary(global_step)}
+    stats = co.run_stats(examples, weights_note, cache, clock, global_step)
     if accelerator.is_main_process:
         lora_models = {name: accelerator.unwrap_model(module) for name, module in trained.items()}
         with co.written_whole(args.output_dir) as folder:
@@ -328,8 +327,6 @@ def main(args):
             if args.output_kohya_format:
                 co.save_kohya(folder, lora_models, lora_alpha, one_text_encoder=False)
         co.finish(args, stats, is_lora=True, license=LICENSE, model_tags=MODEL_TAGS)
-        accelerator.print(f"trained {global_step} steps in {stats['seconds']} s, {stats['memory']}; "
-                          f"saved to {args.output_dir}")
     accelerator.end_training()
 
 

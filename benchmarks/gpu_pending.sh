@@ -1,21 +1,21 @@
 #!/usr/bin/env bash
-# The GPU figures the docs mark "not yet measured", in priority order, sized for the device tool's budget (15
-# minutes of device time a task, 10 a command): two parts, one call each, every run under its own time limit and
-# all of them under the part's deadline, so what finishes is printed even when the rest does not fit. Each
-# bench_generation row prints as its option finishes.
+# The GPU figures the docs mark "not yet measured", in priority order, for any CUDA machine with the README's
+# install: two parts, each under a deadline, every run under its own time limit inside it, so what finishes is
+# printed even when the rest does not fit. Each bench_generation row prints as its option finishes.
 #
-#   bash benchmarks/gpu_wheels.sh                           # here, once: the wheels the device image lacks
-#   run(command="bash benchmarks/gpu_pending.sh generation 360 2>&1 | tee $OUT/generation.log", carry=[".whl"])
-#   run(command="bash benchmarks/gpu_pending.sh training 240 2>&1 | tee $OUT/training.log", carry=[".whl-bnb"])
+#   bash benchmarks/gpu_pending.sh generation 360 2>&1 | tee generation.log
+#   bash benchmarks/gpu_pending.sh training 240 2>&1 | tee training.log
 #
-# The second argument is the part's deadline in seconds (leave room under the call's timeout_s). Copy the printed
-# tables into docs/benchmarks.md and the README's VRAM table.
+# The second argument is the part's deadline in seconds. On an offline GPU machine, bring the wheels first
+# (bash benchmarks/gpu_wheels.sh on a machine with a network, then copy .whl/ and .whl-bnb/ beside this script's
+# repository): they are installed into /tmp/site when present. Copy the printed tables into docs/benchmarks.md and
+# the README's VRAM table.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 part=${1:?usage: gpu_pending.sh generation|training [deadline seconds]}
 deadline=$(( $(date +%s) + ${2:-360} ))
 export PYTHONUNBUFFERED=1
-for wheels in .whl .whl-bnb; do  # added to what an earlier call of this session installed, if the machine is warm
+for wheels in .whl .whl-bnb; do  # an offline machine's wheels, added to what an earlier part installed
   if [ -d "$wheels" ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
       "$wheels"/*.whl || exit 1
@@ -37,7 +37,7 @@ run() {  # title, limit in seconds, command...
 
 sdxl=(--real_size sdxl --mixed_precision bf16 --steps 20 --num_variants 1)
 case $part in
-generation)  # issue 17: generation speed (>= 2x at 20 steps), SDXL on 8 GB with offload, scoring from PNGs
+generation)  # generation speed (aim: >= 2x at 20 steps), SDXL on 8 GB with offload, scoring from PNGs
   run "SDXL generation, batch 4: the default, then the options by expected gain" 240 \
     python3 benchmarks/bench_generation.py "${sdxl[@]}" --num_prompts 2 --num_images_per_prompt 2 --batch_size 4 \
     --options compile+fuse+channels_last,compile,fuse_qkv_projections,channels_last,vae_slicing,sdpa_math
@@ -53,7 +53,7 @@ generation)  # issue 17: generation speed (>= 2x at 20 steps), SDXL on 8 GB with
     python3 benchmarks/bench_rewards.py --real_size --zoo /tmp/zoo --reward_precision fp16 --num_images 64 \
     --batch_size 16 --rewards hpsv2.1,pickscore,aesthetic
   ;;
-training)  # issue 17: SD1.5 full fine-tune in <= 6.5 GiB with the fused step; issue 18: FLUX.1 QLoRA in <= 10 GiB
+training)  # SD1.5 full fine-tune in <= 6.5 GiB with the fused step; FLUX.1 QLoRA in <= 10 GiB
   run "SD1.5 full fine-tune: fused step vs the normal step, with and without clipping" 150 \
     python3 benchmarks/bench_training.py --real_size --steps 10 --configs "sd15 full"
   run "FLUX.1 LoRA, nf4 vs bf16 base (writes ~34 GB of random weights first)" 240 \

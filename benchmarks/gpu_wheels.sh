@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
-# The wheels benchmarks/gpu_pending.sh needs on the device machine, fetched here (that machine has no network).
-# Its image has Python 3.12 with its own torch, accelerate, huggingface_hub, timm, pyarrow and pandas, but not
-# diffusers, datasets, open_clip, bitsandbytes or the ImageReward packages, and older transformers and peft.
-# Each folder travels with one call (the device tool's `carry`), within its 64 MiB together with the ~11 MB
-# working tree:
+# The wheels benchmarks/gpu_pending.sh needs on an offline GPU machine, fetched on one with a network. Written for
+# an image with Python 3.12 and its own torch, accelerate, huggingface_hub, timm, pyarrow and pandas, but not
+# diffusers, datasets, open_clip, bitsandbytes or the ImageReward packages, and older transformers and peft:
 #   .whl/      everything the generation and reward benchmarks import (~29 MB)
 #   .whl-bnb/  bitsandbytes and what the trainers import besides, on the image's own transformers (~52 MB)
-# Run from the repository root: bash benchmarks/gpu_wheels.sh
+# Copy both folders into the repository root on the GPU machine. Run from the repository root:
+# bash benchmarks/gpu_wheels.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 pin() { grep -h "^$1==" requirements.txt requirements-imagereward.txt; }
