@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import statistics
@@ -82,9 +83,15 @@ def finish_final_save(output_dir):
 # Checkpoints and exact resume
 
 
-def register_checkpoint_hooks(accelerator, pipeline_class, models, is_lora, ema=None):
+OPTIMIZER_IN_BACKWARD = "optimizer_in_backward.bin"
+
+
+def register_checkpoint_hooks(accelerator, pipeline_class, models, is_lora, ema=None, step_in_backward=None):
     """Checkpoints hold the trainable weights in diffusers' own formats (a LoRA file, or the denoiser's folder)
-    instead of a pickle. `models`: name -> trained module, the denoiser first (unet or transformer)."""
+    instead of a pickle, and every other state loads with torch.load(weights_only=True): a checkpoint someone else
+    made cannot run code. `models`: name -> trained module, the denoiser first (unet or transformer);
+    `step_in_backward`: a ct.StepInBackward, whose Adam states are saved here (accelerate would unpickle them with
+    weights_only=False)."""
     import torch
 
     denoiser_name = next(iter(models))
@@ -102,6 +109,8 @@ def register_checkpoint_hooks(accelerator, pipeline_class, models, is_lora, ema=
                 trained[denoiser_name].save_pretrained(os.path.join(folder, denoiser_name))
             if ema is not None:
                 ema.save_pretrained(os.path.join(folder, f"{denoiser_name}_ema"))
+            if step_in_backward is not None:
+                torch.save(step_in_backward.state_dict(), os.path.join(folder, OPTIMIZER_IN_BACKWARD))
         weights.clear()  # accelerate would pickle them too
 
     def load(modules, folder):
@@ -130,6 +139,11 @@ def register_checkpoint_hooks(accelerator, pipeline_class, models, is_lora, ema=
             ema.load_state_dict(EMAModel.from_pretrained(os.path.join(folder, f"{denoiser_name}_ema"),
                                                          type(denoiser)).state_dict())
             ema.to(accelerator.device)  # loaded on the CPU
+        if step_in_backward is not None:
+            saved = os.path.join(folder, OPTIMIZER_IN_BACKWARD)
+            if not os.path.exists(saved):  # where accelerate's register_for_checkpointing put it
+                saved = os.path.join(folder, "custom_checkpoint_0.pkl")
+            step_in_backward.load_state_dict(torch.load(saved, map_location="cpu", weights_only=True))
 
     accelerator.register_save_state_pre_hook(save)
     accelerator.register_load_state_pre_hook(load)
@@ -176,8 +190,15 @@ def resume(accelerator, args):
         accelerator.print(f"no checkpoint in {args.output_dir}: starting a new run")
         return 0
     step, checkpoint = found
+    from accelerate.utils import load as accelerate_load
+
     try:
+        # accelerate loads these with weights_only=True too, but skips them silently when that refuses them
+        accelerate_load(os.path.join(checkpoint, f"random_states_{accelerator.process_index}.pkl"))
         accelerator.load_state(checkpoint)
+    except pickle.UnpicklingError as error:
+        cu.fail(f"{checkpoint} holds a file that is not plain weights and states ({str(error).splitlines()[0][:200]}); "
+                "it was not made by this script or has been tampered with: do not resume from it")
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         cu.fail(f"cannot resume from {checkpoint} ({type(error).__name__}: {str(error).splitlines()[0][:200]}); it "
                 "must be a checkpoint of this script, saved with the same model and the same flags for what trains "

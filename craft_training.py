@@ -655,7 +655,7 @@ class StepInBackward:
     a hook once backward has made the whole bucket's gradients, which are then freed: no full gradient buffer, and
     the optimizer's per-call cost paid per bucket. Adam treats each weight alone, so this equals one optimizer over
     all, step for step. `lead` is what the lr scheduler drives and accelerate prepares; its step() steps a bucket
-    that a weight without gradient left waiting. Register this object for checkpointing (it holds Adam's state)."""
+    that a weight without gradient left waiting. Hand it to co.register_checkpoint_hooks (it holds Adam's state)."""
 
     def __init__(self, params, args, num_processes, bucket_tensors=32, bucket_values=2 ** 24):
         import torch

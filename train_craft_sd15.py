@@ -175,9 +175,9 @@ def main(args):
     params_to_optimize = [p for module in trained.values() for p in module.parameters() if p.requires_grad]
     if args.fused_optimizer_step:  # Adam steps inside backward; `optimizer` is the stand-in the schedule drives
         step_in_backward = ct.StepInBackward(params_to_optimize, args, accelerator.num_processes)
-        accelerator.register_for_checkpointing(step_in_backward)
         optimizer = step_in_backward.lead
     else:
+        step_in_backward = None
         optimizer = ct.make_optimizer(params_to_optimize, args, accelerator.num_processes)
     train_dataset, train_dataloader = ct.make_dataloader(examples, args, cached=cache)
     num_update_steps_per_epoch = math.ceil(
@@ -187,7 +187,8 @@ def main(args):
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=max_train_steps * accelerator.num_processes)
-    co.register_checkpoint_hooks(accelerator, StableDiffusionPipeline, trained, args.use_lora, ema_unet)
+    co.register_checkpoint_hooks(accelerator, StableDiffusionPipeline, trained, args.use_lora, ema_unet,
+                                step_in_backward)
     if args.train_text_encoder:
         unet, text_encoder, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
             unet, text_encoder, optimizer, train_dataloader, lr_scheduler)
