@@ -114,11 +114,13 @@ def generation_settings(args):
 
 
 def start_generation_folder(output_dir, settings, pipe, args, start_over, state):
-    """Create the folder and record every setting (main process), before any image is made."""
+    """Create and hold the folder, and record every setting (main process), before any image is made."""
     if state.is_main_process:
         import diffusers
         import torch
 
+        if os.path.isdir(output_dir):  # before anything in it is touched
+            cu.claim_folder(output_dir)
         old = cu.previous_generation(output_dir)
         if os.path.exists(old) and cu.generation_complete(output_dir):  # a kill came as it was being deleted
             shutil.rmtree(old)
@@ -133,6 +135,7 @@ def start_generation_folder(output_dir, settings, pipe, args, start_over, state)
             if os.path.exists(old):
                 print(f"{output_dir}: the previous images are kept in {old} until this run completes")
         os.makedirs(output_dir, exist_ok=True)
+        cu.claim_folder(output_dir)  # held until this run ends: a second run into it stops in one line
         size = native_size(pipe)
         cu.write_json_atomic(os.path.join(output_dir, cu.GENERATION_CONFIG), {
             "settings": settings,

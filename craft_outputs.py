@@ -2,7 +2,9 @@
 bookkeeping, validation grids with reward curves, the LoRA and kohya files, training_config.json, the model card
 and the Hub upload. The trainer scripts build the models and pipelines and hand them in."""
 
+import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -56,6 +58,74 @@ def save_kohya(folder, models, alpha, one_text_encoder):
     save_file(kohya, os.path.join(folder, KOHYA_FILE))
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The output folder: one run at a time, and only what the pack wrote there is ever replaced
+
+WRITTEN = ".craft_written.json"  # the names this pack wrote in output_dir, recorded before each is written
+
+
+def written_here(output_dir):
+    """The names in output_dir that this pack wrote. A folder of an earlier version of the pack has no record: there
+    its training_config.json vouches for what its trainers write (checkpoints, logs, validation, the final files)."""
+    record = os.path.join(output_dir, WRITTEN)
+    if os.path.isfile(record):
+        with open(record, encoding="utf-8") as f:
+            return set(json.load(f))
+    try:
+        with open(os.path.join(output_dir, "training_config.json"), encoding="utf-8") as f:
+            recorded_args = json.load(f)["args"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    names = {recorded_args.get("logging_dir"), "validation", "README.md", "training_config.json", LORA_FILE,
+             KOHYA_FILE, "model_index.json"}
+    if os.path.isfile(os.path.join(output_dir, "model_index.json")):  # a full fine-tune's pipeline folders
+        with open(os.path.join(output_dir, "model_index.json"), encoding="utf-8") as f:
+            names |= {name for name in json.load(f) if not name.startswith("_")}
+    return names | {name for name in os.listdir(output_dir) if CHECKPOINT_NAME.match(name)}
+
+
+def record_written(output_dir, names):
+    """Add `names` to output_dir's record (main process), before they are written."""
+    cu.write_json_atomic(os.path.join(output_dir, WRITTEN), sorted(written_here(output_dir) | set(names)))
+
+
+def claim_output_dir(accelerator, args):
+    """Before any model loads: output_dir is created and held for this run (a second run into it stops in one line),
+    and a run that an interrupted final save left is completed. --overwrite_output_dir deletes the previous run's
+    files, and refuses a folder holding anything else; without it, a folder holding results is refused unless the
+    run resumes."""
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        cu.claim_folder(args.output_dir)
+        finish_final_save(args.output_dir)
+    accelerator.wait_for_everyone()
+    ours = written_here(args.output_dir)
+    entries = sorted(name for name in os.listdir(args.output_dir) if not name.startswith("."))
+    # what a run writes before its first checkpoint (logs, validation grids) is no result
+    in_progress = {args.logging_dir, "validation"}
+    if args.overwrite_output_dir and not args.resume_from_checkpoint:
+        foreign = [name for name in entries if name not in ours]
+        if foreign:
+            cu.fail(f"--overwrite_output_dir replaces only what this pack wrote, and {args.output_dir} also holds "
+                    f"{', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}: move those away, or choose another "
+                    "--output_dir")
+        if accelerator.is_main_process:
+            for name in entries:  # the previous run's files; another run's states must not be resumed into this one
+                path = os.path.join(args.output_dir, name)
+                shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+            cu.write_json_atomic(os.path.join(args.output_dir, WRITTEN), [])
+    elif [name for name in entries if name not in in_progress]:
+        if args.resume_from_checkpoint is None:
+            cu.fail(f"{args.output_dir} is not empty; pass --overwrite_output_dir, --resume_from_checkpoint latest, "
+                    "or choose another --output_dir")
+        if args.resume_from_checkpoint == "latest" and not checkpoints(args.output_dir):
+            cu.fail(f"{args.output_dir} is not empty and holds no checkpoint-* to resume from; pass "
+                    "--overwrite_output_dir to train anew over it, or choose another --output_dir")
+    if accelerator.is_main_process:
+        record_written(args.output_dir, {name for name in in_progress if name in ours or name not in entries})
+    accelerator.wait_for_everyone()
+
+
 FINAL_READY = ".final.ready"  # the final weights, completely saved, on their way into output_dir
 
 
@@ -68,6 +138,7 @@ def written_whole(output_dir):
     os.makedirs(partial)
     yield partial
     cu.fault_point("final_weights_written")
+    record_written(output_dir, os.listdir(partial))
     os.replace(partial, os.path.join(output_dir, FINAL_READY))
     cu.move_entries_in(os.path.join(output_dir, FINAL_READY), output_dir)
 
@@ -179,9 +250,6 @@ def resume(accelerator, args):
     never stopped."""
     if accelerator.is_main_process:
         remove_partial_checkpoints(args.output_dir)
-        if args.overwrite_output_dir and not args.resume_from_checkpoint:
-            for _, path in checkpoints(args.output_dir):  # another run's states must not be resumed into this one
-                shutil.rmtree(path)
     accelerator.wait_for_everyone()
     if not args.resume_from_checkpoint:
         return 0
@@ -190,6 +258,7 @@ def resume(accelerator, args):
         accelerator.print(f"no checkpoint in {args.output_dir}: starting a new run")
         return 0
     step, checkpoint = found
+    check_run_settings(checkpoint, step, run_settings(accelerator, args), args.max_train_steps)
     from accelerate.utils import load as accelerate_load
 
     try:
@@ -207,6 +276,61 @@ def resume(accelerator, args):
     return step
 
 
+RUN_SETTINGS = "run_settings.json"
+# Flags that only say how a run is watched, saved, reported or made to fit memory: a resume may change these. Any
+# other flag defines the run, and a resume under another value would go on under the checkpoint's state.
+CHANGEABLE_ON_RESUME = {
+    "output_dir", "logging_dir", "report_to", "resume_from_checkpoint", "overwrite_output_dir", "config",
+    "checkpointing_steps", "checkpoints_total_limit", "max_train_steps", "num_train_epochs", "push_to_hub",
+    "hub_model_id", "hub_token", "output_kohya_format", "dataloader_num_workers", "image_decode_workers",
+    "cache_latents", "gradient_checkpointing", "enable_xformers_memory_efficient_attention", "allow_tf32",
+    "num_validation_images", "validation_prompt", "validation_steps", "validation_epochs", "validation_rewards",
+    "validation_inference_steps", "validation_guidance_scale", "validation_model_name_or_path",
+}
+
+
+def run_settings(accelerator, args):
+    """The settings that define a run, as recorded in each checkpoint: every flag not in CHANGEABLE_ON_RESUME
+    (local paths made absolute), the number of processes, and the training set's metadata file's hash."""
+    import craft_rewards
+
+    reward_parser = argparse.ArgumentParser()
+    craft_rewards.add_reward_args(reward_parser)  # the weights of --validation_rewards
+    reward_flags = {action.dest for action in reward_parser._actions}
+    settings = {}
+    for name, value in sorted(vars(args).items()):
+        if name in CHANGEABLE_ON_RESUME or name in reward_flags or name == "validation_reward_names":
+            continue
+        settings[name] = os.path.abspath(value) if isinstance(value, str) and os.path.exists(value) else value
+    settings["num_processes"] = accelerator.num_processes
+    metadata = os.path.join(args.train_data_dir or "", cu.METADATA)
+    if args.train_data_dir and os.path.isfile(metadata):
+        with open(metadata, "rb") as f:
+            settings["train_metadata_sha256"] = hashlib.sha256(f.read()).hexdigest()
+    return settings
+
+
+def check_run_settings(checkpoint, step, settings, max_train_steps):
+    """Refuse, in one line naming the setting, a resume whose run-defining settings differ from the checkpoint's,
+    or whose --max_train_steps is below the checkpoint's step."""
+    if max_train_steps is not None and max_train_steps < step:
+        cu.fail(f"--max_train_steps {max_train_steps} is below the step of {checkpoint} ({step}); give at least {step}, "
+                "or resume from an earlier checkpoint-N")
+    path = os.path.join(checkpoint, RUN_SETTINGS)
+    if not os.path.isfile(path):
+        print(f"{checkpoint} records no run settings (an earlier version of the pack saved it): resuming without "
+              "checking them")
+        return
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f)
+    for name in sorted(set(saved) | set(settings)):
+        if saved.get(name) != settings.get(name):
+            flag = name if name in ("num_processes", "train_metadata_sha256") else f"--{name}"
+            cu.fail(f"{checkpoint} was trained with {flag} {saved.get(name)!r} and this run gives {settings.get(name)!r}"
+                    f"; resume with the checkpoint's value, or pass --overwrite_output_dir (or another --output_dir) "
+                    "to train anew")
+
+
 def save_checkpoint(accelerator, args, step):
     """checkpoint-N in output_dir, saved as a hidden folder and swapped in when complete (a kill mid-save leaves the
     earlier checkpoints whole); then, with --checkpoints_total_limit, the oldest go."""
@@ -216,9 +340,12 @@ def save_checkpoint(accelerator, args, step):
         shutil.rmtree(partial)
     accelerator.wait_for_everyone()
     accelerator.save_state(partial)
+    if accelerator.is_main_process:
+        cu.write_json_atomic(os.path.join(partial, RUN_SETTINGS), run_settings(accelerator, args))
     accelerator.wait_for_everyone()  # every process's random state is in
     cu.fault_point("checkpoint_written")
     if accelerator.is_main_process:
+        record_written(args.output_dir, {f"checkpoint-{step}"})
         cu.publish_folder(partial, final)  # replaces the same step saved by an earlier run, if any
         if args.checkpoints_total_limit is not None:
             for _, path in checkpoints(args.output_dir)[: -args.checkpoints_total_limit or None]:
@@ -427,6 +554,7 @@ def push_to_hub(args):
 def finish(args, stats, is_lora, license, model_tags):
     """training_config.json, the model card (write_model_card's arguments), the Hub upload with --push_to_hub, and
     the run's last line (main process)."""
+    record_written(args.output_dir, {"training_config.json", "README.md"})
     write_training_config(args, stats)
     write_model_card(args, stats, is_lora=is_lora, license=license, model_tags=model_tags)
     if args.push_to_hub:

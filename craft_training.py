@@ -195,19 +195,6 @@ def parse_training_args(parser, input_args):
         args.validation_reward_names = craft_rewards.parse_reward_names(args.validation_rewards, "--validation_rewards")
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         cu.fail(f"--output_dir {args.output_dir} is a file; give a folder")
-    if os.environ.get("RANK", "0") == "0":  # one process does it
-        co.finish_final_save(args.output_dir)
-    # what a run writes before its first checkpoint (logs, validation grids, hidden partial saves) is no result
-    in_progress = {args.logging_dir, "validation"}
-    results = [name for name in os.listdir(args.output_dir) if name not in in_progress and not name.startswith(".")] \
-        if os.path.isdir(args.output_dir) else []
-    if results and not args.overwrite_output_dir:
-        if args.resume_from_checkpoint is None:
-            cu.fail(f"{args.output_dir} is not empty; pass --overwrite_output_dir, --resume_from_checkpoint latest, "
-                    "or choose another --output_dir")
-        if args.resume_from_checkpoint == "latest" and not co.checkpoints(args.output_dir):
-            cu.fail(f"{args.output_dir} is not empty and holds no checkpoint-* to resume from; pass "
-                    "--overwrite_output_dir to train anew over it, or choose another --output_dir")
     return args
 
 

@@ -5,14 +5,17 @@ Each script is one stage and reads top to bottom; what two or more of them need 
 
 import contextlib
 import csv
+import errno
 import glob
 import hashlib
 import io
 import json
 import os
 import random
+import re
 import shutil
 import signal
+import sys
 import tempfile
 
 GENERATION_CONFIG = "generation_config.json"
@@ -21,8 +24,50 @@ PROGRESS_DIR = ".progress"  # hidden, so load_dataset("imagefolder") never sees 
 
 
 def fail(message):
-    """Stop with one clear line (no traceback): what is wrong, where, and what to do."""
+    """Stop with one clear line (no traceback): what is wrong, where, and what to do. Open progress bars are closed
+    first, so that the line is the last one printed."""
+    progress = sys.modules.get("tqdm.std")
+    for bar in list(getattr(progress.tqdm, "_instances", [])) if progress else []:
+        bar.close()
     raise SystemExit(f"error: {message}")
+
+
+# Writes the system refuses, and what to tell the user; the rerun goes on from what was saved (every write is atomic).
+WRITE_FAULTS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+                errno.EFBIG: "a file would pass the size this system allows (ulimit -f)",
+                errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+                errno.EPERM: "permission denied"}
+
+
+def write_fault(error):
+    """-> (errno or None, path or None) when `error`, or what caused it, is a write the system refused: an OSError,
+    a Rust library's "os error N" (safetensors), or torch.save's failed stream; else None."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in WRITE_FAULTS:
+            return error.errno, error.filename
+        match = re.search(r"os error (\d+)\)", str(error))
+        if match and int(match.group(1)) in WRITE_FAULTS:
+            return int(match.group(1)), None
+        if isinstance(error, RuntimeError) and "inline_container" in str(error):  # torch.save's writer
+            return None, None
+        error = error.__cause__ or error.__context__
+    return None
+
+
+@contextlib.contextmanager
+def write_faults_in_one_line(folder):
+    """A full disk, a read-only folder or a refused permission, wherever it strikes in a stage, ends the run in one
+    line naming the file (or the stage's output folder) and what to do."""
+    try:
+        yield
+    except Exception as error:
+        fault = write_fault(error)
+        if fault is None:
+            raise
+        number, path = fault
+        reason = WRITE_FAULTS.get(number, "a write failed (a full disk or a read-only folder?)")
+        fail(f"{path or folder}: {reason}; free space or fix the permissions, then rerun the same command: it goes "
+             "on from what was saved")
 
 
 _fault_points_reached = {}
@@ -80,12 +125,35 @@ def write_text_atomic(path, text):
     write_atomic(path, lambda f: f.write(text.encode()))
 
 
+_claimed = {}  # (device, inode) of each folder this process claimed -> its locked descriptor, open until the end
+
+
+def claim_folder(folder):
+    """Hold the folder's OS lock (flock on the folder itself) until this process ends: a second run writing into it
+    stops here in one line instead of mixing its files with this one's."""
+    import fcntl
+
+    key = (os.stat(folder).st_dev, os.stat(folder).st_ino)
+    if key in _claimed:
+        return
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        fail(f"{folder} is being written by another run right now; wait for it to end, or choose another folder")
+    _claimed[key] = descriptor
+
+
 @contextlib.contextmanager
 def folder_lock(folder):
     """An OS lock (flock) on the folder itself, held for the block: writers of a shared file in it take turns, so two
     runs never write back what the other has not seen; no lock file is left behind."""
     import fcntl
 
+    if (os.stat(folder).st_dev, os.stat(folder).st_ino) in _claimed:  # this process holds it already
+        yield
+        return
     descriptor = os.open(folder, os.O_RDONLY)
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX)

@@ -352,4 +352,6 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    args = parse_args()
+    with cu.write_faults_in_one_line(args.output_dir):
+        main(args)

@@ -378,4 +378,6 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    args = parse_args()
+    with cu.write_faults_in_one_line(args.images_dir or args.output_dir or "the output folder"):
+        main(args)

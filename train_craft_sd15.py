@@ -110,6 +110,7 @@ def main(args):
                 "mixed precision")
     torch.manual_seed(args.seed)  # LoRA's initial weights
     examples, weights_note = ct.load_examples(args)  # every bad row is refused before a model loads
+    co.claim_output_dir(accelerator, args)  # this run's alone; what an earlier run left is settled
     noise_scheduler, tokenizer, text_encoder, vae, unet = load_models(args)
     if args.prediction_type:
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
@@ -198,7 +199,6 @@ def main(args):
     models_to_train = [unet, text_encoder] if args.train_text_encoder else [unet]  # as prepared (DDP-wrapped)
 
     if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
         accelerator.init_trackers("craft", config={k: v for k, v in vars(args).items()
                                                    if isinstance(v, (int, float, str, bool))})
     global_step = co.resume(accelerator, args)
@@ -358,4 +358,6 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    args = parse_args()
+    with cu.write_faults_in_one_line(args.output_dir):
+        main(args)

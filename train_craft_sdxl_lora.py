@@ -97,6 +97,7 @@ def main(args):
     accelerator = ct.make_accelerator(args, find_unused_parameters=args.train_text_encoder)
     torch.manual_seed(args.seed)  # LoRA's initial weights
     examples, weights_note = ct.load_examples(args)  # every bad row is refused before a model loads
+    co.claim_output_dir(accelerator, args)  # this run's alone; what an earlier run left is settled
     noise_scheduler, (tokenizer, tokenizer_2), (text_encoder, text_encoder_2), vae, unet = load_models(args)
     if args.prediction_type:
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
@@ -185,7 +186,6 @@ def main(args):
         models_to_train = [unet]
 
     if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
         accelerator.init_trackers("craft", config={k: v for k, v in vars(args).items()
                                                    if isinstance(v, (int, float, str, bool))})
     global_step = co.resume(accelerator, args)
@@ -331,4 +331,6 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    args = parse_args()
+    with cu.write_faults_in_one_line(args.output_dir):
+        main(args)

@@ -133,6 +133,7 @@ def main(args):
     accelerator = ct.make_accelerator(args)
     torch.manual_seed(args.seed)  # LoRA's initial weights
     examples, weights_note = ct.load_examples(args)  # every bad row is refused before a model loads
+    co.claim_output_dir(accelerator, args)  # this run's alone; what an earlier run left is settled
     weight_dtype = ct.weight_dtype_of(accelerator)
     noise_scheduler, tokenizer, text_encoder, vae = load_models(args, weight_dtype)
     for frozen in (text_encoder, vae):
@@ -213,7 +214,6 @@ def main(args):
         transformer, optimizer, train_dataloader, lr_scheduler)
 
     if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
         accelerator.init_trackers("craft", config={k: v for k, v in vars(args).items()
                                                    if isinstance(v, (int, float, str, bool))})
     global_step = co.resume(accelerator, args)
@@ -348,4 +348,6 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    args = parse_args()
+    with cu.write_faults_in_one_line(args.output_dir):
+        main(args)

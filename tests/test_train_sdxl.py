@@ -117,7 +117,7 @@ def test_train_text_encoder_killed_and_resumed_equals_straight(zoo, data, tmp_pa
     assert "text encoded each step (the text encoders train)" in result.stdout + result.stderr
     # kill -9 while checkpoint-4 is being saved (4 steps are an epoch: the resume crosses into the second)
     train(zoo, data, tmp_path / "halves", *flags, kill_at="checkpoint_written#2")
-    assert sorted(os.listdir(tmp_path / "halves")) == [".checkpoint-4.partial", "checkpoint-2"]
+    assert sorted(os.listdir(tmp_path / "halves")) == [".checkpoint-4.partial", co.WRITTEN, "checkpoint-2"]
     train(zoo, data, tmp_path / "halves", *flags, "--resume_from_checkpoint", "latest")
     a, b = load_file(tmp_path / "straight" / co.LORA_FILE), load_file(tmp_path / "halves" / co.LORA_FILE)
     assert {k.split(".")[0] for k in a} == {"unet", "text_encoder", "text_encoder_2"}
