@@ -4,6 +4,7 @@ model family: what differs between families is read from the pipeline (model_ind
 parameters and their defaults, its denoiser's and VAE's configs)."""
 
 import contextlib
+import glob
 import hashlib
 import inspect
 import os
@@ -103,6 +104,21 @@ def local_model_configs_sha256(path):
     return cu.sha256_of(sorted(configs.items()))
 
 
+def lora_sha256(path):
+    """The LoRA's weights, hashed (a folder: its .safetensors files): a LoRA retrained at the same path never adds
+    images to a folder made with the old one. None without a LoRA."""
+    if not path or not os.path.exists(path):
+        return None
+    files = sorted(glob.glob(os.path.join(glob.escape(path), "*.safetensors"))) if os.path.isdir(path) else [path]
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(os.path.basename(file).encode())
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
 def generation_settings(args):
     """Every flag that changes the images, and the local model's configs; a folder is only resumed with the same."""
     names = ["pretrained_model_name_or_path", "revision", "variant", "pretrained_vae_model_name_or_path",
@@ -110,7 +126,8 @@ def generation_settings(args):
              "num_images_per_prompt", "batch_size", "mixed_precision", "seed", "max_sequence_length"]
     return {**{name: getattr(args, name) for name in names},
             **{name: getattr(args, name) for name in NUMERICS_OPTIONS if getattr(args, name)},
-            "model_configs_sha256": local_model_configs_sha256(args.pretrained_model_name_or_path)}
+            "model_configs_sha256": local_model_configs_sha256(args.pretrained_model_name_or_path),
+            **({"lora_sha256": lora_sha256(args.lora_path)} if args.lora_path else {})}
 
 
 def start_generation_folder(output_dir, settings, pipe, args, start_over, state):

@@ -209,3 +209,27 @@ def test_a_write_the_system_refuses_ends_in_one_line_and_the_rerun_goes_on(zoo, 
     else:
         assert sorted(os.listdir(out)) == [".craft_written.json", "README.md", "checkpoint-1", "checkpoint-2",
                                            "pytorch_lora_weights.safetensors", "training_config.json"]
+
+
+def test_generation_with_a_lora_retrained_at_the_same_path_never_resumes_the_old_folder(zoo, data, tmp_path):
+    """The LoRA's hash is a generation setting: the folder made with the old file is refused in one line and kept
+    as it was, instead of being counted complete ("0 made now") for the new file."""
+    from craft_outputs import LORA_FILE
+
+    train(zoo, data, tmp_path / "first", "--use_lora", "--max_train_steps", 1)
+    train(zoo, data, tmp_path / "second", "--use_lora", "--max_train_steps", 1, "--learning_rate", 1e-2)
+    lora = tmp_path / "lora.safetensors"
+    shutil.copy(tmp_path / "first" / LORA_FILE, lora)
+    (tmp_path / "prompts.txt").write_text("a red cube\n")
+    images = tmp_path / "images"
+    generate = ("generate_candidates.py", "--pretrained_model_name_or_path", zoo / "sd15", "--lora_path", lora,
+                "--prompts_file", tmp_path / "prompts.txt", "--output_dir", images, "--num_images_per_prompt", 1,
+                "--num_variants", 0, "--num_inference_steps", 1, "--height", 64, "--width", 64)
+    run_script(*generate)
+    before = tree(images)
+    shutil.copy(tmp_path / "second" / LORA_FILE, lora)
+    result = run_script(*generate, check=False)
+    assert last_line(result).startswith(f"error: {images} holds images made with other settings (lora_sha256: '")
+    assert tree(images) == before
+    shutil.copy(tmp_path / "first" / LORA_FILE, lora)
+    assert "(0 made now" in run_script(*generate).stdout  # the same file: the folder is complete
