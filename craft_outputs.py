@@ -104,11 +104,7 @@ def claim_output_dir(accelerator, args):
     # what a run writes before its first checkpoint (logs, validation grids) is no result
     in_progress = {args.logging_dir, "validation"}
     if args.overwrite_output_dir and not args.resume_from_checkpoint:
-        foreign = [name for name in entries if name not in ours]
-        if foreign:
-            cu.fail(f"--overwrite_output_dir replaces only what this pack wrote, and {args.output_dir} also holds "
-                    f"{', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}: move those away, or choose another "
-                    "--output_dir")
+        cu.refuse_foreign_entries(args.output_dir, ours.__contains__, "--overwrite_output_dir")
         if accelerator.is_main_process:
             for name in entries:  # the previous run's files; another run's states must not be resumed into this one
                 path = os.path.join(args.output_dir, name)

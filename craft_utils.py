@@ -444,12 +444,28 @@ def derive_seed(seed, group_id, variant_id, image_index):
 TORCH_DTYPES = {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
+# What the stages write into a generation folder: its images (image_file_name), records, rewards and their reports.
+GENERATION_FILES = re.compile(r"(\d{6}_v\d{2}_i\d{2}\.png|generation_config\.json|metadata\.jsonl|expansions\.jsonl"
+                              r"|rewards\.jsonl|rewards_summary\.(json|md)|rewards_hist\.png)$")
+
+
+def refuse_foreign_entries(folder, ours, flag):
+    """`flag` (an overwrite) replaces only what the pack wrote: refuse, in one line, a folder that holds anything
+    else. `ours(name)`: whether the pack wrote that entry; hidden entries are the pack's own bookkeeping."""
+    foreign = sorted(name for name in os.listdir(folder) if not name.startswith(".") and not ours(name))
+    if foreign:
+        fail(f"{flag} replaces only what this pack wrote, and {folder} also holds {', '.join(foreign[:3])}"
+             f"{' ...' if len(foreign) > 3 else ''}: move those away, or choose another --output_dir")
+
+
 def check_generation_folder(output_dir, settings, overwrite):
     """Refuse to mix settings in one folder, or to write into a folder that is not ours. True = start over."""
     config_path = os.path.join(output_dir, GENERATION_CONFIG)
     if os.path.exists(config_path):
         previous = recorded_settings(output_dir)
         changed = [k for k in sorted(set(previous) | set(settings)) if previous.get(k) != settings.get(k)]
+        if changed and overwrite:
+            refuse_foreign_entries(output_dir, GENERATION_FILES.match, "--overwrite")
         if changed and not overwrite:
             first = changed[0]
             aside = previous_generation(output_dir)

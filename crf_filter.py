@@ -202,6 +202,11 @@ def check_output_dir(args):
         if not os.path.exists(os.path.join(args.output_dir, REPORT)):
             cu.fail(f"{args.output_dir} is not empty and holds no {REPORT} (not a crf_filter.py folder); "
                     "choose another --output_dir")
+        metadata = os.path.join(args.output_dir, cu.METADATA)
+        rows = cu.read_jsonl(metadata) if os.path.isfile(metadata) else []
+        written = {REPORT, cu.METADATA, "crf_preview.png"} | {row.get(column) for row in rows if isinstance(row, dict)
+                                                              for column in ("file_name", "rejected_file_name")}
+        cu.refuse_foreign_entries(args.output_dir, written.__contains__, "--overwrite")
 
 
 def preview_groups(kept, count):

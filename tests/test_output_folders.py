@@ -233,3 +233,33 @@ def test_generation_with_a_lora_retrained_at_the_same_path_never_resumes_the_old
     assert tree(images) == before
     shutil.copy(tmp_path / "first" / LORA_FILE, lora)
     assert "(0 made now" in run_script(*generate).stdout  # the same file: the folder is complete
+
+
+def test_every_overwrite_replaces_only_what_the_pack_wrote(zoo, tmp_path):
+    """crf_filter.py --overwrite and generation's --overwrite refuse a folder of theirs that also holds a file the
+    user put there, and keep everything; once it is moved away, they replace the folder."""
+    from test_crf_filter import GROUP_0, make_candidates
+
+    candidates = make_candidates(tmp_path / "candidates", {0: GROUP_0})
+    filtered = tmp_path / "filtered"
+    filter_run = ("crf_filter.py", "--candidates_dir", candidates, "--output_dir", filtered, "--filter_rewards",
+                  "hpsv2.1")
+    run_script(*filter_run)
+    (tmp_path / "prompts.txt").write_text("a red cube\n")
+    images = tmp_path / "images"
+    generate = ("generate_candidates.py", "--pretrained_model_name_or_path", zoo / "sd15", "--prompts_file",
+                tmp_path / "prompts.txt", "--output_dir", images, "--num_images_per_prompt", 1, "--num_variants", 0,
+                "--num_inference_steps", 1, "--height", 64, "--width", 64)
+    run_script(*generate)
+    for folder, rerun in ((filtered, (*filter_run, "--mode", "topk", "--overwrite")),
+                          (images, (*generate, "--seed", 5, "--overwrite"))):
+        (folder / "notes.txt").write_text("mine")
+        before = tree(folder)
+        assert last_line(run_script(*rerun, check=False)) == (
+            f"error: --overwrite replaces only what this pack wrote, and {folder} also holds notes.txt: move those "
+            "away, or choose another --output_dir")
+        assert tree(folder) == before
+        (folder / "notes.txt").unlink()
+        run_script(*rerun)
+    assert json.loads((images / "generation_config.json").read_text())["settings"]["seed"] == 5  # replaced
+    assert json.loads((filtered / "crf_report.json").read_text())["settings"]["mode"] == "topk"
