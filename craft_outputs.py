@@ -539,11 +539,17 @@ def write_model_card(args, stats, is_lora, license, model_tags):
 def push_to_hub(args):
     from huggingface_hub import create_repo, upload_folder
 
-    repo_id = create_repo(repo_id=args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
-                          exist_ok=True, token=args.hub_token).repo_id
-    upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="End of CRAFT training",
-                  ignore_patterns=["checkpoint-*", "checkpoint-*/**", f"{args.logging_dir}/**", "*.tmp", ".tmp-*"],
-                  token=args.hub_token)
+    repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+    try:
+        repo_id = create_repo(repo_id=repo_id, exist_ok=True, token=args.hub_token).repo_id
+        upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="End of CRAFT training",
+                      ignore_patterns=["checkpoint-*", "checkpoint-*/**", f"{args.logging_dir}/**", ".*"],
+                      token=args.hub_token)
+    except Exception as error:  # offline, no login, no rights, a network fault: the weights are saved all the same
+        cu.fail(f"the upload to the Hub ({repo_id}) failed ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+                f"the weights are saved in {args.output_dir}: once online and logged in (`hf auth login`), upload them "
+                f"with `hf upload {repo_id} {args.output_dir}`")
+    print(f"uploaded to https://huggingface.co/{repo_id}")
     return repo_id
 
 
@@ -553,6 +559,6 @@ def finish(args, stats, is_lora, license, model_tags):
     record_written(args.output_dir, {"training_config.json", "README.md"})
     write_training_config(args, stats)
     write_model_card(args, stats, is_lora=is_lora, license=license, model_tags=model_tags)
+    print(f"trained {stats['steps']} steps in {stats['seconds']} s, {stats['memory']}; saved to {args.output_dir}")
     if args.push_to_hub:
         push_to_hub(args)
-    print(f"trained {stats['steps']} steps in {stats['seconds']} s, {stats['memory']}; saved to {args.output_dir}")

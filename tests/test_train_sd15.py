@@ -523,6 +523,11 @@ def test_model_card_and_hub_upload_without_network(tmp_path, data):
     kwargs = up.call_args.kwargs
     assert kwargs["repo_id"] == "me/craft-sd15" and kwargs["folder_path"] == args.output_dir
     assert "checkpoint-*" in kwargs["ignore_patterns"] and "logs/**" in kwargs["ignore_patterns"]
+    with pytest.raises(SystemExit) as stopped:  # offline (the tests' HF_HUB_OFFLINE=1): one line, weights kept
+        co.push_to_hub(args)
+    assert str(stopped.value).startswith("error: the upload to the Hub (me/craft-sd15) failed (OfflineModeIsEnabled: ")
+    assert str(stopped.value).endswith(f"the weights are saved in {args.output_dir}: once online and logged in (`hf "
+                                       f"auth login`), upload them with `hf upload me/craft-sd15 {args.output_dir}`")
 
 
 def test_config_file_supplies_defaults_and_flags_win(tmp_path, data, capsys):
