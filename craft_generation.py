@@ -177,6 +177,7 @@ def read_pipeline(path, revision):
     except (OSError, ValueError) as error:
         cu.fail(f"could not read a diffusers pipeline from '{path}' ({str(error).splitlines()[0]}); give a local "
                 "pipeline folder with model_index.json or a Hub id")
+    cu.check_pipeline_folder(path, index)
     name = index.get("_class_name")
     if not isinstance(name, str):  # a custom pipeline names [module, class]
         cu.fail(f"{path}/model_index.json names {name!r}, not one of diffusers' pipeline classes; the pack loads "
@@ -232,6 +233,13 @@ def resolve_sampling_settings(args):
         if vae_class != pipeline.components["vae"]:
             cu.fail(f"--pretrained_vae_model_name_or_path {args.pretrained_vae_model_name_or_path} is a {vae_class}; "
                     f"{name} takes a {pipeline.components['vae']}: give one of those")
+    multiple = size_multiple(args, pipeline)
+    for flag in ("height", "width"):
+        value = getattr(args, flag)
+        if value is not None and multiple and value % multiple:
+            cu.fail(f"--{flag} {value} must be a multiple of {multiple} for {name} (its VAE's scale"
+                    f"{' x 2x2 patches' if pipeline.denoiser == 'transformer' else ''}); try "
+                    f"{max(value // multiple, 1) * multiple}")
     if args.guidance_scale is None and "guidance_scale" in pipeline.call:
         args.guidance_scale = default = pipeline.call["guidance_scale"]
         if not args.overwrite and os.path.isfile(os.path.join(args.output_dir, cu.GENERATION_CONFIG)):
@@ -241,6 +249,24 @@ def resolve_sampling_settings(args):
                         f"{default!r}: pass --guidance_scale {recorded:g} to resume it, or --overwrite to start over "
                         "at the default")
     return pipeline
+
+
+def size_multiple(args, pipeline):
+    """What image sides must be a multiple of: the VAE's downscaling (2 per level of its encoder), times 2 for a
+    transformer's 2x2 patches, and at least 8 for a UNet (diffusers' SD pipelines check 8 whatever their VAE); None
+    where the VAE's config does not say."""
+    import diffusers
+
+    vae = args.pretrained_vae_model_name_or_path
+    try:
+        config = diffusers.AutoModel.load_config(vae or args.pretrained_model_name_or_path,
+                                                 **({} if vae else {"subfolder": "vae", "revision": args.revision}))
+    except (OSError, ValueError):
+        return None
+    levels = len(config.get("block_out_channels") or [])
+    if not levels:
+        return None
+    return 2 ** (levels - 1) * 2 if pipeline.denoiser == "transformer" else max(2 ** (levels - 1), 8)
 
 
 def load_pipeline(args, device):
@@ -264,7 +290,7 @@ def load_pipeline(args, device):
         folder, weight_name = (args.lora_path, None) if os.path.isdir(args.lora_path) else os.path.split(args.lora_path)
         try:
             pipe.load_lora_weights(folder, weight_name=weight_name)
-        except (OSError, ValueError, KeyError) as error:
+        except (OSError, ValueError, KeyError, RuntimeError) as error:  # RuntimeError: shapes of another family
             cu.fail(f"--lora_path {args.lora_path}: {type(pipe).__name__} cannot load it as a LoRA "
                     f"({str(error).splitlines()[0][:200]}); give a LoRA file of this model's family")
     if args.scheduler:

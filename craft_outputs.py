@@ -89,36 +89,47 @@ def record_written(output_dir, names):
     cu.write_json_atomic(os.path.join(output_dir, WRITTEN), sorted(written_here(output_dir) | set(names)))
 
 
-def claim_output_dir(accelerator, args):
-    """Before any model loads: output_dir is created and held for this run (a second run into it stops in one line),
-    and a run that an interrupted final save left is completed. --overwrite_output_dir deletes the previous run's
-    files, and refuses a folder holding anything else; without it, a folder holding results is refused unless the
-    run resumes."""
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-        cu.claim_folder(args.output_dir)
-        finish_final_save(args.output_dir)
-    accelerator.wait_for_everyone()
-    ours = written_here(args.output_dir)
-    entries = sorted(name for name in os.listdir(args.output_dir) if not name.startswith("."))
-    # what a run writes before its first checkpoint (logs, validation grids) is no result
-    in_progress = {args.logging_dir, "validation"}
+def check_output_dir(args):
+    """While the arguments are parsed (nothing is written): --overwrite_output_dir refuses a folder holding anything
+    the pack did not write; without it, a folder holding results is refused unless the run resumes."""
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        cu.fail(f"--output_dir {args.output_dir} is a file; give a folder")
+    if not os.path.isdir(args.output_dir):
+        return
+    entries = [name for name in os.listdir(args.output_dir) if not name.startswith(".")]
     if args.overwrite_output_dir and not args.resume_from_checkpoint:
-        cu.refuse_foreign_entries(args.output_dir, ours.__contains__, "--overwrite_output_dir")
-        if accelerator.is_main_process:
-            for name in entries:  # the previous run's files; another run's states must not be resumed into this one
-                path = os.path.join(args.output_dir, name)
-                shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
-            cu.write_json_atomic(os.path.join(args.output_dir, WRITTEN), [])
-    elif [name for name in entries if name not in in_progress]:
+        cu.refuse_foreign_entries(args.output_dir, written_here(args.output_dir).__contains__, "--overwrite_output_dir")
+        return
+    # what a run writes before its first checkpoint (logs, validation grids) is no result; saved final weights are
+    results = [name for name in entries if name not in (args.logging_dir, "validation")] + \
+        [FINAL_READY] * os.path.isdir(os.path.join(args.output_dir, FINAL_READY))
+    if results and not args.overwrite_output_dir:
         if args.resume_from_checkpoint is None:
             cu.fail(f"{args.output_dir} is not empty; pass --overwrite_output_dir, --resume_from_checkpoint latest, "
                     "or choose another --output_dir")
         if args.resume_from_checkpoint == "latest" and not checkpoints(args.output_dir):
             cu.fail(f"{args.output_dir} is not empty and holds no checkpoint-* to resume from; pass "
                     "--overwrite_output_dir to train anew over it, or choose another --output_dir")
+
+
+def claim_output_dir(accelerator, args):
+    """Once the models are loaded, before anything is written: output_dir is created and held for this run (a second
+    run into it stops in one line), final weights that an interrupted save left are moved in, and with
+    --overwrite_output_dir the previous run's files (checked by check_output_dir) are deleted."""
     if accelerator.is_main_process:
-        record_written(args.output_dir, {name for name in in_progress if name in ours or name not in entries})
+        os.makedirs(args.output_dir, exist_ok=True)
+        cu.claim_folder(args.output_dir)
+        finish_final_save(args.output_dir)
+        in_progress = {args.logging_dir, "validation"}
+        if args.overwrite_output_dir and not args.resume_from_checkpoint:
+            # what this run checked was the pack's: another run's states must not be resumed into this one
+            for name in written_here(args.output_dir) & set(os.listdir(args.output_dir)):
+                path = os.path.join(args.output_dir, name)
+                shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+            cu.write_json_atomic(os.path.join(args.output_dir, WRITTEN), [])
+        entries = set(os.listdir(args.output_dir))
+        record_written(args.output_dir, {name for name in in_progress
+                                         if name in written_here(args.output_dir) or name not in entries})
     accelerator.wait_for_everyone()
 
 

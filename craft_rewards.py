@@ -47,7 +47,7 @@ def add_reward_args(parser):
     group.add_argument("--imagereward_med_config", default="THUDM/ImageReward/med_config.json")
     group.add_argument("--imagereward_tokenizer", default="bert-base-uncased", help="BERT tokenizer of ImageReward")
     group.add_argument("--clip_model", default="openai/clip-vit-large-patch14", help="CLIP for the 'clip' score")
-    group.add_argument("--reward_batch_size", type=int, default=16, help="images per reward-model call")
+    group.add_argument("--reward_batch_size", type=_positive, default=16, help="images per reward-model call")
     group.add_argument("--image_decode_workers", type=_count, default=4,
                        help="threads that read and decode the next batches' images while a reward model runs (0: "
                             "in turn, in the main thread)")
@@ -58,6 +58,12 @@ def add_reward_args(parser):
 def _count(text):
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
+    return int(text)
+
+
+def _positive(text):
+    if not text.isdigit() or not int(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
     return int(text)
 
 
@@ -153,6 +159,7 @@ def read_folder(folder, caption_column):
     rows = cu.read_jsonl(metadata)
     if not rows:
         cu.fail(f"{metadata} has no rows")
+    cu.refuse_repeated_rows(rows, metadata)
     for number, row in enumerate(rows, start=1):
         path = cu.path_in_folder(folder, row.get("file_name"), f"{metadata}, row {number}")
         text = row.get("original_prompt") or row.get(caption_column)

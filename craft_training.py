@@ -7,6 +7,7 @@ written in each trainer script; what the loop writes (checkpoints, validation, e
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -60,7 +61,7 @@ def add_training_args(parser, resolution, beta_dpo=None):
     a("--learning_rate", type=float, default=5e-5)
     a("--scale_lr", action="store_true", help="multiply the lr by batch size x accumulation x processes")
     a("--lr_scheduler", default="constant",
-      help="linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup")
+      choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"])
     a("--lr_warmup_steps", type=int, default=0)
     a("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit: a quarter of Adam's state memory")
     a("--adam_beta1", type=float, default=0.9)
@@ -189,31 +190,45 @@ def parse_training_args(parser, input_args):
                  "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "num_train_epochs"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1")
+    if args.rank < 1:
+        parser.error(f"--rank must be at least 1 (got {args.rank})")
+    if args.lr_warmup_steps < 0:
+        parser.error(f"--lr_warmup_steps must be >= 0 (got {args.lr_warmup_steps})")
+    for tracker in [] if args.report_to in ("all", "none") else args.report_to.split(","):
+        if importlib.util.find_spec(tracker) is None:  # accelerate would only warn, and log nothing
+            parser.error(f"--report_to {tracker}: {tracker} is not installed; pip install {tracker}, or pass "
+                         "--report_to none")
+    if args.validation_rewards and not args.validation_prompt:
+        parser.error("--validation_rewards scores the validation images: give --validation_prompt too")
     if args.validation_rewards:
         import craft_rewards
 
         args.validation_reward_names = craft_rewards.parse_reward_names(args.validation_rewards, "--validation_rewards")
-    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
-        cu.fail(f"--output_dir {args.output_dir} is a file; give a folder")
+    co.check_output_dir(args)
     return args
 
 
-def check_model_family(path, revision, script, pipeline_class):
+def check_model_family(path, revision, script, pipeline_class, flag=None):
     """Refuse, in one line, a pipeline of another family than the one `script` trains (its PIPELINE_CLASS), naming
     the script that trains that family, beside `script` or in the pack: whatever the scripts are called, a fork trains
     its own family and a new script needs no edit here. An image-to-image or inpainting class counts as its family's
-    text-to-image pipeline (the same weights). A folder without model_index.json goes on to the script's loading."""
+    text-to-image pipeline (the same weights). A folder without model_index.json goes on to the script's loading.
+    `flag`: the flag of a second model of the same family (a validation sibling), named instead."""
     import glob
 
     from diffusers import DiffusionPipeline
 
     try:
-        class_name = DiffusionPipeline.load_config(path, revision=revision).get("_class_name")
+        index = DiffusionPipeline.load_config(path, revision=revision)
     except (OSError, ValueError):  # not a pipeline folder, or not reachable: loading the model says why
         return
-    class_name = text_to_image_class(class_name)
+    cu.check_pipeline_folder(path, index)
+    class_name = text_to_image_class(index.get("_class_name"))
     if class_name == pipeline_class:
         return
+    if flag:
+        cu.fail(f"{flag} {path} is a {class_name}; it must be a {pipeline_class}, the family "
+                f"{os.path.basename(script)} trains")
     script = os.path.abspath(script)
     folders = dict.fromkeys([os.path.dirname(script), os.path.dirname(os.path.abspath(__file__))])
     others = [os.path.basename(other) if os.path.dirname(other) == os.path.dirname(script) else other
@@ -296,6 +311,8 @@ def load_examples(args):
         rows = cu.read_jsonl(source)
     if not rows:
         cu.fail(f"{source} has no rows")
+    if folder is not None:
+        cu.refuse_repeated_rows(rows, source)
     rejected_column = args.rejected_image_column if folder is None else "rejected_file_name"
     is_pairs = all(rejected_column in row for row in rows)
     if args.loss == "dpo" and not is_pairs:
@@ -549,6 +566,15 @@ class Encodings:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Pieces of the loss and the run
+
+
+def stop_if_diverged(loss, step, args):
+    """A loss that is not finite leaves every trained weight NaN from then on: stop before that is saved as a
+    result (the checkpoints saved before stay whole)."""
+    if not math.isfinite(loss):
+        cu.fail(f"the loss is {loss} at step {step}: training diverged (--learning_rate {args.learning_rate:g}); lower "
+                "--learning_rate or clip the gradients with --max_grad_norm, then train anew with "
+                "--overwrite_output_dir or resume from a checkpoint-N saved before that step")
 
 
 def per_sample_mse(model_pred, target):

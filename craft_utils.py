@@ -320,6 +320,28 @@ def path_in_folder(folder, name, where, column="file_name"):
     return path
 
 
+def check_pipeline_folder(path, index):
+    """A local pipeline folder holds every component its model_index.json (`index`) names: refuse, in one line, a
+    folder copied without one (the loader's own error would name a config key instead)."""
+    if not os.path.isdir(path):
+        return
+    for name, value in index.items():
+        if isinstance(value, list) and len(value) == 2 and value[1] and not os.path.isdir(os.path.join(path, name)):
+            fail(f"{os.path.join(path, name)}/ is missing: model_index.json names a {value[1]} there; copy the whole "
+                 "pipeline folder, or give its Hub id")
+
+
+def refuse_repeated_rows(rows, metadata, columns=("file_name",)):
+    """A file named by two rows would count twice (scored twice, a group's reference twice, trained twice as
+    strongly): refuse, in one line naming both rows."""
+    first = {}
+    for number, row in enumerate(rows, start=1):
+        for column in columns:
+            name = row.get(column) if isinstance(row, dict) else None
+            if isinstance(name, str) and first.setdefault(name, number) != number:
+                fail(f"{metadata}, rows {first[name]} and {number}: both name {name!r}; remove the repeated row")
+
+
 def open_image(path, where):
     """The decoded RGB image, or one line naming the row (`where`) that points at a missing, truncated or
     non-image file."""
@@ -371,7 +393,15 @@ def _column(rows, column, source):
             where = source if number == 1 else f"{source}, row {number}"
             columns = ", ".join(row) if isinstance(row, dict) else f"a {type(row).__name__}"
             fail(f"{where} has no column '{column}' (columns: {columns}); set --prompt_column")
-    return [row[column] for row in rows]
+    return _text_values([row[column] for row in rows], source, "row")
+
+
+def _text_values(values, source, unit):
+    """The prompts as they are: text, or null for a row without one; anything else is refused, naming its row."""
+    for number, value in enumerate(values, start=1):
+        if value is not None and not isinstance(value, str):
+            fail(f"{source}, {unit} {number}: the prompt {value!r} is not text; fix that {unit}")
+    return values
 
 
 def _json_prompts(source, column):
@@ -382,8 +412,8 @@ def _json_prompts(source, column):
         fail(f"{source}, line {error.lineno}: not valid JSON ({error.msg}); fix the file")
     if not isinstance(data, list):
         fail(f"{source} holds a JSON {type(data).__name__}; a .json prompts file is an array of strings or of objects")
-    if all(isinstance(item, str) for item in data):
-        return data
+    if any(isinstance(item, str) for item in data):  # an array of strings
+        return _text_values(data, source, "item")
     return _column(data, column, source)
 
 
@@ -391,6 +421,8 @@ def load_prompts(args):
     """Prompts from --prompts_file or --dataset_name: stripped, empty ones dropped, duplicates removed, in order."""
     if bool(args.prompts_file) == bool(args.dataset_name):
         fail("give exactly one of --prompts_file and --dataset_name")
+    if args.max_prompts is not None and args.max_prompts < 1:
+        fail(f"--max_prompts must be at least 1 (got {args.max_prompts}); leave it out to use every prompt")
     if args.prompts_file:
         source = args.prompts_file
         if not os.path.isfile(source):
@@ -415,8 +447,10 @@ def load_prompts(args):
         if args.prompt_column not in dataset.column_names:
             fail(f"{source} has no column '{args.prompt_column}' (columns: {', '.join(dataset.column_names)}); "
                  "set --prompt_column")
-        prompts = dataset[args.prompt_column]
-    prompts = list(dict.fromkeys(str(p).strip() for p in prompts if p is not None and str(p).strip()))
+        prompts = _text_values(dataset[args.prompt_column], source, "row")
+    if None in prompts:
+        print(f"{source}: left out {prompts.count(None)} row(s) without a prompt (null)", file=sys.stderr)
+    prompts = list(dict.fromkeys(p.strip() for p in prompts if p is not None and p.strip()))
     if not prompts:
         fail(f"{source} holds no prompts")
     if args.shuffle_prompts:
@@ -445,8 +479,10 @@ TORCH_DTYPES = {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 # What the stages write into a generation folder: its images (image_file_name), records, rewards and their reports.
-GENERATION_FILES = re.compile(r"(\d{6}_v\d{2}_i\d{2}\.png|generation_config\.json|metadata\.jsonl|expansions\.jsonl"
-                              r"|rewards\.jsonl|rewards_summary\.(json|md)|rewards_hist\.png)$")
+GENERATION_IMAGE = re.compile(r"\d{6}_v\d{2}_i\d{2}\.png$")
+GENERATION_FILES = re.compile(rf"({GENERATION_IMAGE.pattern[:-1]}|generation_config\.json|metadata\.jsonl|"
+                              r"expansions\.jsonl|rewards\.jsonl|rewards_summary\.(json|md)|rewards_hist\.png)$")
+GENERATION_STAGE = {True: "generate_candidates.py", False: "eval_rewards.py"}  # by whether rewrites are recorded
 
 
 def refuse_foreign_entries(folder, ours, flag):
@@ -460,10 +496,19 @@ def refuse_foreign_entries(folder, ours, flag):
 
 def check_generation_folder(output_dir, settings, overwrite):
     """Refuse to mix settings in one folder, or to write into a folder that is not ours. True = start over."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        fail(f"--output_dir {output_dir} is a file; give a folder")
     config_path = os.path.join(output_dir, GENERATION_CONFIG)
     if os.path.exists(config_path):
         previous = recorded_settings(output_dir)
+        made_by, now = (GENERATION_STAGE["num_variants" in recorded] for recorded in (previous, settings))
+        if made_by != now:
+            fail(f"{output_dir} was made by {made_by}; {now} writes only into its own folders: choose another "
+                 "--output_dir")
         changed = [k for k in sorted(set(previous) | set(settings)) if previous.get(k) != settings.get(k)]
+        if changed and not any(GENERATION_IMAGE.match(name) for name in os.listdir(output_dir)):
+            print(f"{output_dir}: no image was made with its earlier settings; starting over with these")
+            return True
         if changed and overwrite:
             refuse_foreign_entries(output_dir, GENERATION_FILES.match, "--overwrite")
         if changed and not overwrite:

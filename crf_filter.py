@@ -32,6 +32,7 @@ weight is 0 are left out of the output (they would train nothing) and counted in
 
 import argparse
 import itertools
+import math
 import os
 import shutil
 import statistics
@@ -83,8 +84,23 @@ def parse_args(input_args=None):
             parser.error(f"--reward_weights has {len(args.weights)} values for {len(args.reward_names)} rewards")
     else:
         args.weights = [1.0] * len(args.reward_names)
+    if not all(math.isfinite(w) for w in args.weights) or not any(args.weights):
+        parser.error(f"--reward_weights {args.reward_weights}: give finite numbers, at least one of them not 0")
+    if not math.isfinite(args.margin):
+        parser.error(f"--margin must be a finite number (got {args.margin})")
+    if args.weight_clip is not None and not args.weight_clip > 0:
+        parser.error(f"--weight_clip must be > 0 (got {args.weight_clip}); leave it out for no cap")
     if args.top_k < 1 or (args.max_samples is not None and args.max_samples < 1):
         parser.error("--top_k and --max_samples must be >= 1")
+    dominance_only = {"margin": 0.0, "reference": "mean", "require_all_variants": False}
+    if args.mode in ("topk", "none"):
+        ignored = [flag for flag, default in {**dominance_only, **({"top_k": 1} if args.mode == "none" else {})}.items()
+                   if getattr(args, flag) != default]
+        if ignored:
+            parser.error(f"--{ignored[0]} does not apply to --mode {args.mode}; leave it out (it is read by "
+                         f"{'--mode topk' if ignored[0] == 'top_k' else '--mode dominance'})")
+    elif args.top_k != 1:
+        parser.error(f"--top_k does not apply to --mode {args.mode}; leave it out (it is read by --mode topk)")
     if args.mode == "pairs":
         defaults = {"caption": "original", "weighting": "advantage", "weight_clip": None, "margin": 0.0,
                     "reference": "mean", "require_all_variants": False}
@@ -156,7 +172,11 @@ def load_candidates(args, state):
         for column in ("file_name", "group_id", "variant_id", "original_prompt", "text"):
             if column not in row:
                 cu.fail(f"{metadata}, row {number}: no '{column}' column; give generate_candidates.py's output")
+        for column in ("group_id", "variant_id"):
+            if type(row[column]) is not int:
+                cu.fail(f"{metadata}, row {number}: {column} {row[column]!r} is not a whole number; fix that row")
         cu.path_in_folder(args.candidates_dir, row["file_name"], f"{metadata}, row {number}")  # copied out later
+    cu.refuse_repeated_rows(rows, metadata)
     rewards_path = os.path.join(args.candidates_dir, cr.REWARDS_FILE)
     table = {r["file_name"]: r for r in cu.read_jsonl(rewards_path)} if os.path.exists(rewards_path) else {}
     missing = [name for name in args.reward_names if any(table.get(r["file_name"], {}).get(name) is None for r in rows)]
@@ -196,6 +216,8 @@ def load_candidates(args, state):
 def check_output_dir(args):
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         cu.fail(f"--output_dir {args.output_dir} is a file; give a folder (new, or one crf_filter.py wrote)")
+    if os.path.realpath(args.output_dir) == os.path.realpath(args.candidates_dir):
+        cu.fail(f"--output_dir {args.output_dir} is the --candidates_dir itself; give a new folder for the filtered set")
     if os.path.isdir(args.output_dir) and os.listdir(args.output_dir):
         if not args.overwrite:
             cu.fail(f"{args.output_dir} is not empty; pass --overwrite to replace it or choose another --output_dir")
@@ -348,10 +370,10 @@ def main(args):
             print(f"  {key:40s} {number}")
     if args.mode == "pairs":
         print(f"{len(metadata)} preference pairs, one per group ({counts['groups_without_pair']} groups of equal "
-              f"advantages gave none, capped {capped}, skipped {sum(skipped.values())})")
+              f"advantages gave none, over --max_samples {capped}, skipped {sum(skipped.values())})")
     else:
         print(f"kept {len(metadata)} images from {report['kept_groups']} groups (passed {filtered}, zero advantage "
-              f"{zero_weight}, capped {capped}, skipped {sum(skipped.values())}); weight sum "
+              f"{zero_weight}, over --max_samples {capped}, skipped {sum(skipped.values())}); weight sum "
               f"{report['weight_sum']:.2f}")
     print(f"-> {args.output_dir}/metadata.jsonl, {REPORT}, crf_preview.png")
 

@@ -70,6 +70,9 @@ def parse_args(input_args=None):
         parser.error("--expansion llm needs --expansion_model (a Hub id or local folder)")
     if args.num_variants and args.expansion == "file" and not args.expansion_file:
         parser.error("--expansion file needs --expansion_file")
+    for flag, mode in (("expansion_file", "file"), ("expansion_model", "llm")):
+        if getattr(args, flag) and (args.expansion != mode or not args.num_variants):
+            parser.error(f"--{flag} is read only with --expansion {mode} and --num_variants > 0; leave it out")
     if args.expansion_batch_size < 1:
         parser.error(f"--expansion_batch_size must be at least 1 (got {args.expansion_batch_size})")
     if args.expansion == "template" and args.num_variants > len(TEMPLATES):

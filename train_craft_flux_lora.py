@@ -173,7 +173,6 @@ def main(args):
     accelerator = ct.make_accelerator(args)
     torch.manual_seed(args.seed)  # LoRA's initial weights
     examples, weights_note = ct.load_examples(args)  # every bad row is refused before a model loads
-    co.claim_output_dir(accelerator, args)  # this run's alone; what an earlier run left is settled
     weight_dtype = ct.weight_dtype_of(accelerator)
     noise_scheduler, (tokenizer, tokenizer_2), (text_encoder, text_encoder_2), vae = load_models(args, weight_dtype)
     for frozen in (text_encoder, text_encoder_2, vae):
@@ -252,6 +251,7 @@ def main(args):
     transformer, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         transformer, optimizer, train_dataloader, lr_scheduler)
 
+    co.claim_output_dir(accelerator, args)  # this run's alone; what an earlier run left is settled
     if accelerator.is_main_process:
         accelerator.init_trackers("craft", config={k: v for k, v in vars(args).items()
                                                    if isinstance(v, (int, float, str, bool))})
@@ -364,6 +364,7 @@ def main(args):
             global_step += 1
             clock.step_done(global_step)
             logs = {"loss": statistics.fmean(losses), "lr": lr_scheduler.get_last_lr()[0]}
+            ct.stop_if_diverged(logs["loss"], global_step, args)
             if accuracies:
                 logs["implicit_acc"] = statistics.fmean(accuracies)
             losses, accuracies = [], []

@@ -61,6 +61,8 @@ def parse_args(input_args=None):
     args = ct.parse_training_args(parser, input_args)
     if args.use_ema and args.use_lora:
         parser.error("--use_ema applies to full fine-tuning, not --use_lora")
+    if args.output_kohya_format and not args.use_lora:
+        parser.error("--output_kohya_format writes a LoRA in kohya's names; use it with --use_lora")
     if args.train_text_encoder and not args.use_lora:
         parser.error("--train_text_encoder adds a LoRA to the text encoder; use it with --use_lora")
     if args.fused_optimizer_step:  # each weight steps before the others' gradients exist
@@ -110,7 +112,6 @@ def main(args):
                 "mixed precision")
     torch.manual_seed(args.seed)  # LoRA's initial weights
     examples, weights_note = ct.load_examples(args)  # every bad row is refused before a model loads
-    co.claim_output_dir(accelerator, args)  # this run's alone; what an earlier run left is settled
     noise_scheduler, tokenizer, text_encoder, vae, unet = load_models(args)
     if args.prediction_type:
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
@@ -198,6 +199,7 @@ def main(args):
             unet, optimizer, train_dataloader, lr_scheduler)
     models_to_train = [unet, text_encoder] if args.train_text_encoder else [unet]  # as prepared (DDP-wrapped)
 
+    co.claim_output_dir(accelerator, args)  # this run's alone; what an earlier run left is settled
     if accelerator.is_main_process:
         accelerator.init_trackers("craft", config={k: v for k, v in vars(args).items()
                                                    if isinstance(v, (int, float, str, bool))})
@@ -318,6 +320,7 @@ def main(args):
             if ema_unet is not None:
                 ema_unet.step(accelerator.unwrap_model(unet).parameters())
             logs = {"loss": statistics.fmean(losses), "lr": lr_scheduler.get_last_lr()[0]}
+            ct.stop_if_diverged(logs["loss"], global_step, args)
             if accuracies:
                 logs["implicit_acc"] = statistics.fmean(accuracies)
             losses, accuracies = [], []

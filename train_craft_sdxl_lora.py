@@ -97,7 +97,6 @@ def main(args):
     accelerator = ct.make_accelerator(args, find_unused_parameters=args.train_text_encoder)
     torch.manual_seed(args.seed)  # LoRA's initial weights
     examples, weights_note = ct.load_examples(args)  # every bad row is refused before a model loads
-    co.claim_output_dir(accelerator, args)  # this run's alone; what an earlier run left is settled
     noise_scheduler, (tokenizer, tokenizer_2), (text_encoder, text_encoder_2), vae, unet = load_models(args)
     if args.prediction_type:
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
@@ -185,6 +184,7 @@ def main(args):
             unet, optimizer, train_dataloader, lr_scheduler)
         models_to_train = [unet]
 
+    co.claim_output_dir(accelerator, args)  # this run's alone; what an earlier run left is settled
     if accelerator.is_main_process:
         accelerator.init_trackers("craft", config={k: v for k, v in vars(args).items()
                                                    if isinstance(v, (int, float, str, bool))})
@@ -300,6 +300,7 @@ def main(args):
             global_step += 1
             clock.step_done(global_step)
             logs = {"loss": statistics.fmean(losses), "lr": lr_scheduler.get_last_lr()[0]}
+            ct.stop_if_diverged(logs["loss"], global_step, args)
             if accuracies:
                 logs["implicit_acc"] = statistics.fmean(accuracies)
             losses, accuracies = [], []

@@ -72,7 +72,8 @@ def load_models(args, weight_dtype):
     path, revision, variant = args.pretrained_model_name_or_path, args.revision, args.variant
     ct.check_model_family(path, revision, __file__, PIPELINE_CLASS)
     if args.validation_model_name_or_path:
-        ct.check_model_family(args.validation_model_name_or_path, None, __file__, PIPELINE_CLASS)
+        ct.check_model_family(args.validation_model_name_or_path, None, __file__, PIPELINE_CLASS,
+                              flag="--validation_model_name_or_path")
         try:  # on every process now, not at the first validation on the main process alone
             ZImageTransformer2DModel.load_config(args.validation_model_name_or_path, subfolder="transformer")
         except (OSError, ValueError) as error:
@@ -133,7 +134,6 @@ def main(args):
     accelerator = ct.make_accelerator(args)
     torch.manual_seed(args.seed)  # LoRA's initial weights
     examples, weights_note = ct.load_examples(args)  # every bad row is refused before a model loads
-    co.claim_output_dir(accelerator, args)  # this run's alone; what an earlier run left is settled
     weight_dtype = ct.weight_dtype_of(accelerator)
     noise_scheduler, tokenizer, text_encoder, vae = load_models(args, weight_dtype)
     for frozen in (text_encoder, vae):
@@ -213,6 +213,7 @@ def main(args):
     transformer, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         transformer, optimizer, train_dataloader, lr_scheduler)
 
+    co.claim_output_dir(accelerator, args)  # this run's alone; what an earlier run left is settled
     if accelerator.is_main_process:
         accelerator.init_trackers("craft", config={k: v for k, v in vars(args).items()
                                                    if isinstance(v, (int, float, str, bool))})
@@ -320,6 +321,7 @@ def main(args):
             global_step += 1
             clock.step_done(global_step)
             logs = {"loss": statistics.fmean(losses), "lr": lr_scheduler.get_last_lr()[0]}
+            ct.stop_if_diverged(logs["loss"], global_step, args)
             if accuracies:
                 logs["implicit_acc"] = statistics.fmean(accuracies)
             losses, accuracies = [], []
