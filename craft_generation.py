@@ -1,47 +1,40 @@
-"""Loading any diffusers text-to-image pipeline and generating images with it, resumable and sharded across
-processes: shared by generate_candidates.py, eval_rewards.py's model mode and the benchmarks. Nothing here knows a
-model family: what differs between families is read from the pipeline (model_index.json's classes, its __call__
-parameters and their defaults, its denoiser's and VAE's configs)."""
+"""Generating images with any diffusers text-to-image pipeline (craft_pipelines.py loads it), resumable and sharded
+across processes, and the generation folder's contract: its prompts, the settings it was made with (a folder is only
+resumed under the same), image names and seeds, --overwrite. Shared by generate_candidates.py, eval_rewards.py's
+model mode and the benchmarks; nothing here knows a model family."""
 
-import contextlib
+import csv
 import glob
 import hashlib
-import inspect
+import io
+import json
 import os
+import random
+import re
 import shutil
+import sys
 import time
 
-from types import SimpleNamespace
-
+import craft_pipelines as cp
 import craft_utils as cu
 
-SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
-                 "math": "MATH"}
 # speed options that may change an image's pixels: recorded (when on) with the settings, so that a folder is never
 # resumed under other numerics; offloading moves weights, not arithmetic, and is not recorded
 NUMERICS_OPTIONS = ["compile", "fuse_qkv_projections", "channels_last", "sdpa_backend", "vae_slicing", "vae_tiling"]
 
-SCHEDULERS = {
-    "ddim": "DDIMScheduler",
-    "dpmsolver++": "DPMSolverMultistepScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler",
-    "pndm": "PNDMScheduler",
-    "unipc": "UniPCMultistepScheduler",
-}
 
-
-def add_generation_args(parser, model_required=True):
+def add_generation_args(parser, model_required=True, default_model=None):
     group = parser.add_argument_group("model and sampling")
-    group.add_argument("--pretrained_model_name_or_path", required=model_required,
+    group.add_argument("--pretrained_model_name_or_path", required=model_required and not default_model,
+                       default=default_model,
                        help="any diffusers text-to-image pipeline (SD1.5, SDXL, FLUX, Z-Image, FLUX.2 [klein], SD3, "
-                            "...): Hub id or local folder")
+                            "...): Hub id or local folder" + (f" (default: {default_model})" if default_model else ""))
     group.add_argument("--revision", help="model revision (branch, tag or commit) on the Hub")
     group.add_argument("--variant", help="weights variant to load, e.g. fp16")
     group.add_argument("--pretrained_vae_model_name_or_path",
                        help="a VAE to use instead of the pipeline's (e.g. madebyollin/sdxl-vae-fp16-fix)")
     group.add_argument("--lora_path", help="LoRA weights to load into the pipeline (a folder or a .safetensors file)")
-    group.add_argument("--scheduler", choices=sorted(SCHEDULERS),
+    group.add_argument("--scheduler", choices=sorted(cp.SCHEDULERS),
                        help="sampler, for pipelines whose scheduler these replace (the DDPM-family ones of SD1.5, "
                             "SDXL...); default: the pipeline's own")
     group.add_argument("--num_inference_steps", type=int, default=30)
@@ -66,7 +59,7 @@ def add_generation_args(parser, model_required=True):
                        help="one matmul for the denoiser's q, k and v (a --lora_path LoRA is merged in first); keeps "
                             "the separate projections too, so it costs memory")
     speed.add_argument("--channels_last", action="store_true", help="channels-last memory format for the UNet and VAE")
-    speed.add_argument("--sdpa_backend", choices=sorted(SDPA_BACKENDS),
+    speed.add_argument("--sdpa_backend", choices=sorted(cp.SDPA_BACKENDS),
                        help="the kernel torch's scaled-dot-product attention uses (default: torch's choice)")
     speed.add_argument("--enable_model_cpu_offload", action="store_true",
                        help="keep only the model that runs on the GPU (SDXL on 8-12 GB cards)")
@@ -138,13 +131,13 @@ def start_generation_folder(output_dir, settings, pipe, args, start_over, state)
 
         if os.path.isdir(output_dir):  # before anything in it is touched
             cu.claim_folder(output_dir)
-        old = cu.previous_generation(output_dir)
-        if os.path.exists(old) and cu.generation_complete(output_dir):  # a kill came as it was being deleted
+        old = previous_generation(output_dir)
+        if os.path.exists(old) and generation_complete(output_dir):  # a kill came as it was being deleted
             shutil.rmtree(old)
         if start_over:  # the old images stay, aside, until the new run completes
             if os.path.exists(old):  # an earlier --overwrite never completed: the folder holds only its partial run
                 shutil.rmtree(output_dir)
-                if cu.recorded_settings(old) == settings:  # the settings of the run set aside: it comes back
+                if recorded_settings(old) == settings:  # the settings of the run set aside: it comes back
                     os.replace(old, output_dir)
                     print(f"{output_dir}: restored the finished run that an interrupted --overwrite had set aside")
             else:
@@ -153,8 +146,8 @@ def start_generation_folder(output_dir, settings, pipe, args, start_over, state)
                 print(f"{output_dir}: the previous images are kept in {old} until this run completes")
         os.makedirs(output_dir, exist_ok=True)
         cu.claim_folder(output_dir)  # held until this run ends: a second run into it stops in one line
-        size = native_size(pipe)
-        cu.write_json_atomic(os.path.join(output_dir, cu.GENERATION_CONFIG), {
+        size = cp.native_size(pipe)
+        cu.write_json_atomic(os.path.join(output_dir, GENERATION_CONFIG), {
             "settings": settings,
             "resolved": {"pipeline_class": type(pipe).__name__, "scheduler": type(pipe.scheduler).__name__,
                          "height": args.height or size, "width": args.width or size},
@@ -163,61 +156,22 @@ def start_generation_folder(output_dir, settings, pipe, args, start_over, state)
     state.wait_for_everyone()
 
 
-def read_pipeline(path, revision):
-    """What the pack reads of a pipeline before loading its weights, from its model_index.json and the diffusers
-    classes that names: `name` (the pipeline class), `components` (name -> class name), `denoiser` ("unet" or
-    "transformer") and `call` (its __call__'s parameters -> defaults). A pipeline the pack cannot drive is refused
-    here, in one line."""
-    import diffusers
-    from diffusers import DiffusionPipeline
-    from diffusers.pipelines.auto_pipeline import AUTO_TEXT2IMAGE_PIPELINES_MAPPING
-
-    try:
-        index = DiffusionPipeline.load_config(path, revision=revision)
-    except (OSError, ValueError) as error:
-        cu.fail(f"could not read a diffusers pipeline from '{path}' ({str(error).splitlines()[0]}); give a local "
-                "pipeline folder with model_index.json or a Hub id")
-    cu.check_pipeline_folder(path, index)
-    name = index.get("_class_name")
-    if not isinstance(name, str):  # a custom pipeline names [module, class]
-        cu.fail(f"{path}/model_index.json names {name!r}, not one of diffusers' pipeline classes; the pack loads "
-                "diffusers' own text-to-image pipelines")
-    pipeline_class = getattr(diffusers, name, None)
-    if pipeline_class is None:
-        cu.fail(f"{path} is a {name}, which diffusers {diffusers.__version__} does not have; upgrade diffusers or "
-                "give a diffusers text-to-image pipeline")
-    components = {key: value[1] for key, value in index.items()
-                  if not key.startswith("_") and isinstance(value, list) and len(value) == 2 and value[1]}
-    call = {key: parameter.default for key, parameter in inspect.signature(pipeline_class.__call__).parameters.items()}
-    denoiser = next((key for key in ("unet", "transformer") if key in components), None)
-    text_to_image = {cls.__name__ for cls in AUTO_TEXT2IMAGE_PIPELINES_MAPPING.values()}
-    taken = {"prompt", "height", "width", "num_inference_steps", "generator", "output_type"}
-    needs_an_image = "controlnet" in components or {"control_image", "mask_image"} & set(call)
-    if name not in text_to_image or not denoiser or "vae" not in components or needs_an_image or taken - set(call):
-        cu.fail(f"{path} is a {name}, which the pack cannot drive: it generates from prompts alone with diffusers' "
-                "text-to-image pipelines (AutoPipelineForText2Image's, without a control or mask image) that have a "
-                "VAE and a UNet or transformer; give such a pipeline (StableDiffusionXLPipeline, FluxPipeline, "
-                "ZImagePipeline, ...)")
-    return SimpleNamespace(name=name, pipeline_class=pipeline_class, components=components, denoiser=denoiser,
-                           call=call)
-
-
 def resolve_sampling_settings(args):
     """Before any folder is written: refuse, in one line, each flag the pipeline cannot take, and resolve
     --guidance_scale to the pipeline's own __call__ default when it is not given. A folder made at another guidance
     is refused with the way to resume it: it is never resumed under another default."""
     import diffusers
 
-    pipeline = read_pipeline(args.pretrained_model_name_or_path, args.revision)
+    pipeline = cp.read_pipeline(args.pretrained_model_name_or_path, args.revision)
     name = pipeline.name
     for flag in ("guidance_scale", "max_sequence_length"):
         if getattr(args, flag) is not None and flag not in pipeline.call:
             cu.fail(f"--{flag}: {name} has no {flag} to set; leave the flag out")
     if args.scheduler:
         own = pipeline.components.get("scheduler")
-        if SCHEDULERS[args.scheduler] not in {own, *getattr(getattr(diffusers, own or "", None), "_compatibles", [])}:
+        if cp.SCHEDULERS[args.scheduler] not in {own, *getattr(getattr(diffusers, own or "", None), "_compatibles", [])}:
             cu.fail(f"--scheduler {args.scheduler}: {name} samples with its {own}, which "
-                    f"{SCHEDULERS[args.scheduler]} cannot replace; leave --scheduler out")
+                    f"{cp.SCHEDULERS[args.scheduler]} cannot replace; leave --scheduler out")
     if args.lora_path and not hasattr(pipeline.pipeline_class, "load_lora_weights"):
         cu.fail(f"--lora_path: {name} cannot load LoRA weights; leave the flag out")
     if args.fuse_qkv_projections and not hasattr(getattr(diffusers, pipeline.components[pipeline.denoiser], None),
@@ -233,7 +187,7 @@ def resolve_sampling_settings(args):
         if vae_class != pipeline.components["vae"]:
             cu.fail(f"--pretrained_vae_model_name_or_path {args.pretrained_vae_model_name_or_path} is a {vae_class}; "
                     f"{name} takes a {pipeline.components['vae']}: give one of those")
-    multiple = size_multiple(args, pipeline)
+    multiple = cp.size_multiple(args, pipeline)
     for flag in ("height", "width"):
         value = getattr(args, flag)
         if value is not None and multiple and value % multiple:
@@ -242,132 +196,13 @@ def resolve_sampling_settings(args):
                     f"{max(value // multiple, 1) * multiple}")
     if args.guidance_scale is None and "guidance_scale" in pipeline.call:
         args.guidance_scale = default = pipeline.call["guidance_scale"]
-        if not args.overwrite and os.path.isfile(os.path.join(args.output_dir, cu.GENERATION_CONFIG)):
-            recorded = cu.recorded_settings(args.output_dir).get("guidance_scale")
+        if not args.overwrite and os.path.isfile(os.path.join(args.output_dir, GENERATION_CONFIG)):
+            recorded = recorded_settings(args.output_dir).get("guidance_scale")
             if recorded is not None and recorded != default:
                 cu.fail(f"{args.output_dir} was made at guidance_scale {recorded:g} and {name}'s own default is "
                         f"{default!r}: pass --guidance_scale {recorded:g} to resume it, or --overwrite to start over "
                         "at the default")
     return pipeline
-
-
-def size_multiple(args, pipeline):
-    """What image sides must be a multiple of: the VAE's downscaling (2 per level of its encoder), times 2 for a
-    transformer's 2x2 patches, and at least 8 for a UNet (diffusers' SD pipelines check 8 whatever their VAE); None
-    where the VAE's config does not say."""
-    import diffusers
-
-    vae = args.pretrained_vae_model_name_or_path
-    try:
-        config = diffusers.AutoModel.load_config(vae or args.pretrained_model_name_or_path,
-                                                 **({} if vae else {"subfolder": "vae", "revision": args.revision}))
-    except (OSError, ValueError):
-        return None
-    levels = len(config.get("block_out_channels") or [])
-    if not levels:
-        return None
-    return 2 ** (levels - 1) * 2 if pipeline.denoiser == "transformer" else max(2 ** (levels - 1), 8)
-
-
-def load_pipeline(args, device):
-    import torch
-    from diffusers import AutoModel, DiffusionPipeline
-    import diffusers
-
-    dtype = getattr(torch, cu.TORCH_DTYPES[args.mixed_precision])
-    common = {"revision": args.revision, "variant": args.variant, "dtype": dtype}
-    try:
-        extra = {}
-        if args.pretrained_vae_model_name_or_path:  # of the class its config names, as the pipeline's own VAE
-            extra["vae"] = AutoModel.from_pretrained(args.pretrained_vae_model_name_or_path, dtype=dtype)
-        pipe = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, **common, **extra)
-    except (OSError, ValueError) as error:
-        cu.fail(f"could not load a diffusers pipeline from '{args.pretrained_model_name_or_path}' "
-                f"({str(error).splitlines()[0]}); give a local pipeline folder with model_index.json or a Hub id")
-    if args.lora_path:
-        if not os.path.exists(args.lora_path):
-            cu.fail(f"--lora_path {args.lora_path} does not exist")
-        folder, weight_name = (args.lora_path, None) if os.path.isdir(args.lora_path) else os.path.split(args.lora_path)
-        try:
-            pipe.load_lora_weights(folder, weight_name=weight_name)
-        except (OSError, ValueError, KeyError, RuntimeError) as error:  # RuntimeError: shapes of another family
-            cu.fail(f"--lora_path {args.lora_path}: {type(pipe).__name__} cannot load it as a LoRA "
-                    f"({str(error).splitlines()[0][:200]}); give a LoRA file of this model's family")
-    if args.scheduler:
-        scheduler_class = getattr(diffusers, SCHEDULERS[args.scheduler])
-        pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    return speed_up(pipe, args, device)
-
-
-def attention_kernel(args):
-    """The context that holds torch's scaled-dot-product attention to --sdpa_backend (none: torch's choice)."""
-    import torch
-
-    if not args.sdpa_backend:
-        return contextlib.nullcontext()
-    return torch.nn.attention.sdpa_kernel(getattr(torch.nn.attention.SDPBackend, SDPA_BACKENDS[args.sdpa_backend]))
-
-
-def speed_up(pipe, args, device):
-    """The speed and memory options, applied to a loaded pipeline; returns it on `device` (or offloaded)."""
-    import torch
-
-    denoiser = denoiser_of(pipe)
-    if args.sdpa_backend:  # a backend that cannot run here fails now, in one line, not at the first image
-        probe = torch.zeros(1, 1, 8, 64, device=device, dtype=denoiser.dtype)
-        try:
-            with attention_kernel(args):
-                torch.nn.functional.scaled_dot_product_attention(probe, probe, probe)
-        except RuntimeError:
-            cu.fail(f"--sdpa_backend {args.sdpa_backend} has no kernel for {device} in {denoiser.dtype}; choose "
-                    "another or leave it out to let torch choose")
-    if args.compile and args.enable_sequential_cpu_offload:
-        cu.fail("--compile with --enable_sequential_cpu_offload would compile around weights that move layer by "
-                "layer; use one of them")
-    if args.fuse_qkv_projections:
-        if args.lora_path:  # fusing replaces the LoRA'd projections: merge the LoRA (every component's) in first
-            pipe.fuse_lora(components=pipe._lora_loadable_modules)
-            pipe.unload_lora_weights()
-        denoiser.fuse_qkv_projections()
-    if args.channels_last:  # only 4-d weights change: a transformer without convolutions stays as it is
-        for module in (denoiser, pipe.vae):
-            module.to(memory_format=torch.channels_last)
-    for flag, enable in (("vae_slicing", "enable_slicing"), ("vae_tiling", "enable_tiling")):
-        if getattr(args, flag):
-            try:
-                getattr(pipe.vae, enable)()
-            except (AttributeError, NotImplementedError):
-                cu.fail(f"--{flag}: {type(pipe).__name__}'s {type(pipe.vae).__name__} does not support it; leave "
-                        "the flag out")
-    if args.compile:
-        denoiser.compile()
-        pipe.vae.decoder.compile()
-    if args.enable_model_cpu_offload or args.enable_sequential_cpu_offload:
-        if torch.device(device).type == "cpu":
-            cu.fail("--enable_model_cpu_offload / --enable_sequential_cpu_offload move weights between the CPU and a "
-                    "GPU; there is no GPU here: leave them out")
-        if args.enable_sequential_cpu_offload:
-            pipe.enable_sequential_cpu_offload(device=device)
-        else:
-            pipe.enable_model_cpu_offload(device=device)
-        return pipe
-    return pipe.to(device)
-
-
-def denoiser_of(pipe):
-    return pipe.unet if hasattr(pipe, "unet") else pipe.transformer
-
-
-def native_size(pipe):
-    """The pipeline's own image size in pixels: its default latent size (FLUX, SD3...) or its denoiser's configured
-    one (a UNet's), times the VAE's downscaling; else its __call__'s default height; None where the pipeline
-    settles it inside its call (Z-Image)."""
-    latent_size = getattr(pipe, "default_sample_size", None) or denoiser_of(pipe).config.get("sample_size")
-    if isinstance(latent_size, int) and hasattr(pipe, "vae_scale_factor"):
-        return latent_size * pipe.vae_scale_factor
-    height = inspect.signature(type(pipe).__call__).parameters["height"].default
-    return height if isinstance(height, int) else None
 
 
 def generate_images(pipe, planned, output_dir, args, state):
@@ -391,14 +226,14 @@ def generate_images(pipe, planned, output_dir, args, state):
             if any(row["file_name"] not in done for row in batch)]
     todo = sum(row["file_name"] not in done for batch in mine for row in batch)
     log = cu.AppendLog(os.path.join(output_dir, cu.PROGRESS_DIR, f"images-{state.process_index:05d}.jsonl"))
-    size = native_size(pipe)
+    size = cp.native_size(pipe)
     # what this pipeline takes (resolve_sampling_settings refused the rest); unset values stay the pipeline's own
     sampling = {"num_inference_steps": args.num_inference_steps, "output_type": "pil", **{
         key: value for key, value in (("guidance_scale", args.guidance_scale), ("height", args.height or size),
                                       ("width", args.width or size), ("max_sequence_length", args.max_sequence_length))
         if value is not None}}
     started = time.time()
-    attention = attention_kernel(args)
+    attention = cp.attention_kernel(args)
     with tqdm(total=todo, unit="img", desc="generating", disable=not state.is_local_main_process) as progress, \
             attention:
         for batch in mine:
@@ -418,7 +253,179 @@ def generate_images(pipe, planned, output_dir, args, state):
     state.wait_for_everyone()
     if state.is_main_process:
         cu.merge_logged_rows(output_dir, cu.METADATA, "images", key=lambda r: r["file_name"],
-                             sort_key=cu.image_sort_key)
-        shutil.rmtree(cu.previous_generation(output_dir), ignore_errors=True)  # replaced (--overwrite), now for good
+                             sort_key=image_sort_key)
+        shutil.rmtree(previous_generation(output_dir), ignore_errors=True)  # replaced (--overwrite), now for good
     state.wait_for_everyone()
     return todo, time.time() - started
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prompts, and the generation folder: the settings it was made with, resume and --overwrite
+
+GENERATION_CONFIG = "generation_config.json"
+
+
+def add_prompt_args(parser):
+    group = parser.add_argument_group("prompts")
+    group.add_argument("--prompts_file",
+                       help="a .txt (one prompt per line), .jsonl, .csv or .json file of prompts; a .json file is an "
+                            "array of strings, or of objects holding --prompt_column (HPDv2's train.json as it is)")
+    group.add_argument("--dataset_name", help="a Hugging Face dataset (Hub id or local folder) holding prompts")
+    group.add_argument("--dataset_split", default="train", help="split of --dataset_name")
+    group.add_argument("--prompt_column", default="prompt", help="column of the prompts in .jsonl/.csv/datasets")
+    group.add_argument("--max_prompts", type=int, help="use at most this many prompts (after de-duplication)")
+    group.add_argument(
+        "--shuffle_prompts", action="store_true",
+        help="shuffle the prompts with --seed before --max_prompts takes its subset",
+    )
+
+
+def _column(rows, column, source):
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row, dict) or column not in row:
+            where = source if number == 1 else f"{source}, row {number}"
+            columns = ", ".join(row) if isinstance(row, dict) else f"a {type(row).__name__}"
+            cu.fail(f"{where} has no column '{column}' (columns: {columns}); set --prompt_column")
+    return _text_values([row[column] for row in rows], source, "row")
+
+
+def _text_values(values, source, unit):
+    """The prompts as they are: text, or null for a row without one; anything else is refused, naming its row."""
+    for number, value in enumerate(values, start=1):
+        if value is not None and not isinstance(value, str):
+            cu.fail(f"{source}, {unit} {number}: the prompt {value!r} is not text; fix that {unit}")
+    return values
+
+
+def _json_prompts(source, column):
+    """A JSON array of prompt strings (HPSv2's benchmark files) or of records (HPDv2's train.json)."""
+    try:
+        data = json.loads(cu.read_text(source))
+    except json.JSONDecodeError as error:
+        cu.fail(f"{source}, line {error.lineno}: not valid JSON ({error.msg}); fix the file")
+    if not isinstance(data, list):
+        cu.fail(f"{source} holds a JSON {type(data).__name__}; a .json prompts file is an array of strings or of objects")
+    if any(isinstance(item, str) for item in data):  # an array of strings
+        return _text_values(data, source, "item")
+    return _column(data, column, source)
+
+
+def load_prompts(args):
+    """Prompts from --prompts_file or --dataset_name: stripped, empty ones dropped, duplicates removed, in order."""
+    if bool(args.prompts_file) == bool(args.dataset_name):
+        cu.fail("give exactly one of --prompts_file and --dataset_name")
+    if args.max_prompts is not None and args.max_prompts < 1:
+        cu.fail(f"--max_prompts must be at least 1 (got {args.max_prompts}); leave it out to use every prompt")
+    if args.prompts_file:
+        source = args.prompts_file
+        if not os.path.isfile(source):
+            cu.fail(f"prompts file {source} does not exist")
+        extension = os.path.splitext(source)[1].lower()
+        if extension == ".jsonl":
+            prompts = _column(cu.read_jsonl(source), args.prompt_column, source)
+        elif extension == ".json":
+            prompts = _json_prompts(source, args.prompt_column)
+        elif extension == ".csv":
+            prompts = _column(list(csv.DictReader(io.StringIO(cu.read_text(source)))), args.prompt_column, source)
+        else:
+            prompts = cu.read_text(source).splitlines()
+    else:
+        from datasets import load_dataset
+
+        source = f"dataset {args.dataset_name} (split {args.dataset_split})"
+        try:
+            dataset = load_dataset(args.dataset_name, split=args.dataset_split)
+        except Exception as error:  # datasets raises many types; the user needs the message, not the trace
+            cu.fail(f"could not load {source}: {str(error).splitlines()[0]}")
+        if args.prompt_column not in dataset.column_names:
+            cu.fail(f"{source} has no column '{args.prompt_column}' (columns: {', '.join(dataset.column_names)}); "
+                 "set --prompt_column")
+        prompts = _text_values(dataset[args.prompt_column], source, "row")
+    if None in prompts:
+        print(f"{source}: left out {prompts.count(None)} row(s) without a prompt (null)", file=sys.stderr)
+    prompts = list(dict.fromkeys(p.strip() for p in prompts if p is not None and p.strip()))
+    if not prompts:
+        cu.fail(f"{source} holds no prompts")
+    if args.shuffle_prompts:
+        random.Random(args.seed).shuffle(prompts)
+    return prompts[: args.max_prompts] if args.max_prompts else prompts
+
+
+# What the stages write into a generation folder: its images (image_file_name), records, rewards and their reports.
+GENERATION_IMAGE = re.compile(r"\d{6}_v\d{2}_i\d{2}\.png$")
+
+
+GENERATION_FILES = re.compile(rf"({GENERATION_IMAGE.pattern[:-1]}|generation_config\.json|metadata\.jsonl|"
+                              r"expansions\.jsonl|rewards\.jsonl|rewards_summary\.(json|md)|rewards_hist\.png)$")
+
+
+GENERATION_STAGE = {True: "generate_candidates.py", False: "eval_rewards.py"}  # by whether rewrites are recorded
+
+
+def check_generation_folder(output_dir, settings, overwrite):
+    """Refuse to mix settings in one folder, or to write into a folder that is not ours. True = start over."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        cu.fail(f"--output_dir {output_dir} is a file; give a folder")
+    config_path = os.path.join(output_dir, GENERATION_CONFIG)
+    if os.path.exists(config_path):
+        previous = recorded_settings(output_dir)
+        made_by, now = (GENERATION_STAGE["num_variants" in recorded] for recorded in (previous, settings))
+        if made_by != now:
+            cu.fail(f"{output_dir} was made by {made_by}; {now} writes only into its own folders: choose another "
+                 "--output_dir")
+        changed = [k for k in sorted(set(previous) | set(settings)) if previous.get(k) != settings.get(k)]
+        if changed and not any(GENERATION_IMAGE.match(name) for name in os.listdir(output_dir)):
+            print(f"{output_dir}: no image was made with its earlier settings; starting over with these")
+            return True
+        if changed and overwrite:
+            cu.refuse_foreign_entries(output_dir, GENERATION_FILES.match, "--overwrite")
+        if changed and not overwrite:
+            first = changed[0]
+            aside = previous_generation(output_dir)
+            cu.fail(f"{output_dir} holds images made with other settings ({first}: {previous.get(first)!r} there, "
+                 f"{settings.get(first)!r} now; {len(changed)} setting(s) differ); rerun with the same settings to "
+                 "resume, choose another --output_dir, or pass --overwrite to start over"
+                 + (f" (the run that one replaces is kept in {aside}; --overwrite with its settings brings it back)"
+                    if os.path.exists(aside) else ""))
+        return bool(changed)
+    if os.path.isdir(output_dir) and os.listdir(output_dir):
+        cu.fail(f"{output_dir} is not empty and holds no {GENERATION_CONFIG}; choose an empty --output_dir")
+    return False
+
+
+def previous_generation(output_dir):
+    """Where --overwrite keeps a folder's previous run until the new one completes."""
+    return cu._swap_names(output_dir)[3]
+
+
+def generation_complete(output_dir):
+    """Every planned image made and logged: metadata.jsonl merged and no progress log left."""
+    return os.path.isfile(os.path.join(output_dir, cu.METADATA)) and \
+        not glob.glob(os.path.join(output_dir, cu.PROGRESS_DIR, "*.jsonl"))
+
+
+def recorded_settings(output_dir):
+    with open(os.path.join(output_dir, GENERATION_CONFIG), encoding="utf-8") as f:
+        return json.load(f)["settings"]
+
+
+def image_file_name(group_id, variant_id, image_index):
+    return f"{group_id:06d}_v{variant_id:02d}_i{image_index:02d}.png"
+
+
+def plan_images(groups, num_images_per_prompt, seed):
+    """One metadata row per image to make. groups: [(original_prompt, [prompt texts, variant 0 first])]."""
+    rows = []
+    for group_id, (original_prompt, texts) in enumerate(groups):
+        for variant_id, text in enumerate(texts):
+            for image_index in range(num_images_per_prompt):
+                rows.append({
+                    "file_name": image_file_name(group_id, variant_id, image_index), "text": text,
+                    "original_prompt": original_prompt, "group_id": group_id, "variant_id": variant_id,
+                    "image_index": image_index, "seed": cu.derive_seed(seed, group_id, variant_id, image_index),
+                })
+    return rows
+
+
+def image_sort_key(row):
+    return row["group_id"], row["variant_id"], row["image_index"]

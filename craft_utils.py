@@ -1,24 +1,20 @@
-"""Plumbing shared by the CRAFT scripts: the folder contract, crash-safe files, prompts and seeds, generation folders.
-
-Each script is one stage and reads top to bottom; what two or more of them need lives here.
+"""Plumbing every CRAFT stage shares: one-line errors (also for a full disk or a read-only folder), crash-safe files
+and folders, locks, the rows of a folder's metadata (paths kept inside it, each image checked), and seeds derived
+from what a sample is. Each script is one stage and reads top to bottom; what two or more of them need lives here.
 """
 
 import contextlib
-import csv
 import errno
 import glob
 import hashlib
-import io
 import json
 import os
-import random
 import re
 import shutil
 import signal
 import sys
 import tempfile
 
-GENERATION_CONFIG = "generation_config.json"
 METADATA = "metadata.jsonl"
 PROGRESS_DIR = ".progress"  # hidden, so load_dataset("imagefolder") never sees the per-process logs
 
@@ -68,6 +64,14 @@ def write_faults_in_one_line(folder):
         reason = WRITE_FAULTS.get(number, "a write failed (a full disk or a read-only folder?)")
         fail(f"{path or folder}: {reason}; free space or fix the permissions, then rerun the same command: it goes "
              "on from what was saved")
+
+
+def announce_default_model(args, default, input_args):
+    """The first line a stage prints when the user named no model: which one it loads, and the flag to choose."""
+    given = any(arg.startswith("--pretrained_model_name_or_path") for arg in
+                (sys.argv[1:] if input_args is None else map(str, input_args)))
+    if not given and args.pretrained_model_name_or_path == default and os.environ.get("RANK", "0") == "0":
+        print(f"model: {default}, the default (--pretrained_model_name_or_path chooses another)", flush=True)
 
 
 _fault_points_reached = {}
@@ -171,6 +175,42 @@ def remove_temp_files(folder):
 def save_image_atomic(image, path):
     image_format = {".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(os.path.splitext(path)[1].lower(), "PNG")
     write_atomic(path, lambda f: image.save(f, format=image_format))
+
+
+def labelled_grid(tiles, row_labels, column_labels=None, captions=None, tile_size=256):
+    """A grid of images that says what it shows, readable at its saved size: tiles[r][c] (PIL images; rows may be
+    shorter than others) scaled to tile_size, each row's label (wrapped) on its left, each column's label on top,
+    and captions[r][c] (a few lines: the scores that matter) under each tile."""
+    import textwrap
+
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=max(12, tile_size // 16))
+    line = font.getbbox("Ag")[3] + 4
+    chars = max(8, int(tile_size * 1.6 / font.size))  # the characters a label of tile_size pixels holds
+
+    def wrapped(text, width):
+        return "\n".join(textwrap.wrap(str(text), width)[:4])
+
+    columns = max(len(row) for row in tiles)
+    left = tile_size if row_labels else 0
+    top = line * max((wrapped(label, chars).count("\n") + 1 for label in column_labels), default=0) \
+        if column_labels else 0
+    under = line * max((len(caption.splitlines()) for row in captions or [] for caption in row), default=0)
+    sheet = Image.new("RGB", (left + columns * tile_size, top + len(tiles) * (tile_size + under)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for c, label in enumerate(column_labels or []):
+        draw.multiline_text((left + c * tile_size + 4, 2), wrapped(label, chars), fill="black", font=font)
+    for r, row in enumerate(tiles):
+        y = top + r * (tile_size + under)
+        if row_labels:
+            draw.multiline_text((4, y + 4), wrapped(row_labels[r], chars), fill="black", font=font)
+        for c, image in enumerate(row):
+            sheet.paste(image.convert("RGB").resize((tile_size, tile_size)), (left + c * tile_size, y))
+            if captions and captions[r][c]:
+                draw.multiline_text((left + c * tile_size + 4, y + tile_size + 2), captions[r][c], fill="black",
+                                    font=font)
+    return sheet
 
 
 def read_text(path):
@@ -369,93 +409,7 @@ def check_image(path, where, decode=True):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Prompts and seeds
-
-
-def add_prompt_args(parser):
-    group = parser.add_argument_group("prompts")
-    group.add_argument("--prompts_file",
-                       help="a .txt (one prompt per line), .jsonl, .csv or .json file of prompts; a .json file is an "
-                            "array of strings, or of objects holding --prompt_column (HPDv2's train.json as it is)")
-    group.add_argument("--dataset_name", help="a Hugging Face dataset (Hub id or local folder) holding prompts")
-    group.add_argument("--dataset_split", default="train", help="split of --dataset_name")
-    group.add_argument("--prompt_column", default="prompt", help="column of the prompts in .jsonl/.csv/datasets")
-    group.add_argument("--max_prompts", type=int, help="use at most this many prompts (after de-duplication)")
-    group.add_argument(
-        "--shuffle_prompts", action="store_true",
-        help="shuffle the prompts with --seed before --max_prompts takes its subset",
-    )
-
-
-def _column(rows, column, source):
-    for number, row in enumerate(rows, start=1):
-        if not isinstance(row, dict) or column not in row:
-            where = source if number == 1 else f"{source}, row {number}"
-            columns = ", ".join(row) if isinstance(row, dict) else f"a {type(row).__name__}"
-            fail(f"{where} has no column '{column}' (columns: {columns}); set --prompt_column")
-    return _text_values([row[column] for row in rows], source, "row")
-
-
-def _text_values(values, source, unit):
-    """The prompts as they are: text, or null for a row without one; anything else is refused, naming its row."""
-    for number, value in enumerate(values, start=1):
-        if value is not None and not isinstance(value, str):
-            fail(f"{source}, {unit} {number}: the prompt {value!r} is not text; fix that {unit}")
-    return values
-
-
-def _json_prompts(source, column):
-    """A JSON array of prompt strings (HPSv2's benchmark files) or of records (HPDv2's train.json)."""
-    try:
-        data = json.loads(read_text(source))
-    except json.JSONDecodeError as error:
-        fail(f"{source}, line {error.lineno}: not valid JSON ({error.msg}); fix the file")
-    if not isinstance(data, list):
-        fail(f"{source} holds a JSON {type(data).__name__}; a .json prompts file is an array of strings or of objects")
-    if any(isinstance(item, str) for item in data):  # an array of strings
-        return _text_values(data, source, "item")
-    return _column(data, column, source)
-
-
-def load_prompts(args):
-    """Prompts from --prompts_file or --dataset_name: stripped, empty ones dropped, duplicates removed, in order."""
-    if bool(args.prompts_file) == bool(args.dataset_name):
-        fail("give exactly one of --prompts_file and --dataset_name")
-    if args.max_prompts is not None and args.max_prompts < 1:
-        fail(f"--max_prompts must be at least 1 (got {args.max_prompts}); leave it out to use every prompt")
-    if args.prompts_file:
-        source = args.prompts_file
-        if not os.path.isfile(source):
-            fail(f"prompts file {source} does not exist")
-        extension = os.path.splitext(source)[1].lower()
-        if extension == ".jsonl":
-            prompts = _column(read_jsonl(source), args.prompt_column, source)
-        elif extension == ".json":
-            prompts = _json_prompts(source, args.prompt_column)
-        elif extension == ".csv":
-            prompts = _column(list(csv.DictReader(io.StringIO(read_text(source)))), args.prompt_column, source)
-        else:
-            prompts = read_text(source).splitlines()
-    else:
-        from datasets import load_dataset
-
-        source = f"dataset {args.dataset_name} (split {args.dataset_split})"
-        try:
-            dataset = load_dataset(args.dataset_name, split=args.dataset_split)
-        except Exception as error:  # datasets raises many types; the user needs the message, not the trace
-            fail(f"could not load {source}: {str(error).splitlines()[0]}")
-        if args.prompt_column not in dataset.column_names:
-            fail(f"{source} has no column '{args.prompt_column}' (columns: {', '.join(dataset.column_names)}); "
-                 "set --prompt_column")
-        prompts = _text_values(dataset[args.prompt_column], source, "row")
-    if None in prompts:
-        print(f"{source}: left out {prompts.count(None)} row(s) without a prompt (null)", file=sys.stderr)
-    prompts = list(dict.fromkeys(p.strip() for p in prompts if p is not None and p.strip()))
-    if not prompts:
-        fail(f"{source} holds no prompts")
-    if args.shuffle_prompts:
-        random.Random(args.seed).shuffle(prompts)
-    return prompts[: args.max_prompts] if args.max_prompts else prompts
+# Seeds, and what the stages' folders share
 
 
 def sha256_of(obj):
@@ -472,17 +426,7 @@ def derive_seed(seed, group_id, variant_id, image_index):
     return derive(seed, group_id, variant_id, image_index)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Generation folders: the settings they were made with, resume and --overwrite (craft_generation.py makes the images)
-
 TORCH_DTYPES = {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}
-
-
-# What the stages write into a generation folder: its images (image_file_name), records, rewards and their reports.
-GENERATION_IMAGE = re.compile(r"\d{6}_v\d{2}_i\d{2}\.png$")
-GENERATION_FILES = re.compile(rf"({GENERATION_IMAGE.pattern[:-1]}|generation_config\.json|metadata\.jsonl|"
-                              r"expansions\.jsonl|rewards\.jsonl|rewards_summary\.(json|md)|rewards_hist\.png)$")
-GENERATION_STAGE = {True: "generate_candidates.py", False: "eval_rewards.py"}  # by whether rewrites are recorded
 
 
 def refuse_foreign_entries(folder, ours, flag):
@@ -492,73 +436,3 @@ def refuse_foreign_entries(folder, ours, flag):
     if foreign:
         fail(f"{flag} replaces only what this pack wrote, and {folder} also holds {', '.join(foreign[:3])}"
              f"{' ...' if len(foreign) > 3 else ''}: move those away, or choose another --output_dir")
-
-
-def check_generation_folder(output_dir, settings, overwrite):
-    """Refuse to mix settings in one folder, or to write into a folder that is not ours. True = start over."""
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        fail(f"--output_dir {output_dir} is a file; give a folder")
-    config_path = os.path.join(output_dir, GENERATION_CONFIG)
-    if os.path.exists(config_path):
-        previous = recorded_settings(output_dir)
-        made_by, now = (GENERATION_STAGE["num_variants" in recorded] for recorded in (previous, settings))
-        if made_by != now:
-            fail(f"{output_dir} was made by {made_by}; {now} writes only into its own folders: choose another "
-                 "--output_dir")
-        changed = [k for k in sorted(set(previous) | set(settings)) if previous.get(k) != settings.get(k)]
-        if changed and not any(GENERATION_IMAGE.match(name) for name in os.listdir(output_dir)):
-            print(f"{output_dir}: no image was made with its earlier settings; starting over with these")
-            return True
-        if changed and overwrite:
-            refuse_foreign_entries(output_dir, GENERATION_FILES.match, "--overwrite")
-        if changed and not overwrite:
-            first = changed[0]
-            aside = previous_generation(output_dir)
-            fail(f"{output_dir} holds images made with other settings ({first}: {previous.get(first)!r} there, "
-                 f"{settings.get(first)!r} now; {len(changed)} setting(s) differ); rerun with the same settings to "
-                 "resume, choose another --output_dir, or pass --overwrite to start over"
-                 + (f" (the run that one replaces is kept in {aside}; --overwrite with its settings brings it back)"
-                    if os.path.exists(aside) else ""))
-        return bool(changed)
-    if os.path.isdir(output_dir) and os.listdir(output_dir):
-        fail(f"{output_dir} is not empty and holds no {GENERATION_CONFIG}; choose an empty --output_dir")
-    return False
-
-
-def previous_generation(output_dir):
-    """Where --overwrite keeps a folder's previous run until the new one completes."""
-    return _swap_names(output_dir)[3]
-
-
-def generation_complete(output_dir):
-    """Every planned image made and logged: metadata.jsonl merged and no progress log left."""
-    return os.path.isfile(os.path.join(output_dir, METADATA)) and \
-        not glob.glob(os.path.join(output_dir, PROGRESS_DIR, "*.jsonl"))
-
-
-def recorded_settings(output_dir):
-    with open(os.path.join(output_dir, GENERATION_CONFIG), encoding="utf-8") as f:
-        return json.load(f)["settings"]
-
-
-def image_file_name(group_id, variant_id, image_index):
-    return f"{group_id:06d}_v{variant_id:02d}_i{image_index:02d}.png"
-
-
-def plan_images(groups, num_images_per_prompt, seed):
-    """One metadata row per image to make. groups: [(original_prompt, [prompt texts, variant 0 first])]."""
-    rows = []
-    for group_id, (original_prompt, texts) in enumerate(groups):
-        for variant_id, text in enumerate(texts):
-            for image_index in range(num_images_per_prompt):
-                rows.append({
-                    "file_name": image_file_name(group_id, variant_id, image_index), "text": text,
-                    "original_prompt": original_prompt, "group_id": group_id, "variant_id": variant_id,
-                    "image_index": image_index, "seed": derive_seed(seed, group_id, variant_id, image_index),
-                })
-    return rows
-
-
-def image_sort_key(row):
-    return row["group_id"], row["variant_id"], row["image_index"]
-

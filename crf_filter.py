@@ -240,36 +240,32 @@ def first_original(group_rows):
 
 
 def write_preview(path, kept, groups, source_dir, names, count):
-    """One row per group: the first original-prompt image (under it, the reference scores in dominance mode), then
-    the kept images with their weight and scores (pairs mode: the preferred and the rejected image)."""
-    from PIL import Image, ImageDraw
+    """One row per group, labelled with its prompt: the first original-prompt image (under it, the reference scores in
+    dominance mode), then the kept images with their weight and scores (pairs mode: the preferred and the rejected
+    image)."""
+    from PIL import Image
 
     shown = preview_groups(kept, count)
     if not shown:
         return
-    tile, caption = 160, 14 * (len(names) + 1)
-    per_group = {g: [shown_row for r in kept if r["group_id"] == g
+    tiles, captions = [], []
+    for group_id in shown:
+        kept_rows = [shown_row for r in kept if r["group_id"] == group_id
                      for shown_row in ([r, {**r["rejected"], "is_rejected": True}] if "rejected" in r else [r])]
-                 for g in shown}
-    width = 1 + max(len(rows) for rows in per_group.values())
-    sheet = Image.new("RGB", (width * tile, len(shown) * (tile + caption)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for y, group_id in enumerate(shown):
-        for x, row in enumerate(first_original(groups[group_id]) + per_group[group_id]):
-            image = Image.open(os.path.join(source_dir, row["file_name"])).convert("RGB").resize((tile, tile))
-            top = y * (tile + caption)
-            sheet.paste(image, (x * tile, top))
+        tiles.append([]), captions.append([])
+        for x, row in enumerate(first_original(groups[group_id]) + kept_rows):
             if x and ("rejected" in row or row.get("is_rejected")):
                 label = [f"{'rejected' if row.get('is_rejected') else 'preferred'}, A {row['advantage']:+.2f}"]
                 values = row["scores"]
             elif row["variant_id"] == 0:
-                reference = per_group[group_id][0].get("reference")
+                reference = kept_rows[0].get("reference")
                 label, values = ["reference" if reference else "original"], reference or row["scores"]
             else:
                 label, values = [f"kept, weight {row['weight']:.2f}"], row["scores"]
-            label += [f"{name} {values[name]:.3f}" for name in names]
-            draw.multiline_text((x * tile + 2, top + tile + 1), "\n".join(label), fill="black", spacing=1)
-    cu.save_image_atomic(sheet, path)
+            tiles[-1].append(Image.open(os.path.join(source_dir, row["file_name"])))
+            captions[-1].append("\n".join(label + [f"{name} {values[name]:.3f}" for name in names]))
+    prompts = [groups[group_id][0]["original_prompt"] for group_id in shown]
+    cu.save_image_atomic(cu.labelled_grid(tiles, prompts, captions=captions, tile_size=192), path)
 
 
 def copy_image(args, row, staging):

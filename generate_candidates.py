@@ -18,9 +18,11 @@ import sys
 import time
 
 import craft_generation as cg
+import craft_pipelines as cp
 import craft_utils as cu
 
 EXPANSIONS = "expansions.jsonl"
+DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"  # --pretrained_model_name_or_path when none is given
 
 # Detail/style rewrites that keep the prompt's meaning (the "template" expansion needs no model).
 TEMPLATES = (
@@ -43,8 +45,8 @@ DEFAULT_INSTRUCTION = (
 
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cg.add_generation_args(parser)
-    cu.add_prompt_args(parser)
+    cg.add_generation_args(parser, default_model=DEFAULT_MODEL)
+    cg.add_prompt_args(parser)
     group = parser.add_argument_group("prompt expansion")
     group.add_argument("--num_variants", type=int, default=3, help="rewrites per prompt (K); 0 = original only")
     group.add_argument("--expansion", choices=["template", "llm", "file"], default="template",
@@ -62,6 +64,7 @@ def parse_args(input_args=None):
     parser.add_argument("--overwrite", action="store_true",
                         help="delete an existing candidates folder made with other settings and start over")
     args = parser.parse_args(input_args)
+    cu.announce_default_model(args, DEFAULT_MODEL, input_args)
     cg.check_generation_args(args)
 
     if args.num_variants < 0:
@@ -191,20 +194,20 @@ def expand_prompts(prompts, args, state):
 
 def main(args):
     state = cu.process_state()
-    prompts = cu.load_prompts(args)
+    prompts = cg.load_prompts(args)
     cg.resolve_sampling_settings(args)
     settings = {
         **cg.generation_settings(args), **expansion_settings(args),
         "prompts_source": args.prompts_file or f"{args.dataset_name}:{args.dataset_split}",
         "num_prompts": len(prompts), "prompts_sha256": cu.sha256_of(prompts),
     }
-    start_over = cu.check_generation_folder(args.output_dir, settings, args.overwrite)
-    pipe = cg.load_pipeline(args, state.device)
+    start_over = cg.check_generation_folder(args.output_dir, settings, args.overwrite)
+    pipe = cp.load_pipeline(args, state.device)
     cg.start_generation_folder(args.output_dir, settings, pipe, args, start_over, state)
 
     started = time.time()
     groups = expand_prompts(prompts, args, state)
-    planned = cu.plan_images(groups, args.num_images_per_prompt, args.seed)
+    planned = cg.plan_images(groups, args.num_images_per_prompt, args.seed)
     made, seconds = cg.generate_images(pipe, planned, args.output_dir, args, state)
     if state.is_main_process:
         print(f"{len(planned)} images for {len(groups)} prompts x {args.num_variants + 1} texts x "

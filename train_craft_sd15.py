@@ -29,21 +29,23 @@ Output: a full pipeline folder (full fine-tune) or pytorch_lora_weights.safetens
 import argparse
 import copy
 import math
-import os
 import statistics
 
+import craft_checkpoints as ck
 import craft_outputs as co
+import craft_data as cd
 import craft_training as ct
 import craft_utils as cu
 
 PIPELINE_CLASS = "StableDiffusionPipeline"  # the family this script trains: model_index.json's _class_name
+BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # --pretrained_model_name_or_path when none is given
 LICENSE = "creativeml-openrail-m"  # the model card's: SD1.5's, which a fine-tune inherits
 MODEL_TAGS = ["stable-diffusion", "stable-diffusion-diffusers"]  # the model card's Hub tags for the family
 
 
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ct.add_training_args(parser, resolution=512, beta_dpo=2500)
+    ct.add_training_args(parser, BASE_MODEL, resolution=512, beta_dpo=2500)
     ct.add_ddpm_args(parser)
     parser.add_argument("--use_lora", action="store_true", help="train a LoRA instead of the full UNet")
     parser.add_argument("--output_kohya_format", action="store_true",
@@ -111,7 +113,7 @@ def main(args):
         cu.fail("--fused_optimizer_step runs on one process without fp16's loss scaling: use one GPU and bf16 or no "
                 "mixed precision")
     torch.manual_seed(args.seed)  # LoRA's initial weights
-    examples, weights_note = ct.load_examples(args)  # every bad row is refused before a model loads
+    examples, weights_note = cd.load_examples(args)  # every bad row is refused before a model loads
     noise_scheduler, tokenizer, text_encoder, vae, unet = load_models(args)
     if args.prediction_type:
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
@@ -154,8 +156,8 @@ def main(args):
     # encoder before the UNet arrives, for a lower peak. A text encoder that trains encodes the captions every step.
     vae.to(accelerator.device, weight_dtype)
     text_encoder.to(accelerator.device, weight_dtype)
-    cache = ct.should_cache(args, examples)
-    encodings = ct.Encodings(examples, args, encode_images,
+    cache = cd.should_cache(args, examples)
+    encodings = cd.Encodings(examples, args, encode_images,
                              None if args.train_text_encoder else lambda captions: encode_prompt(captions, text_encoder),
                              cache, show_progress=accelerator.is_local_main_process)
     if cache:
@@ -181,7 +183,7 @@ def main(args):
     else:
         step_in_backward = None
         optimizer = ct.make_optimizer(params_to_optimize, args, accelerator.num_processes)
-    train_dataset, train_dataloader = ct.make_dataloader(examples, args, cached=cache)
+    train_dataset, train_dataloader = cd.make_dataloader(examples, args, cached=cache)
     num_update_steps_per_epoch = math.ceil(
         len(train_dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * num_update_steps_per_epoch
@@ -189,7 +191,7 @@ def main(args):
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=max_train_steps * accelerator.num_processes)
-    co.register_checkpoint_hooks(accelerator, StableDiffusionPipeline, trained, args.use_lora, ema_unet,
+    ck.register_checkpoint_hooks(accelerator, StableDiffusionPipeline, trained, args.use_lora, ema_unet,
                                 step_in_backward)
     if args.train_text_encoder:
         unet, text_encoder, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
@@ -199,11 +201,11 @@ def main(args):
             unet, optimizer, train_dataloader, lr_scheduler)
     models_to_train = [unet, text_encoder] if args.train_text_encoder else [unet]  # as prepared (DDP-wrapped)
 
-    co.claim_output_dir(accelerator, args)  # this run's alone; what an earlier run left is settled
+    ck.claim_output_dir(accelerator, args)  # this run's alone; what an earlier run left is settled
     if accelerator.is_main_process:
         accelerator.init_trackers("craft", config={k: v for k, v in vars(args).items()
                                                    if isinstance(v, (int, float, str, bool))})
-    global_step = co.resume(accelerator, args)
+    global_step = ck.resume(accelerator, args)
     first_epoch, skip_batches = divmod(global_step, num_update_steps_per_epoch)
     skip_batches *= args.gradient_accumulation_steps
     rewards = co.load_validation_rewards(args, accelerator)
@@ -251,9 +253,9 @@ def main(args):
         batches = accelerator.skip_first_batches(train_dataloader, skip_batches) if resumed_epoch else train_dataloader
         for batch in batches:
             # each sample's draws come from its own seed: resumed, or on any number of GPUs, the run is the same
-            random = ct.SampleRandom(args.seed, epoch, batch["index"])
+            random = cd.SampleRandom(args.seed, epoch, batch["index"])
             with accelerator.accumulate(*models_to_train):
-                captions = ct.drop_captions(batch["caption"], args.proportion_empty_prompts, random)
+                captions = cd.drop_captions(batch["caption"], args.proportion_empty_prompts, random)
                 mean, std, _ = encodings.latent_dist(batch)
                 latents = (mean + std * random.randn(*mean.shape[1:]).to(mean.device)) * vae.config.scaling_factor
                 copies = 1
@@ -328,7 +330,7 @@ def main(args):
             progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
             accelerator.log(logs, step=global_step)
             if global_step % args.checkpointing_steps == 0:
-                co.save_checkpoint(accelerator, args, global_step)
+                ck.save_checkpoint(accelerator, args, global_step)
             if args.validation_prompt and args.validation_steps and global_step % args.validation_steps == 0:
                 log_validation(global_step)
             if global_step >= max_train_steps:
@@ -345,7 +347,7 @@ def main(args):
         unet = accelerator.unwrap_model(unet)
         if ema_unet is not None:
             ema_unet.copy_to(unet.parameters())
-        with co.written_whole(args.output_dir) as folder:
+        with ck.written_whole(args.output_dir) as folder:
             if args.use_lora:
                 lora_models = {name: accelerator.unwrap_model(module) for name, module in trained.items()}
                 co.save_lora(StableDiffusionPipeline, folder, lora_models)

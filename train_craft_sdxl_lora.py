@@ -18,21 +18,23 @@ Output: pytorch_lora_weights.safetensors (StableDiffusionXLPipeline.load_lora_we
 
 import argparse
 import math
-import os
 import statistics
 
+import craft_checkpoints as ck
 import craft_outputs as co
+import craft_data as cd
 import craft_training as ct
 import craft_utils as cu
 
 PIPELINE_CLASS = "StableDiffusionXLPipeline"  # the family this script trains: model_index.json's _class_name
+BASE_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"  # --pretrained_model_name_or_path when none is given
 LICENSE = "openrail++"  # the model card's: SDXL's, which a fine-tune inherits
 MODEL_TAGS = ["stable-diffusion-xl", "stable-diffusion-xl-diffusers"]  # the model card's Hub tags for the family
 
 
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ct.add_training_args(parser, resolution=1024, beta_dpo=5000)
+    ct.add_training_args(parser, BASE_MODEL, resolution=1024, beta_dpo=5000)
     ct.add_ddpm_args(parser)
     parser.add_argument("--pretrained_vae_model_name_or_path",
                         help="a VAE that works in fp16 (madebyollin/sdxl-vae-fp16-fix); without it the VAE stays fp32")
@@ -96,7 +98,7 @@ def main(args):
     # gradient, which DDP must expect
     accelerator = ct.make_accelerator(args, find_unused_parameters=args.train_text_encoder)
     torch.manual_seed(args.seed)  # LoRA's initial weights
-    examples, weights_note = ct.load_examples(args)  # every bad row is refused before a model loads
+    examples, weights_note = cd.load_examples(args)  # every bad row is refused before a model loads
     noise_scheduler, (tokenizer, tokenizer_2), (text_encoder, text_encoder_2), vae, unet = load_models(args)
     if args.prediction_type:
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
@@ -147,10 +149,10 @@ def main(args):
     # CRAFT's sets are tiny: encode every image (both flips) and caption once, then free the VAE and both frozen text
     # encoders before the UNet arrives (diffusers' SDXL LoRA script runs all three every step). Text encoders that
     # train encode the captions every step.
-    cache = ct.should_cache(args, examples)
+    cache = cd.should_cache(args, examples)
     encode_frozen = None if args.train_text_encoder else \
         (lambda captions: encode_prompt(captions, (text_encoder, text_encoder_2)))
-    encodings = ct.Encodings(examples, args, encode_images, encode_frozen, cache,
+    encodings = cd.Encodings(examples, args, encode_images, encode_frozen, cache,
                              show_progress=accelerator.is_local_main_process)
     if cache:
         move_frozen("cpu")
@@ -166,7 +168,7 @@ def main(args):
 
     params_to_optimize = [p for module in trained.values() for p in module.parameters() if p.requires_grad]
     optimizer = ct.make_optimizer(params_to_optimize, args, accelerator.num_processes)
-    train_dataset, train_dataloader = ct.make_dataloader(examples, args, cached=cache)
+    train_dataset, train_dataloader = cd.make_dataloader(examples, args, cached=cache)
     num_update_steps_per_epoch = math.ceil(
         len(train_dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * num_update_steps_per_epoch
@@ -174,7 +176,7 @@ def main(args):
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=max_train_steps * accelerator.num_processes)
-    co.register_checkpoint_hooks(accelerator, StableDiffusionXLPipeline, trained, is_lora=True)
+    ck.register_checkpoint_hooks(accelerator, StableDiffusionXLPipeline, trained, is_lora=True)
     if args.train_text_encoder:
         unet, text_encoder, text_encoder_2, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
             unet, text_encoder, text_encoder_2, optimizer, train_dataloader, lr_scheduler)
@@ -184,11 +186,11 @@ def main(args):
             unet, optimizer, train_dataloader, lr_scheduler)
         models_to_train = [unet]
 
-    co.claim_output_dir(accelerator, args)  # this run's alone; what an earlier run left is settled
+    ck.claim_output_dir(accelerator, args)  # this run's alone; what an earlier run left is settled
     if accelerator.is_main_process:
         accelerator.init_trackers("craft", config={k: v for k, v in vars(args).items()
                                                    if isinstance(v, (int, float, str, bool))})
-    global_step = co.resume(accelerator, args)
+    global_step = ck.resume(accelerator, args)
     first_epoch, skip_batches = divmod(global_step, num_update_steps_per_epoch)
     skip_batches *= args.gradient_accumulation_steps
     rewards = co.load_validation_rewards(args, accelerator)
@@ -231,9 +233,9 @@ def main(args):
         batches = accelerator.skip_first_batches(train_dataloader, skip_batches) if resumed_epoch else train_dataloader
         for batch in batches:
             # each sample's draws come from its own seed: resumed, or on any number of GPUs, the run is the same
-            random = ct.SampleRandom(args.seed, epoch, batch["index"])
+            random = cd.SampleRandom(args.seed, epoch, batch["index"])
             with accelerator.accumulate(*models_to_train):
-                captions = ct.drop_captions(batch["caption"], args.proportion_empty_prompts, random)
+                captions = cd.drop_captions(batch["caption"], args.proportion_empty_prompts, random)
                 mean, std, sizes = encodings.latent_dist(batch)
                 latents = (mean + std * random.randn(*mean.shape[1:]).to(mean.device)) * vae.config.scaling_factor
                 # SDXL's micro-conditioning, per sample: original size, crop top-left (mirrored by a flip), target size
@@ -308,7 +310,7 @@ def main(args):
             progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
             accelerator.log(logs, step=global_step)
             if global_step % args.checkpointing_steps == 0:
-                co.save_checkpoint(accelerator, args, global_step)
+                ck.save_checkpoint(accelerator, args, global_step)
             if args.validation_prompt and args.validation_steps and global_step % args.validation_steps == 0:
                 log_validation(global_step)
             if global_step >= max_train_steps:
@@ -323,7 +325,7 @@ def main(args):
     stats = co.run_stats(examples, weights_note, cache, clock, global_step)
     if accelerator.is_main_process:
         lora_models = {name: accelerator.unwrap_model(module) for name, module in trained.items()}
-        with co.written_whole(args.output_dir) as folder:
+        with ck.written_whole(args.output_dir) as folder:
             co.save_lora(StableDiffusionXLPipeline, folder, lora_models)
             if args.output_kohya_format:
                 co.save_kohya(folder, lora_models, lora_alpha, one_text_encoder=False)

@@ -27,14 +27,16 @@ validation grids and a model card.
 
 import argparse
 import math
-import os
 import statistics
 
+import craft_checkpoints as ck
 import craft_outputs as co
+import craft_data as cd
 import craft_training as ct
 import craft_utils as cu
 
 PIPELINE_CLASS = "ZImagePipeline"  # the family this script trains: model_index.json's _class_name
+BASE_MODEL = "Tongyi-MAI/Z-Image"  # --pretrained_model_name_or_path when none is given
 LICENSE = "apache-2.0"  # the model card's: Z-Image's, which a fine-tune inherits
 MODEL_TAGS = ["z-image"]  # the model card's Hub tags for the family
 
@@ -43,7 +45,7 @@ ATTENTION = "to_k,to_q,to_v,to_out.0"  # the attention of every block, as diffus
 
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ct.add_training_args(parser, resolution=1024, beta_dpo=5000)
+    ct.add_training_args(parser, BASE_MODEL, resolution=1024, beta_dpo=5000)
     ct.add_flow_matching_args(parser)
     parser.add_argument("--max_sequence_length", type=int, default=512,
                         help="Qwen3 tokens per chat-formatted caption (the pipeline's 512)")
@@ -133,7 +135,7 @@ def main(args):
 
     accelerator = ct.make_accelerator(args)
     torch.manual_seed(args.seed)  # LoRA's initial weights
-    examples, weights_note = ct.load_examples(args)  # every bad row is refused before a model loads
+    examples, weights_note = cd.load_examples(args)  # every bad row is refused before a model loads
     weight_dtype = ct.weight_dtype_of(accelerator)
     noise_scheduler, tokenizer, text_encoder, vae = load_models(args, weight_dtype)
     for frozen in (text_encoder, vae):
@@ -178,8 +180,8 @@ def main(args):
     # CRAFT's sets are tiny: encode every image (both flips) and caption once, then free the VAE and the text encoder
     # (Qwen3-4B is 8 GB in bf16) before the transformer loads, so they never share the GPU (unless --cache_latents no
     # keeps them there to encode every step).
-    cache = ct.should_cache(args, examples)
-    encodings = ct.Encodings(examples, args, encode_images, encode_prompt, cache,
+    cache = cd.should_cache(args, examples)
+    encodings = cd.Encodings(examples, args, encode_images, encode_prompt, cache,
                              show_progress=accelerator.is_local_main_process)
     with torch.no_grad():  # validation prompts too (and the empty negative prompt): the encoder never comes back
         validation_inputs = {prompt: {name: caption_features(encode_prompt([text]), "cpu")
@@ -201,7 +203,7 @@ def main(args):
 
     params_to_optimize = [p for p in transformer.parameters() if p.requires_grad]
     optimizer = ct.make_optimizer(params_to_optimize, args, accelerator.num_processes)
-    train_dataset, train_dataloader = ct.make_dataloader(examples, args, cached=cache)
+    train_dataset, train_dataloader = cd.make_dataloader(examples, args, cached=cache)
     num_update_steps_per_epoch = math.ceil(
         len(train_dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * num_update_steps_per_epoch
@@ -209,15 +211,15 @@ def main(args):
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=max_train_steps * accelerator.num_processes)
-    co.register_checkpoint_hooks(accelerator, ZImagePipeline, trained, is_lora=True)
+    ck.register_checkpoint_hooks(accelerator, ZImagePipeline, trained, is_lora=True)
     transformer, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         transformer, optimizer, train_dataloader, lr_scheduler)
 
-    co.claim_output_dir(accelerator, args)  # this run's alone; what an earlier run left is settled
+    ck.claim_output_dir(accelerator, args)  # this run's alone; what an earlier run left is settled
     if accelerator.is_main_process:
         accelerator.init_trackers("craft", config={k: v for k, v in vars(args).items()
                                                    if isinstance(v, (int, float, str, bool))})
-    global_step = co.resume(accelerator, args)
+    global_step = ck.resume(accelerator, args)
     first_epoch, skip_batches = divmod(global_step, num_update_steps_per_epoch)
     skip_batches *= args.gradient_accumulation_steps
     rewards = co.load_validation_rewards(args, accelerator)
@@ -262,9 +264,9 @@ def main(args):
         batches = accelerator.skip_first_batches(train_dataloader, skip_batches) if resumed_epoch else train_dataloader
         for batch in batches:
             # each sample's draws come from its own seed: resumed, or on any number of GPUs, the run is the same
-            random = ct.SampleRandom(args.seed, epoch, batch["index"])
+            random = cd.SampleRandom(args.seed, epoch, batch["index"])
             with accelerator.accumulate(transformer):
-                captions = ct.drop_captions(batch["caption"], args.proportion_empty_prompts, random)
+                captions = cd.drop_captions(batch["caption"], args.proportion_empty_prompts, random)
                 mean, std, _ = encodings.latent_dist(batch)
                 latents, copies = mean + std * random.randn(*mean.shape[1:]).to(mean.device), 1
                 if args.loss == "dpo":  # each pair's rejected image goes after the batch's preferred ones
@@ -329,7 +331,7 @@ def main(args):
             progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
             accelerator.log(logs, step=global_step)
             if global_step % args.checkpointing_steps == 0:
-                co.save_checkpoint(accelerator, args, global_step)
+                ck.save_checkpoint(accelerator, args, global_step)
             if args.validation_prompt and args.validation_steps and global_step % args.validation_steps == 0:
                 log_validation(global_step)
             if global_step >= max_train_steps:
@@ -343,7 +345,7 @@ def main(args):
     accelerator.wait_for_everyone()
     stats = co.run_stats(examples, weights_note, cache, clock, global_step)
     if accelerator.is_main_process:
-        with co.written_whole(args.output_dir) as folder:
+        with ck.written_whole(args.output_dir) as folder:
             co.save_lora(ZImagePipeline, folder, {"transformer": accelerator.unwrap_model(transformer)})
         co.finish(args, stats, is_lora=True, license=LICENSE, model_tags=MODEL_TAGS)
     accelerator.end_training()

@@ -3,7 +3,7 @@
 
 Every run makes the same images (same prompts, rewrites, seeds, steps, guidance, size) and saves PNGs; the plain loop
 is what a user writes by hand: one `pipe(prompt, generator)` call per image. Then each option of the `speed and
-memory` flags gets a freshly loaded pipeline (the scripts' own cg.load_pipeline) and the same plan, and the table
+memory` flags gets a freshly loaded pipeline (the scripts' own cp.load_pipeline) and the same plan, and the table
 shows images/s, the first batch's seconds (where --compile compiles), peak GPU memory, and how far its images are
 from the default path's (max pixel difference and PSNR; 0 / inf = bit-identical). The denoiser's FLOPs per image
 are counted once with torch's FLOP counter; FLOPs x images/s is the denoiser's achieved TFLOP/s, shown against the
@@ -28,6 +28,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import craft_generation as cg  # noqa: E402
+import craft_pipelines as cp  # noqa: E402
 import craft_utils as cu  # noqa: E402
 from generate_candidates import template_variants  # noqa: E402
 
@@ -110,7 +111,7 @@ def denoiser_flops_per_image(pipe, settings, size):
     """Every denoiser forward of one image (both CFG halves at every step), counted by torch's FLOP counter."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    denoiser = cg.denoiser_of(pipe)
+    denoiser = cp.denoiser_of(pipe)
     with FlopCounterMode(display=False) as counter:
         pipe(PROMPTS[0], generator=torch.Generator("cpu").manual_seed(0), height=size, width=size,
              num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale,
@@ -141,12 +142,12 @@ def main():
         raise SystemExit(f"--options: unknown {unknown[0]}; choose from {', '.join(OPTIONS)}")
     work = tempfile.mkdtemp()
     path = pipeline_folder(args, work, state.device)
-    pipe = cg.load_pipeline(generation_args(path, args), state.device)
-    size = args.resolution or cg.native_size(pipe)
+    pipe = cp.load_pipeline(generation_args(path, args), state.device)
+    size = args.resolution or cp.native_size(pipe)
     settings = generation_args(path, args, height=size, width=size)
     prompts = (PROMPTS * args.num_prompts)[: args.num_prompts]
     groups = [(p, [p] + template_variants(p, g, settings)) for g, p in enumerate(prompts)]
-    planned = cu.plan_images(groups, args.num_images_per_prompt, seed=0)
+    planned = cg.plan_images(groups, args.num_images_per_prompt, seed=0)
     warm_up = [dict(row, file_name="warm-" + row["file_name"]) for row in planned[: args.batch_size]]
     flops = denoiser_flops_per_image(pipe, settings, size)
 
@@ -177,7 +178,7 @@ def main():
             del pipe
             if gpu:
                 torch.cuda.empty_cache()
-            pipe = cg.load_pipeline(generation_args(path, args, **OPTIONS[name]), state.device)
+            pipe = cp.load_pipeline(generation_args(path, args, **OPTIONS[name]), state.device)
         run = generation_args(path, args, height=size, width=size, **OPTIONS[name])
         folder = os.path.join(work, name)
         os.makedirs(folder)

@@ -25,6 +25,7 @@ from PIL import Image
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tools"))
+import craft_reward_models as cm  # noqa: E402
 import craft_rewards as cr  # noqa: E402
 import craft_utils as cu  # noqa: E402
 from make_tiny_models import make_aesthetic, reward_flags  # noqa: E402
@@ -65,7 +66,7 @@ def real_size_flags(zoo, folder):
     with open(os.path.join(folder, "med_config.json"), "w") as f:
         json.dump(med_config, f)
     tokenizer = os.path.join(zoo, "imagereward", "tokenizer")
-    image_reward = cr.build_image_reward(os.path.join(folder, "med_config.json"), tokenizer, (1024, 24, 16))
+    image_reward = cm.build_image_reward(os.path.join(folder, "med_config.json"), tokenizer, (1024, 24, 16))
     torch.save(image_reward.state_dict(), os.path.join(folder, "ImageReward.pt"))
     return ["--hpsv2_checkpoint", os.path.join(folder, "hps.pt"), "--hps_model", "ViT-H-14",
             "--pickscore_model", os.path.join(folder, "clip_h"), "--pickscore_processor", os.path.join(folder, "clip_h"),
@@ -113,7 +114,7 @@ def main():
                 torch.cuda.reset_peak_memory_stats()
             reward_args = reward_parser.parse_args(flags + ["--reward_batch_size", str(batch_size),
                                                             "--reward_precision", args.reward_precision])
-            reward = cr.load_reward(name, reward_args, device)
+            reward = cm.load_reward(name, reward_args, device)
             reward(images[:batch_size], prompts[:batch_size])  # warm-up
             if device == "cuda":
                 torch.cuda.synchronize()
@@ -143,7 +144,7 @@ def from_disk(args, images, prompts, reward_parser, flags, device, workdir):
     print(f"\nfrom {len(rows)} PNG files, batch {args.batch_size}:")
     print(f"{'reward':12s} {'decoded in turn':>16s} {f'{args.image_decode_workers} decode threads':>18s} {'ratio':>7s}")
     for name in cr.parse_reward_names(args.rewards):
-        reward = cr.load_reward(name, reward_parser.parse_args(
+        reward = cm.load_reward(name, reward_parser.parse_args(
             flags + ["--reward_batch_size", str(args.batch_size), "--reward_precision", args.reward_precision]), device)
         reward(images[:args.batch_size], prompts[:args.batch_size])  # warm-up
         rates = []

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+import craft_generation as cg
 import craft_utils as cu
 from conftest import REPO, run_script
 from make_tiny_models import make_training_set
@@ -147,7 +148,7 @@ def test_what_a_pipeline_cannot_take_is_one_line_before_any_folder(zoo, tmp_path
         "custom_class": (renamed(zoo, tmp_path, ["my_pipeline", "MyPipeline"]), [],
                          "/model_index.json names ['my_pipeline', 'MyPipeline'], not one of diffusers' pipeline "
                          "classes"),
-        "not_a_pipeline": (zoo / "clip", [], "could not read a diffusers pipeline from"),
+        "not_a_pipeline": (zoo / "clip", [], "clip has no model_index.json; give a diffusers pipeline folder or Hub id"),
         "vae_class": ("flux2_klein", ["--pretrained_vae_model_name_or_path", zoo / "sdxl" / "vae"],
                       f"--pretrained_vae_model_name_or_path {zoo}/sdxl/vae is a AutoencoderKL; Flux2KleinPipeline "
                       "takes a AutoencoderKLFlux2: give one of those"),
@@ -174,7 +175,7 @@ def test_an_omitted_guidance_is_the_pipelines_own_and_never_resumes_a_folder_mad
     prompts = write_lines(tmp_path / "prompts.txt", PROMPTS[:2])
     flags = ["--num_variants", 0, "--num_images_per_prompt", 1]
     generate(zoo, prompts, tmp_path / "new", *flags, model="sdxl")
-    assert cu.recorded_settings(tmp_path / "new")["guidance_scale"] == 5.0
+    assert cg.recorded_settings(tmp_path / "new")["guidance_scale"] == 5.0
     generate(zoo, prompts, tmp_path / "old", *flags, "--guidance_scale", 7.5, model="sdxl")
     before = folder_files(tmp_path / "old")
     result = generate(zoo, prompts, tmp_path / "old", *flags, model="sdxl", check=False)
@@ -190,7 +191,7 @@ def test_an_omitted_guidance_is_the_pipelines_own_and_never_resumes_a_folder_mad
            "the deltas mix the models' difference with the sampling's" in result.stdout
 
     generate(zoo, prompts, tmp_path / "old", *flags, "--overwrite", model="sdxl")
-    assert cu.recorded_settings(tmp_path / "old")["guidance_scale"] == 5.0
+    assert cg.recorded_settings(tmp_path / "old")["guidance_scale"] == 5.0
     name = cu.read_jsonl(tmp_path / "new" / "metadata.jsonl")[0]["file_name"]
     assert folder_files(tmp_path / "old")[name] == folder_files(tmp_path / "new")[name]
 
@@ -198,12 +199,12 @@ def test_an_omitted_guidance_is_the_pipelines_own_and_never_resumes_a_folder_mad
 def test_native_size_is_read_from_each_pipeline(zoo):
     """The pipeline's default latent size or its UNet's, times the VAE's downscaling (2 per VAE block after the
     first); None where the pipeline settles its size inside its call (Z-Image: 1024 there)."""
-    import craft_generation as cg
+    import craft_pipelines as cp
     from diffusers import DiffusionPipeline
 
     expected = {"sd15": 32 * 2, "sdxl": 32 * 2, "flux": 128 * 2, "sd3": 32 * 1, "flux2_klein": 128 * 1,
                 "zimage": None}
-    assert {model: cg.native_size(DiffusionPipeline.from_pretrained(zoo / model)) for model in expected} == expected
+    assert {model: cp.native_size(DiffusionPipeline.from_pretrained(zoo / model)) for model in expected} == expected
 
 
 # The trainers: each names the pipeline class it trains (PIPELINE_CLASS); a copy under any name trains that class

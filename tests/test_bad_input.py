@@ -206,3 +206,43 @@ def test_training_faults(zoo, data, tmp_path):
                            family="flux2_klein")) == (
         f"error: --validation_model_name_or_path {zoo / 'zimage'} is a ZImagePipeline; it must be a Flux2KleinPipeline, "
         "the family train_craft_flux2_klein_lora.py trains")
+
+
+def test_the_promised_command_names_its_default_model_and_why_it_cannot_be_had(tmp_path):
+    """No --pretrained_model_name_or_path: the script's family base model, said in the first line; offline (the
+    tests' HF_HUB_OFFLINE=1) and not in the cache, one line says so and what to do, before anything is written."""
+    data = make_training_set(tmp_path / "filtered", n=2)
+    for script, model in (("train_craft_sdxl_lora.py", "stabilityai/stable-diffusion-xl-base-1.0"),
+                          ("train_craft_flux_lora.py", "black-forest-labs/FLUX.1-dev"),
+                          ("generate_candidates.py", "stabilityai/stable-diffusion-xl-base-1.0")):
+        flags = ("--prompts_file", data / "metadata.jsonl", "--prompt_column", "text") \
+            if script == "generate_candidates.py" else ("--train_data_dir", data)
+        result = run_script(script, *flags, "--output_dir", tmp_path / "out", check=False)
+        assert result.stdout.splitlines()[0] == (
+            f"model: {model}, the default (--pretrained_model_name_or_path chooses another)")
+        assert last_line(result) == (
+            f"error: --pretrained_model_name_or_path {model} is not a local folder, the Hub cannot be reached "
+            f"(HF_HUB_OFFLINE is set) and it is not in the cache: download it where there is a network (`hf download "
+            f"{model}`), or give a local pipeline folder")
+        assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("error", ["GatedRepoError", "RepositoryNotFoundError", "RevisionNotFoundError",
+                                   "RemoteEntryNotFoundError"])
+def test_a_hub_model_that_cannot_be_had_says_why_in_one_line(error):
+    from unittest import mock
+
+    import huggingface_hub.errors
+
+    import craft_pipelines as cp
+
+    raised = getattr(huggingface_hub.errors, error)("from the Hub", response=mock.Mock(headers={}, status_code=404))
+    with mock.patch("huggingface_hub.hf_hub_download", side_effect=raised), pytest.raises(SystemExit) as stopped:
+        cp.read_model_index("owner/model", revision="v2")
+    assert str(stopped.value) == "error: --pretrained_model_name_or_path owner/model" + {
+        "GatedRepoError": " is gated: accept its licence on https://huggingface.co/owner/model, then log in with "
+                          "`hf auth login` (or set HF_TOKEN)",
+        "RepositoryNotFoundError": ": no such model on the Hub (or a private one: log in with `hf auth login`); check "
+                                   "the id",
+        "RevisionNotFoundError": ": no revision 'v2' on the Hub; check --revision",
+        "RemoteEntryNotFoundError": " has no model_index.json on the Hub: it is not a diffusers pipeline"}[error]

@@ -184,7 +184,8 @@ def test_output_is_an_imagefolder_with_a_report_and_preview(tmp_path):
     assert report["candidates"] == 8 and report["rewrite_images"] == 5 and report["kept"] == 2
     assert report["passed"] == {"hpsv2.1": 4, "pickscore": 4, "aesthetic": 4, "hpsv2.1+pickscore": 3,
                                 "hpsv2.1+aesthetic": 3, "pickscore+aesthetic": 3, "hpsv2.1+pickscore+aesthetic": 2}
-    assert Image.open(tmp_path / "f" / "crf_preview.png").size == (2 * 160, 2 * (160 + 14 * 4))
+    width, height = Image.open(tmp_path / "f" / "crf_preview.png").size  # the prompts' column, original, kept
+    assert width == 3 * 192 and height > 2 * 192
     assert set(cu.read_jsonl(candidates / "rewards.jsonl")[0]) == {"file_name", *NAMES}  # candidates untouched
 
 
@@ -305,3 +306,25 @@ def test_killed_overwrite_loses_nothing_and_a_rerun_finishes_it(tmp_path, kill_a
     run_script("crf_filter.py", *flags, "--overwrite")
     assert folder_contents(tmp_path / "f") == new
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "f", "straight"]  # no hidden leftovers
+
+
+def test_a_labelled_grid_shows_its_tiles_row_and_column_labels_and_captions():
+    """Tiles land where the labels leave room for them, scaled to the tile size; the row labels, column labels
+    and captions are drawn in their bands (dark pixels on white), and a short row leaves its cells white."""
+    import numpy as np
+
+    colours = [[(255, 0, 0), (0, 255, 0)], [(0, 0, 255)]]
+    tiles = [[Image.new("RGB", (8, 8), colour) for colour in row] for row in colours]
+    grid = np.asarray(cu.labelled_grid(tiles, ["a red and a green", "a blue"], ["seed 1", "seed 2"],
+                                       [["r 1.0", "g\n2.0"], ["b 3.0"]], tile_size=64))
+    top = (grid[:, 64] == (255, 0, 0)).all(axis=1).argmax()  # the first tile's first line, below the column labels
+    under = (grid[:, 64] == (0, 0, 255)).all(axis=1).argmax() - top - 64  # the band of captions under a row
+    assert grid.shape == (top + 2 * (64 + under), 64 + 2 * 64, 3) and top > 0 and under > 0
+    for r, row in enumerate(colours):
+        y = top + r * (64 + under)
+        for c, colour in enumerate(row):
+            assert (grid[y: y + 64, 64 + 64 * c: 128 + 64 * c] == colour).all()
+            assert (grid[y + 64: y + 64 + under, 64 + 64 * c: 128 + 64 * c] < 128).any()  # its caption
+        assert (grid[y: y + 64, :64] < 128).any()  # the row's label
+    assert (grid[:top, 64:128] < 128).any() and (grid[:top, 128:] < 128).any()  # both column labels
+    assert (grid[top + 64 + under: top + 128 + under, 128:] == 255).all()  # the short row's empty cell

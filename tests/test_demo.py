@@ -46,10 +46,10 @@ def test_decoder_stage_from_a_pipeline_moves_only_the_decoder(tmp_path):
 def test_the_drawings_name_what_they_show():
     import random
 
-    import craft_rewards as cr
+    import craft_reward_models as cm
     from pretrain_tiny_model import draw
 
-    score = cr.REWARDS["color"](None, "cpu", None)
+    score = cm.REWARDS["color"](None, "cpu", None)
     image = draw("blue", "star", "on the left", random.Random(0))
     left, right = image.crop((0, 0, 40, 64)), image.crop((40, 0, 64, 64))  # the star spans x = 5..34 at most
     assert score([image, image], ["a blue star", "a red star"]) == [1.0, 0.0]  # drawn in the palette's own blue

@@ -355,6 +355,7 @@ def test_a_run_scoring_other_rewards_of_the_folder_at_the_same_time_keeps_its_co
     lock, so rewards.jsonl ends with both columns and neither run's scores are lost."""
     from types import SimpleNamespace
 
+    import craft_reward_models as cm
     import craft_rewards as cr
 
     folder = tmp_path / "folder"
@@ -373,7 +374,7 @@ def test_a_run_scoring_other_rewards_of_the_folder_at_the_same_time_keeps_its_co
             return [float(len(prompt)) for prompt in prompts]
         return score
 
-    monkeypatch.setitem(cr.REWARDS, "mine", factory)
+    monkeypatch.setitem(cm.REWARDS, "mine", factory)
     args = SimpleNamespace(reward_batch_size=16, image_decode_workers=0, reward_precision="no")
     _, table = cr.score_folders([str(folder)], ["mine"], args, cu.process_state())[str(folder)]
     written = cu.read_jsonl(folder / "rewards.jsonl")

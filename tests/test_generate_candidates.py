@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+import craft_generation as cg
 import craft_utils as cu
 from conftest import REPO, TWO_PROCESSES, run_script, subprocess_env
 
@@ -232,7 +233,8 @@ def test_bad_input_gives_one_clear_error_and_writes_nothing(zoo, tmp_path, case)
         "unknown_column": "{tmp}/prompts.jsonl has no column 'prompt' (columns: caption); set --prompt_column",
         "latin1_txt": "{tmp}/latin1.txt is not UTF-8 text (byte 5 is b'\\xe9'); save it as UTF-8",
         "latin1_jsonl": "{tmp}/latin1.jsonl is not UTF-8 text (byte 17 is b'\\xe9'); save it as UTF-8",
-        "missing_model": "could not read a diffusers pipeline from '{zoo}/missing'",
+        "missing_model": "--pretrained_model_name_or_path {zoo}/missing: no such folder, and not a Hub id "
+                         "(owner/name); give a pipeline folder or a Hub id",
         "offload_without_gpu": "--enable_model_cpu_offload / --enable_sequential_cpu_offload move weights between the "
                                "CPU and a GPU; there is no GPU here: leave them out",
         "sdpa_backend_without_kernel": "--sdpa_backend efficient has no kernel for cpu in torch.float32; choose "
@@ -359,21 +361,21 @@ def prompt_args(**overrides):
 
 def test_load_prompts_from_txt_jsonl_csv(tmp_path):
     txt = write_lines(tmp_path / "p.txt", [" a cat ", "", "a dog", "a cat", "a bird"])
-    assert cu.load_prompts(prompt_args(prompts_file=str(txt))) == ["a cat", "a dog", "a bird"]
+    assert cg.load_prompts(prompt_args(prompts_file=str(txt))) == ["a cat", "a dog", "a bird"]
     jsonl = write_lines(tmp_path / "p.jsonl", [json.dumps({"caption": c}) for c in ["x", "y", "x"]])
-    assert cu.load_prompts(prompt_args(prompts_file=str(jsonl), prompt_column="caption")) == ["x", "y"]
+    assert cg.load_prompts(prompt_args(prompts_file=str(jsonl), prompt_column="caption")) == ["x", "y"]
     csv_file = write_lines(tmp_path / "p.csv", ["id,prompt", "1,a red cat", '2,"a cat, red"'])
-    assert cu.load_prompts(prompt_args(prompts_file=str(csv_file))) == ["a red cat", "a cat, red"]
+    assert cg.load_prompts(prompt_args(prompts_file=str(csv_file))) == ["a red cat", "a cat, red"]
     for name, text in (("bom.txt", "a cat\na dog\n"), ("bom.jsonl", '{"prompt": "a cat"}\n'),
                        ("bom.csv", "prompt\na cat\n")):  # Windows editors start UTF-8 files with a byte-order mark
         (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + text.encode())
-        assert cu.load_prompts(prompt_args(prompts_file=str(tmp_path / name)))[0] == "a cat"
+        assert cg.load_prompts(prompt_args(prompts_file=str(tmp_path / name)))[0] == "a cat"
     # HPSv2's benchmark files are arrays of strings; HPDv2's train.json an array of records, a prompt per compared pair
     (tmp_path / "anime.json").write_text(json.dumps(["a cat", "a dog", "a cat"]))
-    assert cu.load_prompts(prompt_args(prompts_file=str(tmp_path / "anime.json"))) == ["a cat", "a dog"]
+    assert cg.load_prompts(prompt_args(prompts_file=str(tmp_path / "anime.json"))) == ["a cat", "a dog"]
     records = [{"prompt": "a cat", "human_preference": [1, 0]}, {"prompt": "a dog"}, {"prompt": "a cat"}]
     (tmp_path / "train.json").write_text(json.dumps(records))
-    assert cu.load_prompts(prompt_args(prompts_file=str(tmp_path / "train.json"))) == ["a cat", "a dog"]
+    assert cg.load_prompts(prompt_args(prompts_file=str(tmp_path / "train.json"))) == ["a cat", "a dog"]
     for name, content, message in (
             ("object.json", {"prompt": "a cat"}, "holds a JSON dict; a .json prompts file is an array of strings"),
             ("mixed.json", [{"prompt": "a"}, {"caption": "b"}], "mixed.json, row 2 has no column 'prompt' "
@@ -381,20 +383,20 @@ def test_load_prompts_from_txt_jsonl_csv(tmp_path):
             ("broken.json", None, "broken.json, line 1: not valid JSON")):
         (tmp_path / name).write_text(json.dumps(content) if content is not None else '["a cat",')
         with pytest.raises(SystemExit, match=message.replace("(", r"\(").replace(")", r"\)")):
-            cu.load_prompts(prompt_args(prompts_file=str(tmp_path / name)))
+            cg.load_prompts(prompt_args(prompts_file=str(tmp_path / name)))
     many = write_lines(tmp_path / "many.txt", [f"prompt {i}" for i in range(50)])
-    assert cu.load_prompts(prompt_args(prompts_file=str(many), max_prompts=3)) == ["prompt 0", "prompt 1", "prompt 2"]
-    shuffled = cu.load_prompts(prompt_args(prompts_file=str(many), max_prompts=5, shuffle_prompts=True))
-    assert shuffled == cu.load_prompts(prompt_args(prompts_file=str(many), max_prompts=5, shuffle_prompts=True))
+    assert cg.load_prompts(prompt_args(prompts_file=str(many), max_prompts=3)) == ["prompt 0", "prompt 1", "prompt 2"]
+    shuffled = cg.load_prompts(prompt_args(prompts_file=str(many), max_prompts=5, shuffle_prompts=True))
+    assert shuffled == cg.load_prompts(prompt_args(prompts_file=str(many), max_prompts=5, shuffle_prompts=True))
     assert shuffled != ["prompt 0", "prompt 1", "prompt 2", "prompt 3", "prompt 4"] and len(set(shuffled)) == 5
 
 
 def test_load_prompts_from_a_local_dataset(tmp_path):
     (tmp_path / "hub_style").mkdir()
     write_lines(tmp_path / "hub_style" / "train.jsonl", [json.dumps({"prompt": p}) for p in ["u", "v"]])
-    assert cu.load_prompts(prompt_args(dataset_name=str(tmp_path / "hub_style"))) == ["u", "v"]
+    assert cg.load_prompts(prompt_args(dataset_name=str(tmp_path / "hub_style"))) == ["u", "v"]
     with pytest.raises(SystemExit, match="has no column 'caption'"):
-        cu.load_prompts(prompt_args(dataset_name=str(tmp_path / "hub_style"), prompt_column="caption"))
+        cg.load_prompts(prompt_args(dataset_name=str(tmp_path / "hub_style"), prompt_column="caption"))
 
 
 def test_derive_seed_is_stable_and_distinct():

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+import craft_reward_models as cm
 import craft_rewards as cr
 from make_tiny_models import reward_flags
 
@@ -49,7 +50,7 @@ def test_hps_preprocessing_resizes_the_float_tensor_as_the_official_code(images)
     rng = np.random.default_rng(1)
     large_wide = Image.fromarray(rng.integers(0, 256, (300, 500, 3), dtype=np.uint8))  # downscaled: antialias matters
     for image in [*images, large_wide]:
-        ours = cr.hps_pixels(image, 224)
+        ours = cm.hps_pixels(image, 224)
         assert ours.shape == (3, 224, 224)
         assert torch.allclose(ours, official_hps_pixels(image), atol=1e-5)
     # resizing the 8-bit image first (open_clip's transform) is measurably different on this image
@@ -62,7 +63,7 @@ def test_hps_preprocessing_resizes_the_float_tensor_as_the_official_code(images)
 def test_hps_is_the_cosine_of_open_clip_features(zoo, images):
     import open_clip
 
-    scores = cr.load_reward("hpsv2.1", reward_args(zoo), "cpu")(images, PROMPTS)
+    scores = cm.load_reward("hpsv2.1", reward_args(zoo), "cpu")(images, PROMPTS)
     open_clip.add_model_config(str(zoo / "hps" / "tiny-ViT.json"))
     torch.manual_seed(5)  # the zoo's seed: the same weights, built in memory
     model = open_clip.create_model("tiny-ViT", pretrained=None).eval()
@@ -91,8 +92,8 @@ def test_pickscore_and_clip_score_formulas(zoo, images):
     from transformers import CLIPModel, CLIPProcessor
 
     args = reward_args(zoo)
-    pick = cr.load_reward("pickscore", args, "cpu")(images, PROMPTS)
-    clip = cr.load_reward("clip", args, "cpu")(images, PROMPTS)
+    pick = cm.load_reward("pickscore", args, "cpu")(images, PROMPTS)
+    clip = cm.load_reward("clip", args, "cpu")(images, PROMPTS)
     model = CLIPModel.from_pretrained(zoo / "pickscore" / "model").eval()
     processor = CLIPProcessor.from_pretrained(zoo / "pickscore" / "processor")
     clip_model = CLIPModel.from_pretrained(zoo / "clip").eval()
@@ -115,8 +116,8 @@ def test_pickscore_scale_is_exp_of_the_fp32_logit_scale_under_bf16(zoo, images, 
     model.save_pretrained(tmp_path / "model")
     args = reward_args(zoo)
     args.pickscore_model, args.reward_precision = str(tmp_path / "model"), "bf16"
-    scores = cr.load_reward("pickscore", args, "cpu")(images, PROMPTS)
-    _, image_features, text_features = cr._clip_scorer(args.pickscore_model, args.pickscore_processor, "--flag",
+    scores = cm.load_reward("pickscore", args, "cpu")(images, PROMPTS)
+    _, image_features, text_features = cm._clip_scorer(args.pickscore_model, args.pickscore_processor, "--flag",
                                                        "cpu", torch.bfloat16)
     with torch.no_grad():
         cosines = (image_features(images) * text_features(PROMPTS)).sum(-1).tolist()
@@ -128,13 +129,13 @@ def test_weights_files_load_without_running_pickled_code(zoo, tmp_path):
     args.aesthetic_checkpoint = str(tmp_path / "aesthetic.pth")
     torch.save({"layers": argparse.Namespace(a=1)}, args.aesthetic_checkpoint)  # an object, not tensors
     with pytest.raises(SystemExit, match=r"--aesthetic_checkpoint .*aesthetic.pth: not loadable as weights only"):
-        cr.load_reward("aesthetic", args, "cpu")
+        cm.load_reward("aesthetic", args, "cpu")
 
 
 def test_aesthetic_is_the_linear_mlp_on_the_normalised_clip_embedding(zoo, images):
     from transformers import CLIPModel, CLIPProcessor
 
-    scores = cr.load_reward("aesthetic", reward_args(zoo), "cpu")(images, PROMPTS)
+    scores = cm.load_reward("aesthetic", reward_args(zoo), "cpu")(images, PROMPTS)
     model = CLIPModel.from_pretrained(zoo / "clip").eval()
     processor = CLIPProcessor.from_pretrained(zoo / "clip")
     state = torch.load(zoo / "aesthetic" / "sac+logos+ava1-l14-linearMSE.pth", weights_only=True)
@@ -148,9 +149,9 @@ def test_aesthetic_is_the_linear_mlp_on_the_normalised_clip_embedding(zoo, image
 
 def test_imagereward_equals_the_packages_own_scoring_of_an_in_memory_model(zoo, images):
     args = reward_args(zoo, batch_size=2)
-    scores = cr.load_reward("imagereward", args, "cpu")(images, PROMPTS)
+    scores = cm.load_reward("imagereward", args, "cpu")(images, PROMPTS)
     torch.manual_seed(9)  # the zoo's seed: the same weights, built in memory
-    model = cr.build_image_reward(str(zoo / "imagereward" / "med_config.json"), str(zoo / "imagereward" / "tokenizer"),
+    model = cm.build_image_reward(str(zoo / "imagereward" / "med_config.json"), str(zoo / "imagereward" / "tokenizer"),
                                   vit_shape=(64, 2, 32)).eval()
     with torch.no_grad():
         expected = [model.score(prompt, image) for image, prompt in zip(images, PROMPTS)]  # the package's path
@@ -159,7 +160,7 @@ def test_imagereward_equals_the_packages_own_scoring_of_an_in_memory_model(zoo, 
 
 
 def test_jpeg_is_the_negative_size_in_kb(zoo, images):
-    scores = cr.load_reward("jpeg", reward_args(zoo), "cpu")(images, PROMPTS)
+    scores = cm.load_reward("jpeg", reward_args(zoo), "cpu")(images, PROMPTS)
     for image, score in zip(images, scores):
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=95)
@@ -169,8 +170,8 @@ def test_jpeg_is_the_negative_size_in_kb(zoo, images):
 
 @pytest.mark.parametrize("name", ["hpsv2.1", "pickscore", "aesthetic", "imagereward", "clip"])
 def test_batching_gives_the_same_scores_as_one_by_one(zoo, images, name):
-    batched = cr.load_reward(name, reward_args(zoo, batch_size=5), "cpu")(images, PROMPTS)
-    single = cr.load_reward(name, reward_args(zoo, batch_size=1), "cpu")(images, PROMPTS)
+    batched = cm.load_reward(name, reward_args(zoo, batch_size=5), "cpu")(images, PROMPTS)
+    single = cm.load_reward(name, reward_args(zoo, batch_size=1), "cpu")(images, PROMPTS)
     assert batched == pytest.approx(single, abs=1e-5)
 
 
@@ -180,10 +181,10 @@ def test_unknown_reward_and_missing_weights_are_clear_errors(zoo, tmp_path):
     args = reward_args(zoo)
     args.hpsv2_checkpoint = str(tmp_path / "HPS_v2.1_compressed.pt")
     with pytest.raises(SystemExit, match=r"--hpsv2_checkpoint .*HPS_v2.1_compressed.pt: not found \(no such file\)"):
-        cr.load_reward("hpsv2.1", args, "cpu")
+        cm.load_reward("hpsv2.1", args, "cpu")
     args.hpsv2_checkpoint = "xswu/HPSv2/HPS_v2.1_compressed.pt"  # offline: the Hub can't be reached
     with pytest.raises(SystemExit, match=r"with HF_HUB_OFFLINE=1 only local files work"):
-        cr.load_reward("hpsv2.1", args, "cpu")
+        cm.load_reward("hpsv2.1", args, "cpu")
 
 
 def test_color_is_the_share_of_coloured_pixels_nearest_the_named_colour(zoo):
@@ -195,7 +196,7 @@ def test_color_is_the_share_of_coloured_pixels_nearest_the_named_colour(zoo):
         pixels[i, 5] = (60, 90, 200)  # nearest blue
     for i in range(20):
         pixels[i % 10, 7 + i // 10] = (120, 130, 140)  # grey: not coloured, does not count
-    score = cr.load_reward("color", reward_args(zoo), "cpu")
+    score = cm.load_reward("color", reward_args(zoo), "cpu")
     blank = Image.new("RGB", (10, 10), "white")
     assert score([image, image, image, blank], ["a red circle", "a blue star", "a cat", "a red circle"]) == \
         pytest.approx([30 / 40, 10 / 40, 0.0, 0.0])

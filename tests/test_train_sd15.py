@@ -10,11 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
+import craft_checkpoints as ck
 import craft_outputs as co
+import craft_data as cd
 import craft_training as ct
 import craft_utils as cu
 from conftest import TWO_PROCESSES, run_script
 from make_tiny_models import make_pairs_set, make_training_set
+
 
 def train(zoo, data, out, *flags, **run):
     return run_script("train_craft_sd15.py", "--pretrained_model_name_or_path", zoo / "sd15", "--train_data_dir", data,
@@ -204,7 +207,7 @@ def test_cached_and_encoded_latents_and_text_are_the_same(zoo, data):
     args = SimpleNamespace(dataset_name=None, train_data_dir=str(data), caption_column="text", weight_column="weight",
                            image_column="image", resolution=64, center_crop=False, random_flip=True, seed=3,
                            train_batch_size=2, loss="craft")
-    examples, _ = ct.load_examples(args)
+    examples, _ = cd.load_examples(args)
 
     def encode_images(pixels):
         dist = pipe.vae.encode(pixels).latent_dist
@@ -214,11 +217,11 @@ def test_cached_and_encoded_latents_and_text_are_the_same(zoo, data):
         ids = pipe.tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
         return {"prompt_embeds": pipe.text_encoder(ids.input_ids)[0]}
 
-    cached = ct.Encodings(examples, args, encode_images, encode_captions, cache=True, show_progress=False)
-    encoded = ct.Encodings(examples, args, encode_images, encode_captions, cache=False)
-    dataset = ct.ImageDataset(examples, args, cached=False)
+    cached = cd.Encodings(examples, args, encode_images, encode_captions, cache=True, show_progress=False)
+    encoded = cd.Encodings(examples, args, encode_images, encode_captions, cache=False)
+    dataset = cd.ImageDataset(examples, args, cached=False)
     dataset.epoch = 1
-    batch = ct.collate([dataset[i] for i in (5, 2, 7)])
+    batch = cd.collate([dataset[i] for i in (5, 2, 7)])
     assert any(batch["flip"]) and not all(batch["flip"])  # both flips are exercised
     assert batch["weight"].tolist() == [1.75, 1.0, 2.25]  # 0.5 + 0.25 * index
     for a, b in zip(cached.latent_dist(batch), encoded.latent_dist(batch)):
@@ -417,7 +420,6 @@ def test_lora_resume_latest_equals_straight(zoo, data, tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
-
 def test_resume_across_epochs_and_two_processes_equal_one(zoo, data, tmp_path):
     """8 images in batches of 2 are 4 steps an epoch: stop at step 6, resume to 10; and 2 processes x 1 image
     train what 1 process x 2 images trains (each sample's draws are its own)."""
@@ -474,7 +476,7 @@ def test_killed_run_resumed_with_latest_equals_an_uninterrupted_one(zoo, data, t
     for name in (co.LORA_FILE, co.KOHYA_FILE):
         a, b = load_file(straight / name), load_file(out / name)
         assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [co.WRITTEN]  # the record of its files
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [ck.WRITTEN]  # the record of its files
 
 
 def test_validation_grids_reward_curve_and_tensorboard(zoo, data, tmp_path):
@@ -482,16 +484,17 @@ def test_validation_grids_reward_curve_and_tensorboard(zoo, data, tmp_path):
     result = train(zoo, data, out, "--use_lora", "--max_train_steps", 4, "--validation_prompt", "a red square",
                    "--validation_prompt", "a blue square", "--num_validation_images", 3, "--validation_steps", 2,
                    "--validation_inference_steps", 2, "--validation_rewards", "jpeg", "--report_to", "tensorboard")
-    assert sorted(os.listdir(out / "validation")) == ["step-000002.png", "step-000004.png"]
-    assert Image.open(out / "validation" / "step-000004.png").size == (3 * 64, 2 * 64)
-    # the logged reward is the mean JPEG size of the grid's six images, measured here by hand
-    grid = Image.open(out / "validation" / "step-000004.png")
+    assert sorted(os.listdir(out / "validation")) == ["step-000002", "step-000002.png", "step-000004", "step-000004.png"]
+    # the grid: a label column and 3 seeds of 256 pixels, a header line, 2 prompts with a line of scores under each
+    width, height = Image.open(out / "validation" / "step-000004.png").size
+    assert width == 4 * 256 and 2 * 256 < height < 2 * 256 + 3 * 40
+    # the logged reward is the mean JPEG size of the six images, measured here by hand
     sizes = []
-    for top in (0, 64):
-        for left in (0, 64, 128):
-            buffer = __import__("io").BytesIO()
-            grid.crop((left, top, left + 64, top + 64)).save(buffer, format="JPEG", quality=95)
-            sizes.append(buffer.tell())
+    for name in sorted(os.listdir(out / "validation" / "step-000004")):
+        buffer = __import__("io").BytesIO()
+        Image.open(out / "validation" / "step-000004" / name).save(buffer, format="JPEG", quality=95)
+        sizes.append(buffer.tell())
+    assert len(sizes) == 6
     assert tensorboard_scalars(out, "validation/jpeg")[4] == pytest.approx(-sum(sizes) / 6000, rel=1e-6)
     assert f"step 4: validation/jpeg {-sum(sizes) / 6000:.4f}" in result.stdout + result.stderr
     assert "![validation](validation/step-000004.png)" in (out / "README.md").read_text()

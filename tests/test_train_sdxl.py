@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import craft_checkpoints as ck
 import craft_outputs as co
-import craft_training as ct
+import craft_data as cd
 import craft_utils as cu
 from conftest import TWO_PROCESSES, run_script, subprocess_env
 from make_tiny_models import make_pairs_set, make_training_set
@@ -34,14 +35,14 @@ def test_time_ids_of_a_resized_cropped_flipped_image():
 
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (60, 100, 3), dtype=np.uint8))  # h 60, w 100
-    pixels, original, crop = ct.preprocess(image, 32, center_crop=False, flip=True, crop_seed=7)
+    pixels, original, crop = cd.preprocess(image, 32, center_crop=False, flip=True, crop_seed=7)
     # by hand: shorter side 60 -> 32, so width 100 -> int(32 * 100 / 60) = 53; the crop's left edge is drawn in
     # [0, 53 - 32]; a flip mirrors it to 53 - left - 32
     draw = random.Random(7)
     draw.randint(0, 0)  # the top edge: the resized height is the crop's
     left = draw.randint(0, 21)
     assert original == (60, 100) and crop == (0, 53 - left - 32)
-    unflipped, _, same = ct.preprocess(image, 32, center_crop=False, flip=False, crop_seed=7)
+    unflipped, _, same = cd.preprocess(image, 32, center_crop=False, flip=False, crop_seed=7)
     assert same == (0, left) and torch.equal(pixels, unflipped.flip(-1))
     ids = train_craft_sdxl_lora.time_ids({"original_size": [original, (64, 64)], "crop_top_left": [crop, (0, 0)]}, 32)
     assert ids.tolist() == [[60, 100, 0, 21 - left, 32, 32], [64, 64, 0, 0, 32, 32]]
@@ -117,7 +118,7 @@ def test_train_text_encoder_killed_and_resumed_equals_straight(zoo, data, tmp_pa
     assert "text encoded each step (the text encoders train)" in result.stdout + result.stderr
     # kill -9 while checkpoint-4 is being saved (4 steps are an epoch: the resume crosses into the second)
     train(zoo, data, tmp_path / "halves", *flags, kill_at="checkpoint_written#2")
-    assert sorted(os.listdir(tmp_path / "halves")) == [".checkpoint-4.partial", co.WRITTEN, "checkpoint-2"]
+    assert sorted(os.listdir(tmp_path / "halves")) == [".checkpoint-4.partial", ck.WRITTEN, "checkpoint-2"]
     train(zoo, data, tmp_path / "halves", *flags, "--resume_from_checkpoint", "latest")
     a, b = load_file(tmp_path / "straight" / co.LORA_FILE), load_file(tmp_path / "halves" / co.LORA_FILE)
     assert {k.split(".")[0] for k in a} == {"unet", "text_encoder", "text_encoder_2"}

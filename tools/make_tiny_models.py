@@ -437,7 +437,7 @@ def make_image_reward(out_dir):
     from transformers import BertTokenizer
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from craft_rewards import build_image_reward
+    from craft_reward_models import build_image_reward
 
     tokenizer_dir = os.path.join(out_dir, "tokenizer")
     os.makedirs(tokenizer_dir, exist_ok=True)

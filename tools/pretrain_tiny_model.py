@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from craft_rewards import NAMED_COLOURS  # noqa: E402
+from craft_reward_models import NAMED_COLOURS  # noqa: E402
 from make_tiny_models import clip_text_config, make_clip_tokenizer, tiny_scheduler  # noqa: E402
 
 COLOURS = NAMED_COLOURS

@@ -36,7 +36,7 @@ MODEL = os.path.join(REPO, "models", "tiny-shapes-sd15")
 
 def prompt_sets(count):
     """Training and held-out prompts: every (colour, shape) pair, with places that differ between the two sets."""
-    from craft_rewards import NAMED_COLOURS
+    from craft_reward_models import NAMED_COLOURS
 
     pairs = [(colour, shape) for shape in SHAPES for colour in NAMED_COLOURS][:count]
     places = list(PLACES)
@@ -61,17 +61,22 @@ def step(title, script, *args):
 
 
 def before_after(out, base_dir, tuned_dir, count):
-    """Base (top) and CRAFT (bottom) images for the first held-out prompts, same seeds."""
+    """The base model's images (top row) and CRAFT's (bottom row) for the first held-out prompts, same seeds: each
+    column under its prompt, each image with its rewards."""
     import craft_utils as cu
     from PIL import Image
 
     rows = [r for r in cu.read_jsonl(os.path.join(base_dir, "metadata.jsonl")) if r["image_index"] == 0][:count]
-    grid = Image.new("RGB", (64 * len(rows), 128), "white")
-    for x, row in enumerate(rows):
-        for y, folder in enumerate((base_dir, tuned_dir)):
-            grid.paste(Image.open(os.path.join(folder, row["file_name"])).convert("RGB"), (64 * x, 64 * y))
+    tiles, captions = [], []
+    for folder in (base_dir, tuned_dir):
+        scores = {r["file_name"]: r for r in cu.read_jsonl(os.path.join(folder, "rewards.jsonl"))}
+        tiles.append([Image.open(os.path.join(folder, row["file_name"])) for row in rows])
+        captions.append([f"color {scores[row['file_name']]['color']:.2f}\njpeg {scores[row['file_name']]['jpeg']:.2f}"
+                         for row in rows])
+    grid = cu.labelled_grid(tiles, ["base model", "CRAFT LoRA"], [row["text"] for row in rows], captions,
+                            tile_size=160)
     path = os.path.join(out, "before_after.png")
-    grid.resize((grid.width * 2, grid.height * 2), Image.NEAREST).save(path)
+    grid.save(path)
     return path
 
 
