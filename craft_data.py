@@ -225,10 +225,10 @@ class SampleRandom:
         return torch.stack([torch.randint(0, high, (), generator=g) for g in self.generators])
 
 
-def drop_captions(captions, proportion, random):
+def drop_captions(captions, proportion, draws):
     """Caption dropout (--proportion_empty_prompts): each caption becomes "" with that probability, so the
     unconditional prediction that classifier-free guidance uses keeps training."""
-    drop = random.rand() < proportion
+    drop = draws.rand() < proportion
     return ["" if dropped else caption for caption, dropped in zip(captions, drop.tolist())]
 
 

@@ -366,7 +366,8 @@ def check_pipeline_folder(path, index):
     if not os.path.isdir(path):
         return
     for name, value in index.items():
-        if isinstance(value, list) and len(value) == 2 and value[1] and not os.path.isdir(os.path.join(path, name)):
+        if not name.startswith("_") and isinstance(value, list) and len(value) == 2 and value[1] and \
+                not os.path.isdir(os.path.join(path, name)):
             fail(f"{os.path.join(path, name)}/ is missing: model_index.json names a {value[1]} there; copy the whole "
                  "pipeline folder, or give its Hub id")
 

@@ -115,14 +115,14 @@ def load_transformer(args, weight_dtype, device, path=None):
     return transformer.to(device) if not quantization else transformer
 
 
-def draw_sigma_positions(random, args):
+def draw_sigma_positions(draws, args):
     """u in [0, 1] per sample, from each sample's own seed: uniform, logit-normal, or the 'mode' density (diffusers'
     compute_density_for_timestep_sampling, which draws from the global generator)."""
     import torch
 
     if args.weighting_scheme == "logit_normal":
-        return torch.sigmoid(args.logit_mean + args.logit_std * random.randn())
-    u = random.rand()
+        return torch.sigmoid(args.logit_mean + args.logit_std * draws.randn())
+    u = draws.rand()
     if args.weighting_scheme == "mode":
         u = 1 - u - args.mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
     return u
@@ -262,14 +262,14 @@ def main(args):
         batches = accelerator.skip_first_batches(train_dataloader, skip_batches) if resumed_epoch else train_dataloader
         for batch in batches:
             # each sample's draws come from its own seed: resumed, or on any number of GPUs, the run is the same
-            random = cd.SampleRandom(args.seed, epoch, batch["index"])
+            draws = cd.SampleRandom(args.seed, epoch, batch["index"])
             with accelerator.accumulate(transformer):
-                captions = cd.drop_captions(batch["caption"], args.proportion_empty_prompts, random)
+                captions = cd.drop_captions(batch["caption"], args.proportion_empty_prompts, draws)
                 mean, std, _ = encodings.latent_dist(batch)
-                latents, copies = mean + std * random.randn(*mean.shape[1:]).to(mean.device), 1
+                latents, copies = mean + std * draws.randn(*mean.shape[1:]).to(mean.device), 1
                 if args.loss == "dpo":  # each pair's rejected image goes after the batch's preferred ones
                     mean, std, _ = encodings.latent_dist(batch, rejected=True)
-                    rejected = mean + std * random.randn(*mean.shape[1:]).to(mean.device)
+                    rejected = mean + std * draws.randn(*mean.shape[1:]).to(mean.device)
                     latents, copies = torch.cat([latents, rejected]), 2
                 latents = Flux2KleinPipeline._patchify_latents(latents)  # 2x2 patches as channels
                 latents = (latents - latents_mean.to(latents.device)) / latents_std.to(latents.device)
@@ -278,8 +278,8 @@ def main(args):
 
                 # flow matching: noise, a sigma per sample from --weighting_scheme (a pair's images share both), the
                 # straight path between them
-                noise = random.randn(*latents.shape[1:]).to(latents.device).repeat(copies, 1, 1, 1)
-                positions = (draw_sigma_positions(random, args) * noise_scheduler.config.num_train_timesteps).long()
+                noise = draws.randn(*latents.shape[1:]).to(latents.device).repeat(copies, 1, 1, 1)
+                positions = (draw_sigma_positions(draws, args) * noise_scheduler.config.num_train_timesteps).long()
                 positions = positions.clamp(max=noise_scheduler.config.num_train_timesteps - 1)  # 'mode' reaches u = 1
                 positions = positions.repeat(copies)
                 timesteps = noise_scheduler.timesteps[positions].to(latents.device)

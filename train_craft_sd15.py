@@ -253,15 +253,15 @@ def main(args):
         batches = accelerator.skip_first_batches(train_dataloader, skip_batches) if resumed_epoch else train_dataloader
         for batch in batches:
             # each sample's draws come from its own seed: resumed, or on any number of GPUs, the run is the same
-            random = cd.SampleRandom(args.seed, epoch, batch["index"])
+            draws = cd.SampleRandom(args.seed, epoch, batch["index"])
             with accelerator.accumulate(*models_to_train):
-                captions = cd.drop_captions(batch["caption"], args.proportion_empty_prompts, random)
+                captions = cd.drop_captions(batch["caption"], args.proportion_empty_prompts, draws)
                 mean, std, _ = encodings.latent_dist(batch)
-                latents = (mean + std * random.randn(*mean.shape[1:]).to(mean.device)) * vae.config.scaling_factor
+                latents = (mean + std * draws.randn(*mean.shape[1:]).to(mean.device)) * vae.config.scaling_factor
                 copies = 1
                 if args.loss == "dpo":  # each pair's rejected image goes after the batch's preferred ones
                     mean, std, _ = encodings.latent_dist(batch, rejected=True)
-                    rejected = (mean + std * random.randn(*mean.shape[1:]).to(mean.device)) * vae.config.scaling_factor
+                    rejected = (mean + std * draws.randn(*mean.shape[1:]).to(mean.device)) * vae.config.scaling_factor
                     latents, copies = torch.cat([latents, rejected]), 2
                 if args.train_text_encoder:
                     prompt_embeds = encode_prompt(captions, text_encoder)["prompt_embeds"]
@@ -270,10 +270,10 @@ def main(args):
                 prompt_embeds = prompt_embeds.repeat(copies, 1, 1)
 
                 # the forward diffusion: noise, a uniform timestep per sample (a pair's images share both), the target
-                noise = random.randn(*latents.shape[1:]).to(latents.device)
+                noise = draws.randn(*latents.shape[1:]).to(latents.device)
                 if args.noise_offset:
-                    noise = noise + args.noise_offset * random.randn(latents.shape[1], 1, 1).to(latents.device)
-                timesteps = random.randint(noise_scheduler.config.num_train_timesteps).to(latents.device)
+                    noise = noise + args.noise_offset * draws.randn(latents.shape[1], 1, 1).to(latents.device)
+                timesteps = draws.randint(noise_scheduler.config.num_train_timesteps).to(latents.device)
                 noise, timesteps = noise.repeat(copies, 1, 1, 1), timesteps.repeat(copies)
                 noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
                 if noise_scheduler.config.prediction_type == "epsilon":

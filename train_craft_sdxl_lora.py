@@ -233,17 +233,17 @@ def main(args):
         batches = accelerator.skip_first_batches(train_dataloader, skip_batches) if resumed_epoch else train_dataloader
         for batch in batches:
             # each sample's draws come from its own seed: resumed, or on any number of GPUs, the run is the same
-            random = cd.SampleRandom(args.seed, epoch, batch["index"])
+            draws = cd.SampleRandom(args.seed, epoch, batch["index"])
             with accelerator.accumulate(*models_to_train):
-                captions = cd.drop_captions(batch["caption"], args.proportion_empty_prompts, random)
+                captions = cd.drop_captions(batch["caption"], args.proportion_empty_prompts, draws)
                 mean, std, sizes = encodings.latent_dist(batch)
-                latents = (mean + std * random.randn(*mean.shape[1:]).to(mean.device)) * vae.config.scaling_factor
+                latents = (mean + std * draws.randn(*mean.shape[1:]).to(mean.device)) * vae.config.scaling_factor
                 # SDXL's micro-conditioning, per sample: original size, crop top-left (mirrored by a flip), target size
                 add_time_ids = time_ids(sizes, args.resolution).to(latents)
                 copies = 1
                 if args.loss == "dpo":  # each pair's rejected image goes after the batch's preferred ones
                     mean, std, sizes = encodings.latent_dist(batch, rejected=True)
-                    rejected = (mean + std * random.randn(*mean.shape[1:]).to(mean.device)) * vae.config.scaling_factor
+                    rejected = (mean + std * draws.randn(*mean.shape[1:]).to(mean.device)) * vae.config.scaling_factor
                     latents, copies = torch.cat([latents, rejected]), 2
                     add_time_ids = torch.cat([add_time_ids, time_ids(sizes, args.resolution).to(latents)])
 
@@ -253,10 +253,10 @@ def main(args):
                     return {name: value.repeat(copies, *[1] * (value.dim() - 1)) for name, value in text.items()}
 
                 # the forward diffusion: noise, a uniform timestep per sample (a pair's images share both), the target
-                noise = random.randn(*latents.shape[1:]).to(latents.device)
+                noise = draws.randn(*latents.shape[1:]).to(latents.device)
                 if args.noise_offset:
-                    noise = noise + args.noise_offset * random.randn(latents.shape[1], 1, 1).to(latents.device)
-                timesteps = random.randint(noise_scheduler.config.num_train_timesteps).to(latents.device)
+                    noise = noise + args.noise_offset * draws.randn(latents.shape[1], 1, 1).to(latents.device)
+                timesteps = draws.randint(noise_scheduler.config.num_train_timesteps).to(latents.device)
                 noise, timesteps = noise.repeat(copies, 1, 1, 1), timesteps.repeat(copies)
                 noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
                 if noise_scheduler.config.prediction_type == "epsilon":

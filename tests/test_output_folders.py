@@ -33,6 +33,15 @@ def data(tmp_path_factory):
     return make_training_set(tmp_path_factory.mktemp("data") / "filtered", n=4)
 
 
+@pytest.fixture(scope="module")
+def fused_run(zoo, data, tmp_path_factory):
+    """A full fine-tune with Adam inside backward, saved at step 2: its checkpoint holds every kind of state."""
+    out = tmp_path_factory.mktemp("fused") / "out"
+    train(zoo, data, out, "--fused_optimizer_step", "--max_grad_norm", 0, "--checkpointing_steps", 2,
+          "--max_train_steps", 2)
+    return out
+
+
 class RunsCode:
     """Unpickling this runs `touch <marker>`, as a pickle planted in a downloaded checkpoint would run anything."""
 
@@ -45,12 +54,13 @@ class RunsCode:
 
 @pytest.mark.parametrize("planted", ["optimizer.bin", "scheduler.bin", "random_states_0.pkl",
                                      "optimizer_in_backward.bin", "custom_checkpoint_0.pkl"])
-def test_a_checkpoint_holding_a_pickle_that_runs_code_is_refused_without_running_it(zoo, data, tmp_path, planted):
+def test_a_checkpoint_holding_a_pickle_that_runs_code_is_refused_without_running_it(zoo, data, tmp_path, planted,
+                                                                                   fused_run):
     """Every state the resume loads is unpickled with weights_only=True; the fused step's Adam states included (the
     checkpoints of earlier versions kept them in accelerate's custom_checkpoint_0.pkl, which accelerate unpickles
     with weights_only=False)."""
     flags = ("--fused_optimizer_step", "--max_grad_norm", 0, "--checkpointing_steps", 2)
-    train(zoo, data, tmp_path / "out", *flags, "--max_train_steps", 2)
+    shutil.copytree(fused_run, tmp_path / "out")
     checkpoint = tmp_path / "out" / "checkpoint-2"
     if planted == "custom_checkpoint_0.pkl":
         os.remove(checkpoint / "optimizer_in_backward.bin")

@@ -1,4 +1,5 @@
-"""The README's tiny-model walk-through, run as written, so the README cannot rot."""
+"""What the README and docs/stages.md show, run as written (the tiny-model walk-through) or parsed by the scripts'
+own parsers (the commands for real models), so neither can rot."""
 
 import json
 import os
@@ -16,8 +17,8 @@ SECTION = "## Every stage by hand, on the tiny models"
 FILTER_REWARDS = ("color",)  # the block's crf_filter.py --filter_rewards
 
 
-def readme_commands():
-    with open(os.path.join(REPO, "README.md")) as f:
+def walkthrough_commands():
+    with open(os.path.join(REPO, "docs", "stages.md")) as f:
         section = f.read().split(SECTION, 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
     assert len(blocks) == 1, f"expected one bash block under {SECTION!r}"
@@ -31,7 +32,7 @@ def test_tiny_walkthrough_runs_as_written(tmp_path):
             os.symlink(os.path.join(REPO, name), tmp_path / name)
     env = subprocess_env()
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env["PATH"]  # `python`, `accelerate` of this venv
-    result = subprocess.run(["bash", "-euo", "pipefail", "-c", readme_commands()], cwd=tmp_path, env=env,
+    result = subprocess.run(["bash", "-euo", "pipefail", "-c", walkthrough_commands()], cwd=tmp_path, env=env,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-4000:]
     tiny = tmp_path / "tiny"
@@ -71,3 +72,28 @@ def test_tiny_walkthrough_runs_as_written(tmp_path):
     assert comparison["pairs"] == 3 * 2
     assert set(comparison["rewards"]) == {"color", "jpeg"}
     assert Image.open(tiny / "red_circle.png").size == (64, 64)
+
+
+def test_the_readme_commands_for_real_models_parse_and_name_each_family_s_base_model():
+    """Every command of the README's "Align your model" parses with its script's own parser (an unknown flag or a
+    bad value exits there), and the family table names each trainer's own default base model."""
+    import importlib
+    import shlex
+
+    with open(os.path.join(REPO, "README.md")) as f:
+        readme = f.read()
+    section = readme.split("## Align your model", 1)[1].split("\n## ", 1)[0]
+    commands = [shlex.split(line) for block in re.findall(r"```bash\n(.*?)```", section, re.S)
+                for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+    scripts = []
+    for command in commands:
+        script = next(word for word in command if word.endswith(".py"))
+        module = importlib.import_module(script[:-3])
+        module.parse_args(command[command.index(script) + 1:])
+        scripts.append(script)
+    assert scripts == ["generate_candidates.py", "eval_rewards.py", "crf_filter.py", "train_craft_sdxl_lora.py",
+                       "eval_rewards.py", "eval_rewards.py"]
+    for trainer in ("train_craft_sd15", "train_craft_sdxl_lora", "train_craft_flux_lora", "train_craft_zimage_lora",
+                    "train_craft_flux2_klein_lora"):
+        module = importlib.import_module(trainer)
+        assert f"| `{trainer}.py`" in section and f"| `{module.BASE_MODEL}` |" in section

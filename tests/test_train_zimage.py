@@ -245,5 +245,6 @@ def test_validation_on_the_distilled_sibling_shows_the_lora_as_users_run_it(zoo,
     assert np.abs(on_base - made[0]).mean() > 1
 
     result = train(zoo, data, tmp_path / "x", *flags, "--validation_model_name_or_path", zoo / "flux", check=False)
-    assert result.returncode != 0 and "flux is a FluxPipeline; train_craft_zimage_lora.py trains ZImagePipeline" in \
-        result.stderr.strip().splitlines()[-1] and not (tmp_path / "x").exists()
+    assert result.returncode != 0 and result.stderr.strip().splitlines()[-1] == (
+        f"error: --validation_model_name_or_path {zoo / 'flux'} is a FluxPipeline; it must be a ZImagePipeline, the "
+        "family train_craft_zimage_lora.py trains") and not (tmp_path / "x").exists()
