@@ -7,6 +7,7 @@ import os
 import statistics
 import time
 
+import craft_drift as cdr
 import craft_reward_models as cm
 import craft_utils as cu
 
@@ -65,7 +66,8 @@ def load_validation_rewards(args, accelerator):
 
 def log_validation(pipeline, args, accelerator, rewards, step, prompt_inputs=None, **pipeline_kwargs):
     """Images for every validation prompt from fixed seeds -> validation/step-N/ (each image) and validation/step-N.png
-    (the grid: a row per prompt, a column per seed, each image's rewards under it), the trackers, reward means.
+    (the grid: a row per prompt, a column per seed, each image's rewards under it), the trackers: reward means and
+    the drift statistics (craft_drift: pixel statistics, diversity across the seeds).
     `prompt_inputs`: prompt -> the pipeline's inputs in place of the text (embeddings computed once, so large text
     encoders need not come back to the GPU); `pipeline_kwargs`: what the family's pipeline call needs besides
     (size, guidance...)."""
@@ -94,6 +96,11 @@ def log_validation(pipeline, args, accelerator, rewards, step, prompt_inputs=Non
                             captions, tile_size=max(256, min(images[0].width, 512)))
     cu.save_image_atomic(grid, folder + ".png")
     logs = {f"validation/{name}": statistics.fmean(values) for name, values in scores.items()}
+    # what the images drift to while the rewards rise (README: Troubleshooting, reward hacking)
+    stats = [cdr.pixel_stats(image) for image in images]
+    logs.update({f"drift/{name}": statistics.fmean(s[name] for s in stats) for name in cdr.STATISTICS})
+    if count > 1:
+        logs["drift/diversity"] = statistics.fmean(cdr.diversity(row) for row in tiles)
     accelerator.log(logs, step=step)
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":

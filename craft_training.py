@@ -48,11 +48,13 @@ def add_training_args(parser, base_model, resolution, beta_dpo=None):
         a("--rejected_image_column", default="rejected",
           help="--loss dpo with --dataset_name: the rejected image's column (a pairs folder: rejected_file_name)")
     a("--resolution", type=int, default=resolution)
-    a("--center_crop", action="store_true", help="center crop (default: random crop)")
+    a("--center_crop", action="store_true",
+      help="center crop (default: a random crop, drawn once per image from --seed, the same every epoch)")
     a("--random_flip", action="store_true")
     a("--cache_latents", choices=["auto", "yes", "no"], default="auto",
-      help="encode images and captions once and free the VAE/text encoders (auto: sets of up to 2,000 images)")
-    a("--proportion_empty_prompts", type=float, default=0.0, help="caption dropout, keeps guidance working")
+      help="encode images and captions once, then move the VAE and frozen text encoders off the GPU until "
+           "validation (auto: sets of up to 2,000 images)")
+    a("--proportion_empty_prompts", type=float, default=0.0, help="caption dropout: keeps classifier-free guidance working (a guidance-distilled model has none)")
     a("--train_batch_size", type=int, default=1)
     a("--num_train_epochs", type=int, default=100)
     a("--max_train_steps", type=int, help="total optimizer steps; overrides --num_train_epochs")
@@ -80,10 +82,12 @@ def add_training_args(parser, base_model, resolution, beta_dpo=None):
     a("--validation_prompt", action="append", help="repeatable")
     a("--num_validation_images", type=int, default=4)
     a("--validation_steps", type=int, help="validate every N steps (instead of every --validation_epochs)")
-    a("--validation_epochs", type=int, default=1, help="validate at the end of every N-th epoch")
+    a("--validation_epochs", type=int, default=1,
+      help="validate at the end of every N-th epoch (a CRAFT set of ~100 images can be one step an epoch: prefer "
+           "--validation_steps)")
     a("--validation_inference_steps", type=int, default=25)
     a("--validation_rewards", help="rewards of craft_rewards to score validation images with, e.g. jpeg,hpsv2.1")
-    a("--report_to", default="tensorboard", help="tensorboard, wandb, all or none")
+    a("--report_to", default="tensorboard", help="one tracker (tensorboard, wandb, ...), all or none")
     a("--logging_dir", default="logs")
     a("--output_dir", default="craft-model")
     a("--overwrite_output_dir", action="store_true")
@@ -100,7 +104,8 @@ def add_ddpm_args(parser):
     """The flags of families trained with DDPM's noise-prediction objective (SD1.5, SDXL): a script for such a family
     adds them; flow-matching scripts have their own (--weighting_scheme)."""
     parser.add_argument("--snr_gamma", type=float, help="min-SNR loss weighting (5.0 is the usual value)")
-    parser.add_argument("--noise_offset", type=float, default=0.0)
+    parser.add_argument("--noise_offset", type=float, default=0.0,
+                        help="add this much per-channel noise offset (darker and brighter images; 0.05-0.1 usual)")
     parser.add_argument("--prediction_type", choices=["epsilon", "v_prediction"], help="default: the scheduler's")
 
 
@@ -194,7 +199,7 @@ def parse_training_args(parser, input_args):
         parser.error(f"--rank must be at least 1 (got {args.rank})")
     if args.lr_warmup_steps < 0:
         parser.error(f"--lr_warmup_steps must be >= 0 (got {args.lr_warmup_steps})")
-    for tracker in [] if args.report_to in ("all", "none") else args.report_to.split(","):
+    for tracker in [] if args.report_to in ("all", "none") else [args.report_to]:
         if importlib.util.find_spec(tracker) is None:  # accelerate would only warn, and log nothing
             parser.error(f"--report_to {tracker}: {tracker} is not installed; pip install {tracker}, or pass "
                          "--report_to none")

@@ -42,6 +42,7 @@ import craft_utils as cu
 
 EPS = 1e-8
 REPORT = "crf_report.json"
+PREVIEW_GROUPS = 8  # the groups crf_preview.png shows
 
 
 def parse_args(input_args=None):
@@ -49,9 +50,12 @@ def parse_args(input_args=None):
     parser.add_argument("--candidates_dir", required=True, help="generate_candidates.py's output folder")
     parser.add_argument("--output_dir", default="filtered", help="where the training imagefolder is written")
     parser.add_argument("--filter_rewards", default="hpsv2.1,pickscore,aesthetic",
-                        help="rewards an image must all win (paper: hpsv2.1 | hpsv2.1,aesthetic | "
-                             "hpsv2.1,pickscore,aesthetic = the default and best)")
-    parser.add_argument("--mode", choices=["dominance", "topk", "none", "pairs"], default="dominance")
+                        help="the rewards of the advantage; in dominance mode an image must win them all (paper: "
+                             "hpsv2.1 | hpsv2.1,aesthetic | hpsv2.1,pickscore,aesthetic = the default and best)")
+    parser.add_argument("--mode", choices=["dominance", "topk", "none", "pairs"], default="dominance",
+                        help="dominance: CRF (rewrites that beat the original on every reward); topk: each group's "
+                             "--top_k of highest advantage; none: every image (the paper's no-filter ablation); "
+                             "pairs: each group's best against its worst image, for --loss dpo")
     parser.add_argument("--reference", choices=["mean", "max"], default="mean",
                         help="dominance: compare with the mean or the max of the original-prompt images' scores")
     parser.add_argument("--margin", type=float, default=0.0,
@@ -60,7 +64,8 @@ def parse_args(input_args=None):
                         help="dominance: keep a group's images only if every rewrite image of it passes")
     parser.add_argument("--top_k", type=int, default=1, help="topk: images kept per group")
     parser.add_argument("--reward_weights", help="weights of the filter rewards in r_total, e.g. 1,1,0.5")
-    parser.add_argument("--weighting", choices=["advantage", "uniform"], default="advantage")
+    parser.add_argument("--weighting", choices=["advantage", "uniform"], default="advantage",
+                        help="training weight of a kept image: its advantage (CRAFT), or 1 (plain SFT on the set)")
     parser.add_argument("--weight_clip", type=float, help="cap each weight at this value")
     parser.add_argument("--max_samples", type=int,
                         help="keep at most N images, those of highest advantage (pairs: of largest advantage gap)")
@@ -70,7 +75,6 @@ def parse_args(input_args=None):
     parser.add_argument("--skip_invalid", action="store_true",
                         help="skip (and count) rows with missing images, NaN/inf scores or groups without an "
                              "original-prompt image instead of stopping")
-    parser.add_argument("--preview_groups", type=int, default=8, help="groups shown in crf_preview.png")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing filtered folder")
     cr.add_reward_args(parser)
     args = parser.parse_args(input_args)
@@ -316,7 +320,7 @@ def main(args):
         cu.fail(f"no image of {args.candidates_dir} passed the filter ({filtered} passed, {zero_weight} with zero "
                 "advantage); try fewer --filter_rewards, --reference mean, a smaller --margin or more candidates")
     kept.sort(key=lambda r: (str(r["group_id"]), r["variant_id"], r.get("image_index", 0)))
-    shown = preview_groups(kept, args.preview_groups)
+    shown = preview_groups(kept, PREVIEW_GROUPS)
     pairs = [row["rejected"] for row in kept if "rejected" in row]
     for row in kept + pairs + [original for g in shown for original in first_original(groups[g])]:
         # every pixel of what is copied or shown decodes, before anything is written
@@ -356,7 +360,7 @@ def main(args):
     }
     cu.write_json_atomic(os.path.join(staging, REPORT), report)
     write_preview(os.path.join(staging, "crf_preview.png"), kept, groups, args.candidates_dir, args.reward_names,
-                  args.preview_groups)
+                  PREVIEW_GROUPS)
     cu.publish_folder(staging, args.output_dir)  # replaces an empty folder, or ours with --overwrite (checked)
 
     print(f"{len(rows)} candidates in {len(groups)} groups")

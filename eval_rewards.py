@@ -25,11 +25,13 @@ scores are shown x100, as the paper and the leaderboard print them.
 
 import argparse
 import gc
+import json
 import math
 import os
 import statistics
 import time
 
+import craft_drift as cdr
 import craft_generation as cg
 import craft_pipelines as cp
 import craft_reward_models as cm
@@ -57,7 +59,8 @@ def parse_args(input_args=None):
     parser.add_argument("--rewards", default="hpsv2.1,pickscore,aesthetic",
                         help=f"comma-separated rewards, from: {', '.join(sorted(cm.REWARDS))}")
     parser.add_argument("--compare_to", help="a baseline folder (scored too, if needed) to pair by (prompt, seed)")
-    parser.add_argument("--overwrite", action="store_true", help="recompute rewards already in rewards.jsonl")
+    parser.add_argument("--overwrite", action="store_true", help="recompute rewards already in rewards.jsonl; in model mode, also start over a folder "
+                             "of this script's made with other settings")
     parser.add_argument("--output_dir", default="eval", help="model mode: where generated images are written")
     parser.add_argument("--benchmark", choices=sorted(BENCHMARKS),
                         help="evaluate on a named benchmark, one subfolder per part: hpsv2 (HPDv2's four styles), "
@@ -142,16 +145,67 @@ def compare(rows, table, other_rows, other_table, names, folder, other):
     return result
 
 
+def trained_rewards(folder):
+    """The rewards the model behind an evaluation folder was filtered and trained on: the filter of the training set,
+    read from the training_config.json of its --lora_path or tuned model; None when the folder does not say."""
+    if not os.path.isfile(os.path.join(folder, cg.GENERATION_CONFIG)):
+        return None
+    settings = cg.recorded_settings(folder)
+    for model in (settings.get("lora_path"), settings.get("pretrained_model_name_or_path")):
+        config = os.path.join(model if model and os.path.isdir(model) else os.path.dirname(model or ""),
+                              "training_config.json")
+        if model and os.path.isfile(config):
+            with open(config, encoding="utf-8") as f:
+                report = json.load(f).get("crf_report") or {}
+            names = (report.get("settings") or {}).get("filter_rewards")
+            return names.split(",") if isinstance(names, str) else None
+    return None
+
+
+def drift_comparison(rows, other_rows, folder, other):
+    """Pixel statistics of the images paired by (prompt, seed), and each prompt's diversity across its seeds, this
+    folder against the baseline: statistic -> paired delta, and the diversity's paired delta (None: one seed)."""
+    from PIL import Image
+
+    def keyed(rows_, where):
+        return {(row["_text"], row["seed"]): os.path.join(where, row["file_name"]) for row in rows_}
+
+    mine, theirs = keyed(rows, folder), keyed(other_rows, other)
+    pairs = sorted(set(mine) & set(theirs), key=str)
+    images = {key: (Image.open(mine[key]).convert("RGB"), Image.open(theirs[key]).convert("RGB")) for key in pairs}
+    stats = {key: tuple(cdr.pixel_stats(image) for image in both) for key, both in images.items()}
+    drift = {name: cdr.paired_delta([stats[key][0][name] for key in pairs], [stats[key][1][name] for key in pairs])
+             for name in cdr.STATISTICS}
+    prompts = {}
+    for key in pairs:
+        prompts.setdefault(key[0], []).append(images[key])
+    per_prompt = [(cdr.diversity([a for a, _ in both]), cdr.diversity([b for _, b in both]))
+                  for both in prompts.values() if len(both) > 1]
+    diversity = cdr.paired_delta([a for a, _ in per_prompt], [b for _, b in per_prompt]) if per_prompt else None
+    return drift, diversity
+
+
 def markdown(folder, summary, comparison):
     lines = [f"Rewards of {folder}", "", "| reward | mean | std | median | n |", "|---|---|---|---|---|"]
     lines += [f"| {name} | {s['mean']:.4f} | {s['std']:.4f} | {s['median']:.4f} | {s['n']} |"
               for name, s in summary.items()]
     if comparison:
+        trained = comparison.get("trained_rewards")
         lines += ["", f"Against {comparison['compare_to']} ({comparison['pairs']} pairs by prompt and seed)", "",
-                  "| reward | mean | baseline | delta | stderr | win | tie | loss |", "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {name} | {c['mean']:.4f} | {c['baseline_mean']:.4f} | {c['mean_delta']:+.4f} | {c['stderr']:.4f} "
-                  f"| {c['win_rate']:.1%} | {c['tie_rate']:.1%} | {c['loss_rate']:.1%} |"
-                  for name, c in comparison["rewards"].items()]
+                  "| reward | role | mean | baseline | delta | stderr | win | tie | loss |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        roles = {name: "unknown" if trained is None else "trained" if name in trained else "held out"
+                 for name in comparison["rewards"]}
+        lines += [f"| {name} | {roles[name]} | {c['mean']:.4f} | {c['baseline_mean']:.4f} | {c['mean_delta']:+.4f} "
+                  f"| {c['stderr']:.4f} | {c['win_rate']:.1%} | {c['tie_rate']:.1%} | {c['loss_rate']:.1%} |"
+                  for name, c in sorted(comparison["rewards"].items(), key=lambda item: roles[item[0]] != "trained")]
+        if comparison.get("drift"):
+            rows = {**comparison["drift"], **({"diversity across seeds": comparison["diversity"]}
+                                               if comparison.get("diversity") else {})}
+            lines += ["", "Drift (pixel statistics per image; diversity per prompt)", "",
+                      "| statistic | mean | baseline | delta | stderr |", "|---|---|---|---|---|"]
+            lines += [f"| {name} | {d['mean']:.4f} | {d['baseline_mean']:.4f} | {d['delta']:+.4f} | {d['stderr']:.4f} |"
+                      for name, d in rows.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -205,6 +259,11 @@ def report(args, scored, started):
         check_scores(args.compare_to, other_rows, other_table, names)
     summary = summarize(rows, table, names)
     comparison = compare(rows, table, other_rows, other_table, names, folder, args.compare_to) if other_rows else None
+    if comparison:
+        comparison["trained_rewards"] = trained_rewards(folder)
+        comparison["drift"], comparison["diversity"] = drift_comparison(rows, other_rows, folder, args.compare_to)
+        comparison["hacking_signs"] = cdr.hacking_signs(comparison["rewards"], comparison["trained_rewards"] or [],
+                                                        comparison["drift"], comparison["diversity"])
     cu.write_json_atomic(os.path.join(folder, "rewards_summary.json"), {"rewards": summary, "comparison": comparison})
     text = markdown(folder, summary, comparison)
     cu.write_text_atomic(os.path.join(folder, "rewards_summary.md"), text)
@@ -215,6 +274,8 @@ def report(args, scored, started):
     print(text)
     print(f"{len(rows)} images scored with {', '.join(names)} in {time.time() - started:.0f} s: "
           f"{os.path.join(folder, cr.REWARDS_FILE)}, rewards_summary.json/.md, rewards_hist.png")
+    if comparison and comparison["hacking_signs"]:
+        print(f"reward hacking suspected: {'; '.join(comparison['hacking_signs'])} (README: Troubleshooting)")
     return summary, comparison
 
 

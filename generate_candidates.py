@@ -55,8 +55,9 @@ def parse_args(input_args=None):
     group.add_argument("--expansion_model", help="causal LM with a chat template: Hub id or local folder")
     group.add_argument("--expansion_file", help='jsonl rows {"prompt": ..., "variants": [...]}')
     group.add_argument("--expansion_instruction", default=DEFAULT_INSTRUCTION, help="system message for the LLM")
-    group.add_argument("--expansion_max_new_tokens", type=int, default=77)
-    group.add_argument("--expansion_temperature", type=float, default=0.8)
+    group.add_argument("--expansion_max_new_tokens", type=int, default=77, help="the LLM's longest rewrite, in tokens")
+    group.add_argument("--expansion_temperature", type=float, default=0.8,
+                       help="the LLM's sampling temperature (its K rewrites of a prompt are K samples)")
     group.add_argument("--expansion_batch_size", type=int, default=16,
                        help="prompts rewritten per LLM call (each gives --num_variants samples); the rewrites of a "
                             "batch are seeded by its first prompt, so this setting is recorded like the others")

@@ -496,6 +496,15 @@ def test_validation_grids_reward_curve_and_tensorboard(zoo, data, tmp_path):
         sizes.append(buffer.tell())
     assert len(sizes) == 6
     assert tensorboard_scalars(out, "validation/jpeg")[4] == pytest.approx(-sum(sizes) / 6000, rel=1e-6)
+    # the drift statistics of the same six images, and their diversity across the 3 seeds of each prompt
+    import craft_drift as cdr
+
+    images = [Image.open(out / "validation" / "step-000004" / name)
+              for name in sorted(os.listdir(out / "validation" / "step-000004"))]
+    saturation = sum(cdr.pixel_stats(image)["saturation"] for image in images) / 6
+    assert tensorboard_scalars(out, "drift/saturation")[4] == pytest.approx(saturation, rel=1e-5)
+    assert tensorboard_scalars(out, "drift/diversity")[4] == pytest.approx(
+        (cdr.diversity(images[:3]) + cdr.diversity(images[3:])) / 2, rel=1e-5)
     assert f"step 4: validation/jpeg {-sum(sizes) / 6000:.4f}" in result.stdout + result.stderr
     assert "![validation](validation/step-000004.png)" in (out / "README.md").read_text()
 
