@@ -88,7 +88,8 @@ def test_demo_runs_every_stage_and_writes_every_artefact(tmp_path):
                      "craft-sdxl-lora/pytorch_lora_weights.safetensors",
                      "eval_craft/rewards_summary.md", "eval_craft/rewards_hist.png", "demo_results.md"):
         assert (out / artefact).exists(), artefact
-    assert Image.open(grid).size == (2 * 64 * 6, 2 * 128)
+    width, height = Image.open(grid).size  # the row labels, then 6 prompts' columns of 160 pixels; 2 labelled rows
+    assert width == 160 * (1 + 6) and 2 * 160 < height < 3 * 160
     # the candidates of the first prompt come from the prompt and its three colour-stressing rewrites
     texts = {r["variant_id"]: r["text"] for r in cu.read_jsonl(out / "candidates" / "metadata.jsonl")
              if r["group_id"] == 0}

@@ -287,22 +287,25 @@ def fixed_batch_loss(pipe, data):
 GENERATE = """
 import sys, torch
 from diffusers import StableDiffusionPipeline
-pipe = StableDiffusionPipeline.from_pretrained(sys.argv[1], safety_checker=None)
-if len(sys.argv) > 3:
-    pipe.load_lora_weights(sys.argv[3], weight_name=sys.argv[4])
-pipe("a red square", num_inference_steps=3, generator=torch.Generator().manual_seed(0)).images[0].save(sys.argv[2])
+model, out, lora_dir, weight_names = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+for index, weight_name in enumerate([None, *weight_names]):  # the base, then a fresh pipeline for each LoRA file
+    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None)
+    if weight_name:
+        pipe.load_lora_weights(lora_dir, weight_name=weight_name)
+    image = pipe("a red square", num_inference_steps=3, generator=torch.Generator().manual_seed(0)).images[0]
+    image.save(f"{out}-{index}.png")
 """
 
 
-def generate_in_new_process(model, out, lora_dir=None, weight_name=None):
+def generate_in_new_process(model, out, lora_dir, weight_names):
+    """The base model's image, then the image of a fresh pipeline with each LoRA file loaded, from one new Python."""
     import subprocess
 
     from conftest import subprocess_env
 
-    extra = [str(lora_dir), weight_name] if lora_dir else []
-    subprocess.run([sys.executable, "-c", GENERATE, str(model), str(out), *extra], check=True, env=subprocess_env(),
-                   capture_output=True)
-    return np.asarray(Image.open(out), dtype=np.int16)
+    subprocess.run([sys.executable, "-c", GENERATE, str(model), str(out), str(lora_dir), *weight_names], check=True,
+                   env=subprocess_env(), capture_output=True)
+    return [np.asarray(Image.open(f"{out}-{index}.png"), dtype=np.int16) for index in range(1 + len(weight_names))]
 
 
 def test_lora_reduces_the_loss_and_its_files_load_in_fresh_pipelines(zoo, data, tmp_path):
@@ -318,9 +321,8 @@ def test_lora_reduces_the_loss_and_its_files_load_in_fresh_pipelines(zoo, data, 
     after = fixed_batch_loss(base, data)
     assert after < 0.95 * before  # attention-only LoRA on a random tiny UNet: a small but clear drop
 
-    reference = generate_in_new_process(zoo / "sd15", tmp_path / "base.png")
-    for weight_name in (co.LORA_FILE, co.KOHYA_FILE):
-        image = generate_in_new_process(zoo / "sd15", tmp_path / "lora.png", out, weight_name)
+    reference, *images = generate_in_new_process(zoo / "sd15", tmp_path / "image", out, [co.LORA_FILE, co.KOHYA_FILE])
+    for image in images:
         assert np.abs(image - reference).mean() > 1.0
     from safetensors.torch import load_file
 
