@@ -150,24 +150,13 @@ def register_checkpoint_hooks(accelerator, pipeline_class, models, is_lora, ema=
         weights.clear()  # accelerate would pickle them too
 
     def load(modules, folder):
-        from diffusers.training_utils import EMAModel, _set_state_dict_into_text_encoder
-        from diffusers.utils import convert_unet_state_dict_to_peft
-        from peft import set_peft_model_state_dict
+        from diffusers.training_utils import EMAModel
 
         trained = unwrapped(modules)
         modules.clear()  # loaded here, not by accelerate
         denoiser = trained[denoiser_name]
         if is_lora:
-            state = pipeline_class.lora_state_dict(folder)
-            state = state[0] if isinstance(state, tuple) else state  # SD/SDXL return (state, alphas), SD3/FLUX a dict
-            prefix = f"{denoiser_name}."
-            own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-            set_peft_model_state_dict(denoiser, convert_unet_state_dict_to_peft(own), adapter_name="default")
-            for name, module in trained.items():
-                if name != denoiser_name:
-                    _set_state_dict_into_text_encoder(state, prefix=f"{name}.", text_encoder=module)
-            for parameter in (p for module in trained.values() for p in module.parameters() if p.requires_grad):
-                parameter.data = parameter.data.to(torch.float32)
+            load_lora_into(pipeline_class, trained, folder, f"--resume_from_checkpoint {folder}")
         else:
             saved = type(denoiser).from_pretrained(folder, subfolder=denoiser_name)
             denoiser.load_state_dict(saved.state_dict())
@@ -183,6 +172,40 @@ def register_checkpoint_hooks(accelerator, pipeline_class, models, is_lora, ema=
 
     accelerator.register_save_state_pre_hook(save)
     accelerator.register_load_state_pre_hook(load)
+
+
+def load_lora_into(pipeline_class, trained, path, where):
+    """Set the LoRAs being trained (`trained`: name -> module, the denoiser first) from a LoRA file or folder in
+    `pipeline_class`'s format, in fp32; a LoRA on other modules or of another rank is refused in one line (`where`:
+    the flag and path that named it)."""
+    import torch
+    from diffusers.training_utils import _set_state_dict_into_text_encoder
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    folder, weight_name = (path, None) if os.path.isdir(path) else os.path.split(path)
+    try:
+        state = pipeline_class.lora_state_dict(folder, weight_name=weight_name)
+    except (OSError, ValueError) as error:
+        cu.fail(f"{where}: not a LoRA file of {pipeline_class.__name__} ({str(error).splitlines()[0][:200]})")
+    state = state[0] if isinstance(state, tuple) else state  # SD/SDXL return (state, alphas), SD3/FLUX a dict
+    denoiser_name, denoiser = next(iter(trained.items()))
+    own = convert_unet_state_dict_to_peft({k[len(denoiser_name) + 1:]: v for k, v in state.items()
+                                           if k.startswith(f"{denoiser_name}.")})
+    expected = set(get_peft_model_state_dict(denoiser))
+    if set(own) != expected:
+        cu.fail(f"{where}: its {denoiser_name} LoRA is on other modules than this run's ({len(own)} weights, "
+                f"{len(expected)} expected); train with the flags that made it (--lora_target_modules, "
+                "--train_text_encoder)")
+    try:
+        set_peft_model_state_dict(denoiser, own, adapter_name="default")
+        for name, module in list(trained.items())[1:]:
+            _set_state_dict_into_text_encoder(state, prefix=f"{name}.", text_encoder=module)
+    except RuntimeError as error:  # shapes: another rank
+        detail = " ".join(str(error).split())[:200]
+        cu.fail(f"{where}: its LoRA does not fit this run's ({detail}); give the --rank it was trained with")
+    for parameter in (p for module in trained.values() for p in module.parameters() if p.requires_grad):
+        parameter.data = parameter.data.to(torch.float32)
 
 
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)$")

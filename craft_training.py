@@ -74,6 +74,8 @@ def add_training_args(parser, base_model, resolution, beta_dpo=None):
     a("--mixed_precision", choices=["no", "fp16", "bf16"], help="default: accelerate's config")
     a("--allow_tf32", action="store_true")
     a("--rank", type=int, default=4, help="LoRA rank")
+    a("--init_lora", help="start the LoRA from this LoRA file or folder instead of zeros (CRAFT in rounds: the "
+                          "previous round's); it must have this run's --rank and target modules")
     a("--lora_alpha", type=int, help="LoRA alpha (default: --rank, i.e. scale 1)")
     a("--lora_target_modules", default="to_k,to_q,to_v,to_out.0", help="the denoiser's modules that get a LoRA")
     a("--checkpointing_steps", type=int, default=500)
@@ -197,6 +199,8 @@ def parse_training_args(parser, input_args):
             parser.error(f"--{flag} must be at least 1")
     if args.rank < 1:
         parser.error(f"--rank must be at least 1 (got {args.rank})")
+    if args.init_lora and not os.path.exists(args.init_lora):
+        parser.error(f"--init_lora {args.init_lora} does not exist")
     if args.lr_warmup_steps < 0:
         parser.error(f"--lr_warmup_steps must be >= 0 (got {args.lr_warmup_steps})")
     for tracker in [] if args.report_to in ("all", "none") else [args.report_to]:

@@ -65,6 +65,9 @@ def parse_args(input_args=None):
     args = ct.parse_training_args(parser, input_args)
     if args.use_ema and args.use_lora:
         parser.error("--use_ema applies to full fine-tuning, not --use_lora")
+    if args.init_lora and not args.use_lora:
+        parser.error("--init_lora starts a LoRA; a full fine-tune starts from --pretrained_model_name_or_path (give "
+                     "the previous round's output folder there)")
     if args.output_kohya_format and not args.use_lora:
         parser.error("--output_kohya_format writes a LoRA in kohya's names; use it with --use_lora")
     if args.train_text_encoder and not args.use_lora:
@@ -174,6 +177,8 @@ def main(args):
     # Diffusion-DPO's reference: a LoRA's base is the UNet with its adapters off; a full fine-tune needs a frozen copy,
     # in the model's own precision (fp32 under autocast), so that the two agree exactly before the first step
     reference_unet = copy.deepcopy(unet).requires_grad_(False) if args.loss == "dpo" and not args.use_lora else None
+    if args.init_lora:  # CRAFT in rounds: this round's LoRA starts where the previous round's ended
+        ck.load_lora_into(StableDiffusionPipeline, trained, args.init_lora, f"--init_lora {args.init_lora}")
     cast_training_params(list(trained.values()), torch.float32)  # no "Attempting to unscale FP16 gradients"
     if ema_unet is not None:
         ema_unet.to(accelerator.device)

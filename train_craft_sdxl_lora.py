@@ -164,6 +164,8 @@ def main(args):
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
     unet.to(accelerator.device, weight_dtype)
+    if args.init_lora:  # CRAFT in rounds: this round's LoRA starts where the previous round's ended
+        ck.load_lora_into(StableDiffusionXLPipeline, trained, args.init_lora, f"--init_lora {args.init_lora}")
     cast_training_params(list(trained.values()), torch.float32)  # no "Attempting to unscale FP16 gradients"
 
     params_to_optimize = [p for module in trained.values() for p in module.parameters() if p.requires_grad]

@@ -199,6 +199,8 @@ def main(args):
     trained = {"transformer": transformer}
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
+    if args.init_lora:  # CRAFT in rounds: this round's LoRA starts where the previous round's ended
+        ck.load_lora_into(ZImagePipeline, trained, args.init_lora, f"--init_lora {args.init_lora}")
     cast_training_params([transformer], torch.float32)  # no "Attempting to unscale FP16 gradients"
 
     params_to_optimize = [p for p in transformer.parameters() if p.requires_grad]

@@ -273,3 +273,25 @@ def test_every_overwrite_replaces_only_what_the_pack_wrote(zoo, tmp_path):
         run_script(*rerun)
     assert json.loads((images / "generation_config.json").read_text())["settings"]["seed"] == 5  # replaced
     assert json.loads((filtered / "crf_report.json").read_text())["settings"]["mode"] == "topk"
+
+
+def test_init_lora_starts_a_run_from_the_previous_round_s_lora(zoo, data, tmp_path):
+    """--init_lora loads a LoRA before the first step (at a vanishing learning rate the result is that LoRA), is
+    recorded in training_config.json, and one of another rank is refused in one line."""
+    from safetensors.torch import load_file
+
+    from craft_outputs import LORA_FILE
+
+    train(zoo, data, tmp_path / "round1", "--use_lora", "--max_train_steps", 2, "--learning_rate", 1e-2)
+    previous = tmp_path / "round1" / LORA_FILE
+    train(zoo, data, tmp_path / "round2", "--use_lora", "--max_train_steps", 1, "--learning_rate", 1e-12,
+          "--init_lora", previous)
+    first, second = load_file(previous), load_file(tmp_path / "round2" / LORA_FILE)
+    assert first.keys() == second.keys() and any(t.abs().sum() > 0 for k, t in first.items() if ".up." in k)
+    assert all(torch.allclose(first[k], second[k], atol=1e-6) for k in first)
+    config = json.loads((tmp_path / "round2" / "training_config.json").read_text())
+    assert config["args"]["init_lora"] == str(previous)
+    result = train(zoo, data, tmp_path / "other", "--use_lora", "--rank", 8, "--init_lora", tmp_path / "round1",
+                   check=False)
+    assert last_line(result).startswith(f"error: --init_lora {tmp_path / 'round1'}: its LoRA does not fit this run's (")
+    assert last_line(result).endswith("give the --rank it was trained with")
