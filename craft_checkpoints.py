@@ -193,15 +193,17 @@ def load_lora_into(pipeline_class, trained, path, where):
     own = convert_unet_state_dict_to_peft({k[len(denoiser_name) + 1:]: v for k, v in state.items()
                                            if k.startswith(f"{denoiser_name}.")})
     expected = set(get_peft_model_state_dict(denoiser))
-    if set(own) != expected:
-        cu.fail(f"{where}: its {denoiser_name} LoRA is on other modules than this run's ({len(own)} weights, "
-                f"{len(expected)} expected); train with the flags that made it (--lora_target_modules, "
+    encoders = {key.split(".", 1)[0] for key in state if not key.startswith(f"{denoiser_name}.")}
+    if set(own) != expected or encoders != set(list(trained)[1:]):
+        cu.fail(f"{where}: its LoRA is on other modules than this run's ({len(own)} {denoiser_name} weights, "
+                f"{len(expected)} expected; text encoders: {sorted(encoders) or 'none'}, this run: "
+                f"{list(trained)[1:] or 'none'}); train with the flags that made it (--lora_target_modules, "
                 "--train_text_encoder)")
     try:
         set_peft_model_state_dict(denoiser, own, adapter_name="default")
         for name, module in list(trained.items())[1:]:
             _set_state_dict_into_text_encoder(state, prefix=f"{name}.", text_encoder=module)
-    except RuntimeError as error:  # shapes: another rank
+    except (RuntimeError, ValueError) as error:  # shapes: another rank
         detail = " ".join(str(error).split())[:200]
         cu.fail(f"{where}: its LoRA does not fit this run's ({detail}); give the --rank it was trained with")
     for parameter in (p for module in trained.values() for p in module.parameters() if p.requires_grad):
@@ -269,6 +271,7 @@ RUN_SETTINGS = "run_settings.json"
 # other flag defines the run, and a resume under another value would go on under the checkpoint's state.
 CHANGEABLE_ON_RESUME = {
     "output_dir", "logging_dir", "report_to", "resume_from_checkpoint", "overwrite_output_dir", "config",
+    "train_data_dir", "init_lora",  # the data by its metadata's hash (the folder may move); the state by the checkpoint
     "checkpointing_steps", "checkpoints_total_limit", "max_train_steps", "num_train_epochs", "push_to_hub",
     "hub_model_id", "hub_token", "output_kohya_format", "dataloader_num_workers", "image_decode_workers",
     "cache_latents", "gradient_checkpointing", "enable_xformers_memory_efficient_attention", "allow_tf32",
@@ -289,6 +292,7 @@ def run_settings(accelerator, args):
             continue
         settings[name] = os.path.abspath(value) if isinstance(value, str) and os.path.exists(value) else value
     settings["num_processes"] = accelerator.num_processes
+    settings["mixed_precision"] = accelerator.mixed_precision  # the flag's None means the accelerate config's
     metadata = os.path.join(args.train_data_dir or "", cu.METADATA)
     if args.train_data_dir and os.path.isfile(metadata):
         with open(metadata, "rb") as f:
@@ -313,8 +317,8 @@ def check_run_settings(checkpoint, step, settings, max_train_steps):
         if saved.get(name) != settings.get(name):
             flag = name if name in ("num_processes", "train_metadata_sha256") else f"--{name}"
             cu.fail(f"{checkpoint} was trained with {flag} {saved.get(name)!r} and this run gives {settings.get(name)!r}"
-                    f"; resume with the checkpoint's value, or pass --overwrite_output_dir (or another --output_dir) "
-                    "to train anew")
+                    f"; resume with the checkpoint's value, or train anew: drop --resume_from_checkpoint and pass "
+                    "--overwrite_output_dir (or another --output_dir)")
 
 
 def save_checkpoint(accelerator, args, step):

@@ -49,10 +49,10 @@ def load_examples(args):
         rows = cu.read_jsonl(source)
     if not rows:
         cu.fail(f"{source} has no rows")
-    if folder is not None:
-        cu.refuse_repeated_rows(rows, source)
     rejected_column = args.rejected_image_column if folder is None else "rejected_file_name"
     is_pairs = all(rejected_column in row for row in rows)
+    if folder is not None:  # a pairs set may prefer one image in two pairs, not hold one pair twice
+        cu.refuse_repeated_rows(rows, source, ("file_name", rejected_column) if is_pairs else ("file_name",))
     if args.loss == "dpo" and not is_pairs:
         if folder is None and rejected_column not in dataset.column_names:
             cu.fail(f"--dataset_name {args.dataset_name} has no column '{rejected_column}' for the rejected image; set "

@@ -47,30 +47,29 @@ def paired_delta(mine, theirs):
     deltas = [a - b for a, b in zip(mine, theirs)]
     stderr = statistics.stdev(deltas) / len(deltas) ** 0.5 if len(deltas) > 1 else 0.0
     return {"mean": statistics.fmean(mine), "baseline_mean": statistics.fmean(theirs),
-            "delta": statistics.fmean(deltas), "stderr": stderr}
+            "delta": statistics.fmean(deltas), "stderr": stderr, "n": len(deltas)}
 
 
 def hacking_signs(rewards, trained, drift, diversity_row):
     """The reasons to suspect reward hacking in a comparison, each with its numbers (empty: none): a held-out reward
     that fell while a trained one rose, a pixel statistic that moved past its threshold, diversity that fell past
-    DIVERSITY_DROP; each beyond 2 standard errors of its paired deltas. `rewards`: reward -> paired delta
+    DIVERSITY_DROP; each beyond 2 standard errors of its paired deltas, over 2 pairs at least. `rewards`: reward -> paired delta
     (eval_rewards' comparison), `trained`: the rewards the model was filtered and trained on, `drift`: statistic ->
     paired delta, `diversity_row`: the paired delta of per-prompt diversity, or None."""
-    def beyond(delta, stderr):
-        return abs(delta) > 2 * stderr
+    def beyond(delta, row):
+        return row["n"] >= 2 and abs(delta) > 2 * row["stderr"]
 
     signs = []
     rose = [name for name in trained if name in rewards and rewards[name]["mean_delta"] > 0
-            and beyond(rewards[name]["mean_delta"], rewards[name]["stderr"])]
+            and beyond(rewards[name]["mean_delta"], rewards[name])]
     fell = [f"held-out {name} fell {row['mean_delta']:+.4f} +- {row['stderr']:.4f}" for name, row in rewards.items()
-            if rose and name not in trained and row["mean_delta"] < 0 and beyond(row["mean_delta"], row["stderr"])]
+            if rose and name not in trained and row["mean_delta"] < 0 and beyond(row["mean_delta"], row)]
     if fell:
         signs += [", ".join(f"trained {name} rose {rewards[name]['mean_delta']:+.4f}" for name in rose)] + fell
     signs += [f"{name} moved {row['delta']:+.3f} +- {row['stderr']:.3f} (threshold {THRESHOLDS[name]:g})"
-              for name, row in drift.items() if abs(row["delta"]) > THRESHOLDS[name] and beyond(row["delta"],
-                                                                                                row["stderr"])]
+              for name, row in drift.items() if abs(row["delta"]) > THRESHOLDS[name] and beyond(row["delta"], row)]
     if diversity_row and diversity_row["delta"] < -DIVERSITY_DROP * diversity_row["baseline_mean"] and \
-            beyond(diversity_row["delta"], diversity_row["stderr"]):
+            beyond(diversity_row["delta"], diversity_row):
         signs.append(f"diversity across seeds fell {diversity_row['delta']:+.3f} +- {diversity_row['stderr']:.3f} "
                      f"(from {diversity_row['baseline_mean']:.3f}; threshold -{DIVERSITY_DROP:.0%})")
     return signs

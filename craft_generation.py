@@ -375,7 +375,9 @@ def check_generation_folder(output_dir, settings, overwrite):
             cu.fail(f"{output_dir} was made by {made_by}; {now} writes only into its own folders: choose another "
                  "--output_dir")
         changed = [k for k in sorted(set(previous) | set(settings)) if previous.get(k) != settings.get(k)]
-        if changed and not any(GENERATION_IMAGE.match(name) for name in os.listdir(output_dir)):
+        if changed and not any(GENERATION_IMAGE.match(name) or name == "expansions.jsonl"
+                               for name in os.listdir(output_dir)):  # nothing made yet: nothing to lose
+            cu.refuse_foreign_entries(output_dir, GENERATION_FILES.match, "a run with new settings")
             print(f"{output_dir}: no image was made with its earlier settings; starting over with these")
             return True
         if changed and overwrite:

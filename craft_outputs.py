@@ -241,7 +241,8 @@ def push_to_hub(args):
     except Exception as error:  # offline, no login, no rights, a network fault: the weights are saved all the same
         cu.fail(f"the upload to the Hub ({repo_id}) failed ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
                 f"the weights are saved in {args.output_dir}: once online and logged in (`hf auth login`), upload them "
-                f"with `hf upload {repo_id} {args.output_dir}`")
+                f"with `hf upload {repo_id} {args.output_dir} --exclude 'checkpoint-*/**' --exclude "
+                f"'{args.logging_dir}/**' --exclude '.*'`")
     print(f"uploaded to https://huggingface.co/{repo_id}")
     return repo_id
 

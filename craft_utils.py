@@ -146,6 +146,9 @@ def claim_folder(folder):
     except BlockingIOError:
         os.close(descriptor)
         fail(f"{folder} is being written by another run right now; wait for it to end, or choose another folder")
+    except OSError as error:  # a file system without flock on folders (some NFS and Lustre mounts)
+        print(f"note: {folder} cannot be locked here ({error.strerror}): make sure no other run writes into it",
+              file=sys.stderr)
     _claimed[key] = descriptor
 
 
@@ -160,7 +163,11 @@ def folder_lock(folder):
         return
     descriptor = os.open(folder, os.O_RDONLY)
     try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+        except OSError as error:  # a file system without flock on folders: the writers no longer take turns
+            print(f"note: {folder} cannot be locked here ({error.strerror}): run one scorer at a time",
+                  file=sys.stderr)
         yield
     finally:
         os.close(descriptor)  # closing releases the lock
@@ -360,27 +367,30 @@ def path_in_folder(folder, name, where, column="file_name"):
     return path
 
 
+OPTIONAL_COMPONENTS = {"safety_checker", "feature_extractor", "image_encoder"}  # loaded as None when absent
+
+
 def check_pipeline_folder(path, index):
     """A local pipeline folder holds every component its model_index.json (`index`) names: refuse, in one line, a
     folder copied without one (the loader's own error would name a config key instead)."""
     if not os.path.isdir(path):
         return
     for name, value in index.items():
-        if not name.startswith("_") and isinstance(value, list) and len(value) == 2 and value[1] and \
-                not os.path.isdir(os.path.join(path, name)):
+        if name not in OPTIONAL_COMPONENTS and not name.startswith("_") and isinstance(value, list) and \
+                len(value) == 2 and value[1] and not os.path.isdir(os.path.join(path, name)):
             fail(f"{os.path.join(path, name)}/ is missing: model_index.json names a {value[1]} there; copy the whole "
                  "pipeline folder, or give its Hub id")
 
 
 def refuse_repeated_rows(rows, metadata, columns=("file_name",)):
-    """A file named by two rows would count twice (scored twice, a group's reference twice, trained twice as
-    strongly): refuse, in one line naming both rows."""
+    """What two rows name alike (a file; with two columns, a pair of files) would count twice (scored twice, a group's
+    reference twice, trained twice as strongly): refuse, in one line naming both rows."""
     first = {}
     for number, row in enumerate(rows, start=1):
-        for column in columns:
-            name = row.get(column) if isinstance(row, dict) else None
-            if isinstance(name, str) and first.setdefault(name, number) != number:
-                fail(f"{metadata}, rows {first[name]} and {number}: both name {name!r}; remove the repeated row")
+        names = tuple(row.get(column) for column in columns) if isinstance(row, dict) else ()
+        if names and all(isinstance(name, str) for name in names) and first.setdefault(names, number) != number:
+            shown = names[0] if len(names) == 1 else names
+            fail(f"{metadata}, rows {first[names]} and {number}: both name {shown!r}; remove the repeated row")
 
 
 def open_image(path, where):

@@ -136,7 +136,7 @@ def compare(rows, table, other_rows, other_table, names, folder, other):
         deltas = [mine[key][name] - theirs[key][name] for key in pairs]
         std = statistics.stdev(deltas) if len(deltas) > 1 else 0.0
         result["rewards"][name] = {
-            "mean_delta": statistics.fmean(deltas), "stderr": std / math.sqrt(len(deltas)),
+            "mean_delta": statistics.fmean(deltas), "stderr": std / math.sqrt(len(deltas)), "n": len(deltas),
             "win_rate": sum(d > 0 for d in deltas) / len(deltas), "tie_rate": sum(d == 0 for d in deltas) / len(deltas),
             "loss_rate": sum(d < 0 for d in deltas) / len(deltas),
             "mean": statistics.fmean(mine[key][name] for key in pairs),
@@ -158,7 +158,7 @@ def trained_rewards(folder):
             with open(config, encoding="utf-8") as f:
                 report = json.load(f).get("crf_report") or {}
             names = (report.get("settings") or {}).get("filter_rewards")
-            return names.split(",") if isinstance(names, str) else None
+            return [name.strip() for name in names.split(",") if name.strip()] if isinstance(names, str) else None
     return None
 
 
@@ -170,10 +170,16 @@ def drift_comparison(rows, other_rows, folder, other):
     def keyed(rows_, where):
         return {(row["_text"], row["seed"]): os.path.join(where, row["file_name"]) for row in rows_}
 
+    def measured(path):  # the statistics, and a thumbnail for diversity: no full-size image is kept
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            return cdr.pixel_stats(image), image.resize((cdr.DIVERSITY_SIZE, cdr.DIVERSITY_SIZE))
+
     mine, theirs = keyed(rows, folder), keyed(other_rows, other)
     pairs = sorted(set(mine) & set(theirs), key=str)
-    images = {key: (Image.open(mine[key]).convert("RGB"), Image.open(theirs[key]).convert("RGB")) for key in pairs}
-    stats = {key: tuple(cdr.pixel_stats(image) for image in both) for key, both in images.items()}
+    measures = {key: (measured(mine[key]), measured(theirs[key])) for key in pairs}
+    stats = {key: (a[0], b[0]) for key, (a, b) in measures.items()}
+    images = {key: (a[1], b[1]) for key, (a, b) in measures.items()}
     drift = {name: cdr.paired_delta([stats[key][0][name] for key in pairs], [stats[key][1][name] for key in pairs])
              for name in cdr.STATISTICS}
     prompts = {}

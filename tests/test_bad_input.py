@@ -80,6 +80,11 @@ def test_generation_folder_faults(zoo, prompts, tmp_path):
     flags = ("--prompts_file", prompts / "prompts.txt", "--num_variants", 1, "--expansion")
     assert "has 0 variants for the prompt" in last_line(generate(zoo, out, *flags, "file", "--expansion_file",
                                                                  prompts / "expansions.jsonl"))
+    (out / "notes.txt").write_text("mine")  # nothing of the pack's to lose, but this file is the user's
+    assert last_line(generate(zoo, out, *flags, "template")) == (
+        f"error: a run with new settings replaces only what this pack wrote, and {out} also holds notes.txt: move "
+        "those away, or choose another --output_dir")
+    (out / "notes.txt").unlink()
     result = generate(zoo, out, *flags, "template", check=True)
     assert f"{out}: no image was made with its earlier settings; starting over with these" in result.stdout
     assert len(cu.read_jsonl(out / "metadata.jsonl")) == 4

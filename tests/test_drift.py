@@ -40,7 +40,7 @@ def test_diversity_across_seeds_by_hand():
 
 
 def row(delta, stderr, mean=0.5, baseline=0.5):
-    return {"mean_delta": delta, "stderr": stderr, "delta": delta, "mean": mean, "baseline_mean": baseline}
+    return {"mean_delta": delta, "stderr": stderr, "delta": delta, "mean": mean, "baseline_mean": baseline, "n": 20}
 
 
 def test_hacking_is_suspected_only_beyond_two_standard_errors_and_the_thresholds():
@@ -57,6 +57,7 @@ def test_hacking_is_suspected_only_beyond_two_standard_errors_and_the_thresholds
     assert cdr.hacking_signs({}, [], calm, same) == [
         "diversity across seeds fell -0.050 +- 0.010 (from 0.300; threshold -10%)"]
     assert cdr.hacking_signs({}, [], calm, row(-0.02, 0.005, mean=0.28, baseline=0.30)) == []  # -7%
+    assert cdr.hacking_signs({}, [], calm, {**same, "n": 1}) == []  # one prompt says nothing
 
 
 def evaluation_folder(folder, images, scores, lora=None):

@@ -163,7 +163,8 @@ def test_a_resume_keeps_the_settings_that_define_the_run(zoo, data, tmp_path):
     refused = {
         ("--max_train_steps", 3, "--learning_rate", 2e-4):
             f"error: {checkpoint} was trained with --learning_rate 5e-05 and this run gives 0.0002; resume with the "
-            "checkpoint's value, or pass --overwrite_output_dir (or another --output_dir) to train anew",
+            "checkpoint's value, or train anew: drop --resume_from_checkpoint and pass --overwrite_output_dir (or "
+            "another --output_dir)",
         ("--max_train_steps", 3, "--gradient_accumulation_steps", 2):
             f"error: {checkpoint} was trained with --gradient_accumulation_steps 1 and this run gives 2; resume with",
         ("--max_train_steps", 3, "--rank", 8): f"error: {checkpoint} was trained with --rank 4 and this run gives 8;",
@@ -295,3 +296,6 @@ def test_init_lora_starts_a_run_from_the_previous_round_s_lora(zoo, data, tmp_pa
                    check=False)
     assert last_line(result).startswith(f"error: --init_lora {tmp_path / 'round1'}: its LoRA does not fit this run's (")
     assert last_line(result).endswith("give the --rank it was trained with")
+    result = train(zoo, data, tmp_path / "other", "--use_lora", "--train_text_encoder", "--init_lora", previous,
+                   check=False)  # the text encoder's half is missing from it
+    assert last_line(result).startswith(f"error: --init_lora {previous}: its LoRA is on other modules than this run's")

@@ -541,7 +541,8 @@ def test_model_card_and_hub_upload_without_network(tmp_path, data):
         co.push_to_hub(args)
     assert str(stopped.value).startswith("error: the upload to the Hub (me/craft-sd15) failed (OfflineModeIsEnabled: ")
     assert str(stopped.value).endswith(f"the weights are saved in {args.output_dir}: once online and logged in (`hf "
-                                       f"auth login`), upload them with `hf upload me/craft-sd15 {args.output_dir}`")
+                                       f"auth login`), upload them with `hf upload me/craft-sd15 {args.output_dir} "
+                                       "--exclude 'checkpoint-*/**' --exclude 'logs/**' --exclude '.*'`")
 
 
 def test_config_file_supplies_defaults_and_flags_win(tmp_path, data, capsys):
