@@ -59,7 +59,8 @@ def check_output_dir(args):
         cu.refuse_foreign_entries(args.output_dir, written_here(args.output_dir).__contains__, "--overwrite_output_dir")
         return
     # what a run writes before its first checkpoint (logs, validation grids) is no result; saved final weights are
-    results = [name for name in entries if name not in (args.logging_dir, "validation")] + \
+    logs = os.path.normpath(args.logging_dir).split(os.sep)[0]  # a nested --logging_dir: its top folder
+    results = [name for name in entries if name not in (logs, "validation")] + \
         [FINAL_READY] * os.path.isdir(os.path.join(args.output_dir, FINAL_READY))
     if results and not args.overwrite_output_dir:
         if args.resume_from_checkpoint is None:
@@ -78,7 +79,8 @@ def claim_output_dir(accelerator, args):
         os.makedirs(args.output_dir, exist_ok=True)
         cu.claim_folder(args.output_dir)
         finish_final_save(args.output_dir)
-        in_progress = {args.logging_dir, "validation", "README.md", "training_config.json"}  # written as it goes
+        logs = os.path.normpath(args.logging_dir).split(os.sep)[0]
+        in_progress = {logs, "validation", "README.md", "training_config.json"}  # written as the run goes
         if args.overwrite_output_dir and not args.resume_from_checkpoint:
             # what this run checked was the pack's: another run's states must not be resumed into this one
             for name in written_here(args.output_dir) & set(os.listdir(args.output_dir)):

@@ -172,6 +172,10 @@ def parse_training_args(parser, input_args):
                 action.required = False
     args = parser.parse_args(input_args)
     cu.announce_default_model(args, base_model, input_args)
+    for action in parser._actions:  # a --config value is not checked by argparse
+        value = getattr(args, action.dest, None)
+        if action.choices and value is not None and value not in action.choices:
+            parser.error(f"--{action.dest} {value!r}: choose from {', '.join(map(str, action.choices))}")
     for action in parser._actions:  # a NaN or infinite value trains every weight to NaN
         value = getattr(args, action.dest, None)
         if action.type is float and value is not None and not math.isfinite(value):

@@ -251,3 +251,15 @@ def test_a_hub_model_that_cannot_be_had_says_why_in_one_line(error):
                                    "the id",
         "RevisionNotFoundError": ": no revision 'v2' on the Hub; check --revision",
         "RemoteEntryNotFoundError": " has no model_index.json on the Hub: it is not a diffusers pipeline"}[error]
+
+
+def test_a_config_value_outside_a_flag_s_choices_is_refused(tmp_path, capsys):
+    """A --config file's values skip argparse's choices: they are checked after it, in one line."""
+    import train_craft_sd15
+
+    (tmp_path / "recipe.json").write_text(json.dumps({"lr_scheduler": "cosinus"}))
+    with pytest.raises(SystemExit):
+        train_craft_sd15.parse_args(["--train_data_dir", str(tmp_path), "--config", str(tmp_path / "recipe.json")])
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "error: --lr_scheduler 'cosinus': choose from linear, cosine, cosine_with_restarts, polynomial, constant, "
+        "constant_with_warmup")
