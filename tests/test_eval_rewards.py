@@ -110,7 +110,7 @@ def test_compare_to_pairs_by_prompt_and_seed(zoo, tmp_path):
     deltas = [jpeg_score(t) - jpeg_score(b) for t, b in zip(tuned_images, base_images)]
     assert comparison["pairs"] == 5
     assert comparison["rewards"]["jpeg"] == pytest.approx({
-        "mean_delta": statistics.fmean(deltas), "stderr": statistics.stdev(deltas) / 5 ** 0.5,
+        "mean_delta": statistics.fmean(deltas), "stderr": statistics.stdev(deltas) / 5 ** 0.5, "n": 5,
         "win_rate": 0.6, "tie_rate": 0.2, "loss_rate": 0.2,
         "mean": statistics.fmean(map(jpeg_score, tuned_images)),
         "baseline_mean": statistics.fmean(map(jpeg_score, base_images))})
