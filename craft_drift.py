@@ -53,9 +53,9 @@ def paired_delta(mine, theirs):
 def hacking_signs(rewards, trained, drift, diversity_row):
     """The reasons to suspect reward hacking in a comparison, each with its numbers (empty: none): a held-out reward
     that fell while a trained one rose, a pixel statistic that moved past its threshold, diversity that fell past
-    DIVERSITY_DROP; each beyond 2 standard errors of its paired deltas, over 2 pairs at least. `rewards`: reward -> paired delta
-    (eval_rewards' comparison), `trained`: the rewards the model was filtered and trained on, `drift`: statistic ->
-    paired delta, `diversity_row`: the paired delta of per-prompt diversity, or None."""
+    DIVERSITY_DROP; each beyond 2 standard errors of its paired deltas, over 2 pairs at least. `rewards`: reward ->
+    paired delta (eval_rewards' comparison), `trained`: the rewards the model was filtered and trained on, `drift`:
+    statistic -> paired delta, `diversity_row`: the paired delta of per-prompt diversity, or None."""
     def beyond(delta, row):
         return row["n"] >= 2 and abs(delta) > 2 * row["stderr"]
 

@@ -58,8 +58,9 @@ def add_generation_args(parser, model_required=True, default_model=None):
     speed.add_argument("--fuse_qkv_projections", action="store_true",
                        help="one matmul for the denoiser's q, k and v (a --lora_path LoRA is merged in first); keeps "
                             "the separate projections too, so it costs memory")
-    speed.add_argument("--channels_last", action="store_true", help="channels-last memory format for the UNet and the VAE (a transformer "
-                       "has no convolutions: only its VAE changes)")
+    speed.add_argument("--channels_last", action="store_true",
+                       help="channels-last memory format for the UNet and the VAE (a transformer has no convolutions: "
+                            "only its VAE changes)")
     speed.add_argument("--sdpa_backend", choices=sorted(cp.SDPA_BACKENDS),
                        help="the kernel torch's scaled-dot-product attention uses (default: torch's choice)")
     speed.add_argument("--enable_model_cpu_offload", action="store_true",

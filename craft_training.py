@@ -54,7 +54,8 @@ def add_training_args(parser, base_model, resolution, beta_dpo=None):
     a("--cache_latents", choices=["auto", "yes", "no"], default="auto",
       help="encode images and captions once, then move the VAE and frozen text encoders off the GPU until "
            "validation (auto: sets of up to 2,000 images)")
-    a("--proportion_empty_prompts", type=float, default=0.0, help="caption dropout: keeps classifier-free guidance working (a guidance-distilled model has none)")
+    a("--proportion_empty_prompts", type=float, default=0.0,
+      help="caption dropout: keeps classifier-free guidance working (a guidance-distilled model has none)")
     a("--train_batch_size", type=int, default=1)
     a("--num_train_epochs", type=int, default=100)
     a("--max_train_steps", type=int, help="total optimizer steps; overrides --num_train_epochs")
@@ -247,6 +248,18 @@ def check_model_family(path, revision, script, pipeline_class, flag=None):
                 f"{' or '.join(others)}")
     cu.fail(f"{path} is a {class_name}; {os.path.basename(script)} trains {pipeline_class}, and no script of the pack "
             f"trains {class_name}: fork the one closest to it (README: Forking a script for your model)")
+
+
+def check_validation_model(path, script, pipeline_class):
+    """--validation_model_name_or_path (a distilled sibling of the base): of the script's family, with a transformer
+    to load; checked on every process before training, not at the first validation on the main process alone."""
+    from diffusers import AutoModel
+
+    check_model_family(path, None, script, pipeline_class, flag="--validation_model_name_or_path")
+    try:
+        AutoModel.load_config(path, subfolder="transformer")
+    except (OSError, ValueError) as error:
+        cu.fail(f"--validation_model_name_or_path {path}: no transformer to load ({str(error).splitlines()[0]})")
 
 
 def text_to_image_class(class_name):

@@ -59,8 +59,9 @@ def parse_args(input_args=None):
     parser.add_argument("--rewards", default="hpsv2.1,pickscore,aesthetic",
                         help=f"comma-separated rewards, from: {', '.join(sorted(cm.REWARDS))}")
     parser.add_argument("--compare_to", help="a baseline folder (scored too, if needed) to pair by (prompt, seed)")
-    parser.add_argument("--overwrite", action="store_true", help="recompute rewards already in rewards.jsonl; in model mode, also start over a folder "
-                             "of this script's made with other settings")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="recompute rewards already in rewards.jsonl; in model mode, also start over a folder of "
+                             "this script's made with other settings")
     parser.add_argument("--output_dir", default="eval", help="model mode: where generated images are written")
     parser.add_argument("--benchmark", choices=sorted(BENCHMARKS),
                         help="evaluate on a named benchmark, one subfolder per part: hpsv2 (HPDv2's four styles), "

@@ -71,19 +71,13 @@ def parse_args(input_args=None):
 
 def load_models(args, weight_dtype):
     """Everything but the transformer, which loads once these have encoded the training set and left the GPU."""
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler
     from transformers import AutoTokenizer, Qwen3ForCausalLM
 
     path, revision, variant = args.pretrained_model_name_or_path, args.revision, args.variant
     ct.check_model_family(path, revision, __file__, PIPELINE_CLASS)
     if args.validation_model_name_or_path:
-        ct.check_model_family(args.validation_model_name_or_path, None, __file__, PIPELINE_CLASS,
-                              flag="--validation_model_name_or_path")
-        try:  # on every process now, not at the first validation on the main process alone
-            Flux2Transformer2DModel.load_config(args.validation_model_name_or_path, subfolder="transformer")
-        except (OSError, ValueError) as error:
-            cu.fail(f"--validation_model_name_or_path {args.validation_model_name_or_path}: no transformer to load "
-                    f"({str(error).splitlines()[0]})")
+        ct.check_validation_model(args.validation_model_name_or_path, __file__, PIPELINE_CLASS)
     ct.check_quantize_base(args, weight_dtype)  # diffusers' own check that 4-bit loading works here
     try:
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler", revision=revision)

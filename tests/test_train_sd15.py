@@ -286,10 +286,10 @@ def fixed_batch_loss(pipe, data):
 
 GENERATE = """
 import sys, torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 model, out, lora_dir, weight_names = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
 for index, weight_name in enumerate([None, *weight_names]):  # the base, then a fresh pipeline for each LoRA file
-    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None)
+    pipe = DiffusionPipeline.from_pretrained(model)
     if weight_name:
         pipe.load_lora_weights(lora_dir, weight_name=weight_name)
     image = pipe("a red square", num_inference_steps=3, generator=torch.Generator().manual_seed(0)).images[0]

@@ -1,8 +1,6 @@
 import math
 import os
 import random
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,9 +12,9 @@ import craft_checkpoints as ck
 import craft_outputs as co
 import craft_data as cd
 import craft_utils as cu
-from conftest import TWO_PROCESSES, run_script, subprocess_env
+from conftest import TWO_PROCESSES, run_script
 from make_tiny_models import make_pairs_set, make_training_set
-from test_train_sd15 import center_crop_pixels, dpo_inside, pair_draws, tensorboard_scalars
+from test_train_sd15 import center_crop_pixels, dpo_inside, generate_in_new_process, pair_draws, tensorboard_scalars
 
 
 def train(zoo, data, out, *flags, **run):
@@ -65,26 +63,6 @@ def fixed_batch_loss(pipe, data):
                 pred = pipe.unet(noisy, torch.tensor([t]), encoder_hidden_states=embeds, added_cond_kwargs=cond).sample
                 total += row["weight"] * ((pred - noise) ** 2).mean().item()
     return total / (3 * len(rows))
-
-
-GENERATE = """
-import sys, torch
-from diffusers import StableDiffusionXLPipeline
-model, out, lora_dir, weight_names = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
-for index, weight_name in enumerate([None, *weight_names]):  # the base, then a fresh pipeline for each LoRA file
-    pipe = StableDiffusionXLPipeline.from_pretrained(model)
-    if weight_name:
-        pipe.load_lora_weights(lora_dir, weight_name=weight_name)
-    image = pipe("a red square", num_inference_steps=3, generator=torch.Generator().manual_seed(0)).images[0]
-    image.save(f"{out}-{index}.png")
-"""
-
-
-def generate_in_new_process(model, out, lora_dir, weight_names):
-    """The base model's image, then the image of a fresh pipeline with each LoRA file loaded, from one new Python."""
-    subprocess.run([sys.executable, "-c", GENERATE, str(model), str(out), str(lora_dir), *weight_names], check=True,
-                   env=subprocess_env(), capture_output=True)
-    return [np.asarray(Image.open(f"{out}-{index}.png"), dtype=np.int16) for index in range(1 + len(weight_names))]
 
 
 def test_lora_reduces_the_loss_and_loads_in_a_fresh_sdxl_pipeline(zoo, data, tmp_path):
