@@ -280,6 +280,9 @@ def add_prompt_args(parser):
         "--shuffle_prompts", action="store_true",
         help="shuffle the prompts with --seed before --max_prompts takes its subset",
     )
+    group.add_argument("--skip_prompts", type=int, default=0,
+                       help="leave out the first N prompts (after de-duplication and --shuffle_prompts): those an "
+                            "earlier CRAFT round used, so the next round draws fresh ones with the same --seed")
 
 
 def _column(rows, column, source):
@@ -318,6 +321,8 @@ def load_prompts(args):
         cu.fail("give exactly one of --prompts_file and --dataset_name")
     if args.max_prompts is not None and args.max_prompts < 1:
         cu.fail(f"--max_prompts must be at least 1 (got {args.max_prompts}); leave it out to use every prompt")
+    if args.skip_prompts < 0:
+        cu.fail(f"--skip_prompts must be 0 or more (got {args.skip_prompts})")
     if args.prompts_file:
         source = args.prompts_file
         if not os.path.isfile(source):
@@ -350,6 +355,10 @@ def load_prompts(args):
         cu.fail(f"{source} holds no prompts")
     if args.shuffle_prompts:
         random.Random(args.seed).shuffle(prompts)
+    if args.skip_prompts >= len(prompts):
+        cu.fail(f"{source} holds {len(prompts)} distinct prompts: --skip_prompts {args.skip_prompts} leaves none; "
+                "give more prompts or fewer rounds")
+    prompts = prompts[args.skip_prompts:]
     return prompts[: args.max_prompts] if args.max_prompts else prompts
 
 

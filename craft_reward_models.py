@@ -272,6 +272,36 @@ def colour_match(args, device, dtype):
     return score
 
 
+# Where the demo's drawings put their shape, on a 64-pixel canvas (scaled to the image's size when scored).
+NAMED_PLACES = {"on the left": (18, 32), "on the right": (46, 32), "at the top": (32, 18), "at the bottom": (32, 46),
+                "in the center": (32, 32)}
+
+
+@register("place")
+def place_match(args, device, dtype):
+    """Layout without weights, for drawings of coloured shapes (the demo): how close the centre of the image's
+    coloured pixels (as `color` counts them) is to the place the prompt names, 1 - distance / (half the image's
+    side), clipped at 0; 0 when nothing is coloured or the prompt names no place. The demo keeps it out of the filter:
+    a held-out reward."""
+    import numpy as np
+
+    def score(images, prompts):
+        scores = []
+        for image, prompt in zip(_rgb(images), prompts):
+            named = [spot for phrase, spot in NAMED_PLACES.items() if phrase in prompt.lower()]
+            pixels = np.asarray(image, dtype=np.float32)
+            rows, columns = np.nonzero(pixels.max(axis=2) - pixels.min(axis=2) > 60)
+            if not named or len(rows) == 0:
+                scores.append(0.0)
+                continue
+            scale = np.array([image.width, image.height]) / 64
+            distance = np.hypot(*(np.array([columns.mean(), rows.mean()]) - np.array(named[0]) * scale))
+            scores.append(float(max(0.0, 1 - distance / (min(image.width, image.height) / 2))))
+        return scores
+
+    return score
+
+
 def patch_image_reward_for_current_transformers():
     """image-reward 1.5 (2023) was written for transformers 4.2x; put back what transformers 5 moved or removed.
 

@@ -355,7 +355,7 @@ def test_speed_options_keep_the_images_close_and_are_recorded(zoo, tmp_path):
 
 def prompt_args(**overrides):
     defaults = dict(prompts_file=None, dataset_name=None, dataset_split="train", prompt_column="prompt",
-                    max_prompts=None, shuffle_prompts=False, seed=0)
+                    max_prompts=None, shuffle_prompts=False, skip_prompts=0, seed=0)
     return SimpleNamespace(**{**defaults, **overrides})
 
 
@@ -389,6 +389,16 @@ def test_load_prompts_from_txt_jsonl_csv(tmp_path):
     shuffled = cg.load_prompts(prompt_args(prompts_file=str(many), max_prompts=5, shuffle_prompts=True))
     assert shuffled == cg.load_prompts(prompt_args(prompts_file=str(many), max_prompts=5, shuffle_prompts=True))
     assert shuffled != ["prompt 0", "prompt 1", "prompt 2", "prompt 3", "prompt 4"] and len(set(shuffled)) == 5
+    # rounds: the same seed's shuffle, the next prompts after those an earlier round took, none twice
+    rounds = [cg.load_prompts(prompt_args(prompts_file=str(many), max_prompts=5, shuffle_prompts=True,
+                                          skip_prompts=5 * k)) for k in range(3)]
+    assert rounds[0] == shuffled and len(set(rounds[0] + rounds[1] + rounds[2])) == 15
+    assert rounds[1] + rounds[2] == cg.load_prompts(prompt_args(prompts_file=str(many), max_prompts=10,
+                                                                shuffle_prompts=True, skip_prompts=5))
+    assert cg.load_prompts(prompt_args(prompts_file=str(many), skip_prompts=47)) == ["prompt 47", "prompt 48",
+                                                                                       "prompt 49"]
+    with pytest.raises(SystemExit, match="many.txt holds 50 distinct prompts: --skip_prompts 50 leaves none"):
+        cg.load_prompts(prompt_args(prompts_file=str(many), skip_prompts=50))
 
 
 def test_load_prompts_from_a_local_dataset(tmp_path):

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 import craft_reward_models as cm
 import craft_rewards as cr
@@ -200,6 +200,23 @@ def test_color_is_the_share_of_coloured_pixels_nearest_the_named_colour(zoo):
     blank = Image.new("RGB", (10, 10), "white")
     assert score([image, image, image, blank], ["a red circle", "a blue star", "a cat", "a red circle"]) == \
         pytest.approx([30 / 40, 10 / 40, 0.0, 0.0])
+
+
+def test_place_is_how_near_the_coloured_pixels_centre_is_to_the_named_place(zoo):
+    def square(size, x, y):
+        image = Image.new("RGB", (size, size), "white")
+        ImageDraw.Draw(image).rectangle([x - 5, y - 5, x + 5, y + 5], fill=(220, 40, 40))
+        ImageDraw.Draw(image).rectangle([0, 0, 3, 3], fill=(128, 128, 128))  # grey: not coloured, does not count
+        return image
+
+    score = cm.load_reward("place", reward_args(zoo), "cpu")
+    left, big_left = square(64, 18, 32), square(128, 36, 64)  # the centre of "on the left", at 64 and 128 pixels
+    blank = Image.new("RGB", (64, 64), "white")
+    prompts = ["a red square on the left", "a red square on the right", "a red square at the top", "a red square",
+               "a red square on the left", "a red square on the left"]
+    # 1 - distance / 32: 0 px; 28 px (46 - 18); the diagonal of 14 px each way; no place named; nothing coloured
+    assert score([left, left, left, left, blank, big_left], prompts) == \
+        pytest.approx([1.0, 1 - 28 / 32, 1 - (2 * 14 ** 2) ** 0.5 / 32, 0.0, 0.0, 1.0])
 
 
 def test_images_decoded_ahead_by_threads_come_in_order(tmp_path):

@@ -41,15 +41,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from craft_reward_models import NAMED_COLOURS  # noqa: E402
+from craft_reward_models import NAMED_COLOURS, NAMED_PLACES  # noqa: E402
 from make_tiny_models import clip_text_config, make_clip_tokenizer, tiny_scheduler  # noqa: E402
 
 COLOURS = NAMED_COLOURS
 SHAPES = ("circle", "square", "triangle", "star")
 DECODER_STEPS, DECODER_LR = 800, 1e-3
 SHORT_CAPTION_NOISE = 0.55
-PLACES = {"on the left": (18, 32), "on the right": (46, 32), "at the top": (32, 18), "at the bottom": (32, 46),
-          "in the center": (32, 32)}
+PLACES = NAMED_PLACES
 
 
 def draw(colour, shape, place, rng):

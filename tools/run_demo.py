@@ -34,13 +34,15 @@ from pretrain_tiny_model import PLACES, SHAPES, detailed_captions  # noqa: E402
 MODEL = os.path.join(REPO, "models", "tiny-shapes-sd15")
 
 
-def prompt_sets(count):
-    """Training and held-out prompts: every (colour, shape) pair, with places that differ between the two sets."""
+def prompt_sets(count, train_place_offset=0):
+    """Training and held-out prompts: every (colour, shape) pair, with places that differ between the two sets (the
+    held-out pair i at place i + 2, the training pair at i + `train_place_offset`: 0, 1, 3 or 4 give four training
+    sets that share no prompt with each other or with the held-out set)."""
     from craft_reward_models import NAMED_COLOURS
 
     pairs = [(colour, shape) for shape in SHAPES for colour in NAMED_COLOURS][:count]
     places = list(PLACES)
-    train = [f"a {c} {s} {places[i % 5]}" for i, (c, s) in enumerate(pairs)]
+    train = [f"a {c} {s} {places[(i + train_place_offset) % 5]}" for i, (c, s) in enumerate(pairs)]
     heldout = [f"a {c} {s} {places[(i + 2) % 5]}" for i, (c, s) in enumerate(pairs)]
     return train, heldout
 
