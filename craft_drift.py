@@ -1,6 +1,7 @@
 """Reward hacking made visible, without new weights: what a tuned model's images drift to while its trained rewards
 rise. Per image, pixel statistics (brightness, saturation, colourfulness, high-frequency energy); per prompt, how
-different its seeds' images are (diversity); and the thresholds beyond which a comparison says "reward hacking
+different its seeds' images are (diversity: in pixels, or between CLIP image embeddings when a CLIP-based reward is
+at hand); and the thresholds beyond which a comparison says "reward hacking
 suspected". eval_rewards.py reports them beside the rewards."""
 
 import itertools
@@ -40,6 +41,14 @@ def diversity(images):
              for image in images]
     pairs = list(itertools.combinations(small, 2))
     return statistics.fmean(float(np.abs(a - b).mean()) for a, b in pairs) if pairs else None
+
+
+def embedding_diversity(features):
+    """The same for one prompt's images as L2-normalised image embeddings (a CLIP-based reward's): the mean cosine
+    distance, 1 - cos, between each pair of them (0: the same image). None for a single image."""
+    features = np.asarray(features, dtype=np.float64)
+    pairs = list(itertools.combinations(range(len(features)), 2))
+    return statistics.fmean(1 - float(features[i] @ features[j]) for i, j in pairs) if pairs else None
 
 
 def paired_delta(mine, theirs):

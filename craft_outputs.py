@@ -66,8 +66,10 @@ def load_validation_rewards(args, accelerator):
 
 def log_validation(pipeline, args, accelerator, rewards, step, prompt_inputs=None, **pipeline_kwargs):
     """Images for every validation prompt from fixed seeds -> validation/step-N/ (each image) and validation/step-N.png
-    (the grid: a row per prompt, a column per seed, each image's rewards under it), the trackers: reward means and
-    the drift statistics (craft_drift: pixel statistics, diversity across the seeds).
+    (the grid: a row per prompt, a column per seed, each image's rewards under it), validation/step-N.json (each
+    image's rewards and pixel statistics), the trackers: reward means and the drift statistics (craft_drift: pixel
+    statistics, diversity across the seeds). After step 0 (the starting model), the images are compared with step
+    0's, and a line warns when craft_drift sees signs of reward hacking.
     `prompt_inputs`: prompt -> the pipeline's inputs in place of the text (embeddings computed once, so large text
     encoders need not come back to the GPU); `pipeline_kwargs`: what the family's pipeline call needs besides
     (size, guidance...)."""
@@ -99,8 +101,11 @@ def log_validation(pipeline, args, accelerator, rewards, step, prompt_inputs=Non
     # what the images drift to while the rewards rise (README: Troubleshooting, reward hacking)
     stats = [cdr.pixel_stats(image) for image in images]
     logs.update({f"drift/{name}": statistics.fmean(s[name] for s in stats) for name in cdr.STATISTICS})
-    if count > 1:
-        logs["drift/diversity"] = statistics.fmean(cdr.diversity(row) for row in tiles)
+    diversity = [cdr.diversity(row) for row in tiles] if count > 1 else None
+    if diversity:
+        logs["drift/diversity"] = statistics.fmean(diversity)
+    record = {"prompts": prompts, "rewards": scores, "stats": stats, "diversity": diversity}
+    cu.write_json_atomic(folder + ".json", record)
     accelerator.log(logs, step=step)
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
@@ -114,6 +119,35 @@ def log_validation(pipeline, args, accelerator, rewards, step, prompt_inputs=Non
             tracker.log({"validation": [wandb.Image(im, caption=pr) for im, pr in zip(images, prompts)]}, step=step)
     if logs:
         accelerator.print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in logs.items()))
+    start = os.path.join(args.output_dir, "validation", f"step-{0:06d}.json")
+    if step and os.path.isfile(start):
+        with open(start, encoding="utf-8") as f:
+            signs = hacking_signs_since(json.load(f), record, trained_rewards(args))
+        if signs:
+            accelerator.print(f"reward hacking suspected (validation at step {step} against step 0): "
+                              f"{'; '.join(signs)} (README: Troubleshooting)")
+
+
+def trained_rewards(args):
+    """The rewards the training set was filtered on (its crf_report.json), [] when it does not say."""
+    names = ((crf_report(args) or {}).get("settings") or {}).get("filter_rewards")
+    return [name.strip() for name in names.split(",")] if isinstance(names, str) else []
+
+
+def hacking_signs_since(start, now, trained):
+    """craft_drift's signs of reward hacking in one validation against the starting model's, image by image (same
+    prompts, same seeds); none when the validation prompts changed between the two."""
+    if start["prompts"] != now["prompts"]:
+        return []
+    rewards = {}
+    for name in set(start["rewards"]) & set(now["rewards"]):
+        row = cdr.paired_delta(now["rewards"][name], start["rewards"][name])
+        rewards[name] = {**row, "mean_delta": row["delta"]}
+    drift = {name: cdr.paired_delta([s[name] for s in now["stats"]], [s[name] for s in start["stats"]])
+             for name in cdr.STATISTICS}
+    diversity = cdr.paired_delta(now["diversity"], start["diversity"]) if now["diversity"] and start["diversity"] \
+        else None
+    return cdr.hacking_signs(rewards, trained, drift, diversity)
 
 
 def lora_copied_onto(source, target):

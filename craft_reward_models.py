@@ -4,7 +4,9 @@
     reward = load_reward("pickscore", args, device)   # args from craft_rewards.add_reward_args
     scores = reward(images, prompts)                  # list of floats, one per (PIL image, prompt)
 
-Adding a reward = one factory decorated with @register("name"). Heavy imports happen inside the factories.
+Adding a reward = one factory decorated with @register("name"). Heavy imports happen inside the factories. A reward
+built on an image encoder also gives its score function an `embed_images(images)` (L2-normalised features), which
+evaluation uses to measure how different one prompt's images are; those rewards are named in IMAGE_EMBEDDINGS.
 Text-conditioned rewards are called with the original prompt, so rewrites and originals answer the same question.
 """
 
@@ -14,6 +16,7 @@ import os
 import craft_utils as cu
 
 REWARDS = {}
+IMAGE_EMBEDDINGS = ("clip", "hpsv2.1", "hpsv2.0", "pickscore", "aesthetic")  # the preferred first
 
 
 def register(name):
@@ -77,6 +80,13 @@ def load_reward(name, args, device):
                 scores += [float(s) for s in score_batch(images[batch], prompts[batch])]
         return scores
 
+    if hasattr(score_batch, "embed_images"):
+        def embed_images(images):
+            with torch.no_grad():
+                return torch.cat([score_batch.embed_images(images[start: start + args.reward_batch_size]).float().cpu()
+                                  for start in range(0, len(images), args.reward_batch_size)])
+
+        score.embed_images = embed_images
     return score
 
 
@@ -129,12 +139,15 @@ def _hps(args, device, dtype, checkpoint_flag):
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
 
-    def score(images, prompts):
+    def embed_images(images):
         pixels = torch.stack([hps_pixels(image, size) for image in images]).to(device, dtype)
-        image_features = _normalized(model.encode_image(pixels).float())
-        text_features = _normalized(model.encode_text(tokenizer(prompts).to(device)).float())
-        return (image_features * text_features).sum(-1).tolist()
+        return _normalized(model.encode_image(pixels).float())
 
+    def score(images, prompts):
+        text_features = _normalized(model.encode_text(tokenizer(prompts).to(device)).float())
+        return (embed_images(images) * text_features).sum(-1).tolist()
+
+    score.embed_images = embed_images
     return score
 
 
@@ -179,6 +192,7 @@ def pickscore(args, device, dtype):
     def score(images, prompts):
         return (logit_scale * (image_features(images) * text_features(prompts)).sum(-1)).tolist()
 
+    score.embed_images = image_features
     return score
 
 
@@ -190,6 +204,7 @@ def clip_score(args, device, dtype):
     def score(images, prompts):
         return (100 * (image_features(images) * text_features(prompts)).sum(-1)).clamp(min=0).tolist()
 
+    score.embed_images = image_features
     return score
 
 
@@ -223,6 +238,7 @@ def aesthetic(args, device, dtype):
     def score(images, prompts):
         return mlp(image_features(images)).squeeze(-1).tolist()
 
+    score.embed_images = image_features
     return score
 
 

@@ -24,6 +24,7 @@ scores are shown x100, as the paper and the leaderboard print them.
 """
 
 import argparse
+import functools
 import gc
 import json
 import math
@@ -163,9 +164,11 @@ def trained_rewards(folder):
     return None
 
 
-def drift_comparison(rows, other_rows, folder, other):
+def drift_comparison(rows, other_rows, folder, other, embedder=None):
     """Pixel statistics of the images paired by (prompt, seed), and each prompt's diversity across its seeds, this
-    folder against the baseline: statistic -> paired delta, and the diversity's paired delta (None: one seed)."""
+    folder against the baseline: statistic -> paired delta, and the diversity's paired delta (None: one seed), from
+    the image embeddings of `embedder()` (a reward's score function with embed_images; called once, when needed) or,
+    without one, in pixels."""
     from PIL import Image
 
     def keyed(rows_, where):
@@ -185,11 +188,22 @@ def drift_comparison(rows, other_rows, folder, other):
              for name in cdr.STATISTICS}
     prompts = {}
     for key in pairs:
-        prompts.setdefault(key[0], []).append(images[key])
-    per_prompt = [(cdr.diversity([a for a, _ in both]), cdr.diversity([b for _, b in both]))
-                  for both in prompts.values() if len(both) > 1]
-    diversity = cdr.paired_delta([a for a, _ in per_prompt], [b for _, b in per_prompt]) if per_prompt else None
-    return drift, diversity
+        prompts.setdefault(key[0], []).append(key)
+    seeds = [keys for keys in prompts.values() if len(keys) > 1]
+    if not seeds:
+        return drift, None
+    if embedder:
+        embed = embedder().embed_images
+
+        def spread(paths):
+            images = [Image.open(path).convert("RGB") for path in paths]
+            return cdr.embedding_diversity(embed(images))
+
+        per_prompt = [(spread([mine[key] for key in keys]), spread([theirs[key] for key in keys])) for keys in seeds]
+    else:
+        per_prompt = [(cdr.diversity([images[key][0] for key in keys]), cdr.diversity([images[key][1] for key in keys]))
+                      for keys in seeds]
+    return drift, cdr.paired_delta([a for a, _ in per_prompt], [b for _, b in per_prompt])
 
 
 def markdown(folder, summary, comparison):
@@ -209,25 +223,26 @@ def markdown(folder, summary, comparison):
         if comparison.get("drift"):
             rows = {**comparison["drift"], **({"diversity across seeds": comparison["diversity"]}
                                                if comparison.get("diversity") else {})}
-            lines += ["", "Drift (pixel statistics per image; diversity per prompt)", "",
+            lines += ["", "Drift (pixel statistics per image; diversity per prompt: "
+                      f"{comparison.get('diversity_measure', 'pixels')})", "",
                       "| statistic | mean | baseline | delta | stderr |", "|---|---|---|---|---|"]
             lines += [f"| {name} | {d['mean']:.4f} | {d['baseline_mean']:.4f} | {d['delta']:+.4f} | {d['stderr']:.4f} |"
                       for name, d in rows.items()]
     return "\n".join(lines) + "\n"
 
 
-def plot_histograms(path, names, folder, values, other=None, other_values=None):
+def plot_histograms(path, labels, folder, values, other=None, other_values=None):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2), squeeze=False)
-    for axis, name in zip(axes[0], names):
+    figure, axes = plt.subplots(1, len(labels), figsize=(4 * len(labels), 3.2), squeeze=False)
+    for axis, (name, label) in zip(axes[0], labels.items()):
         axis.hist(values[name], bins=20, alpha=0.6, label=os.path.basename(folder.rstrip("/")))
         if other_values:
             axis.hist(other_values[name], bins=20, alpha=0.6, label=os.path.basename(other.rstrip("/")))
-        axis.set_title(name)
+        axis.set_title(label)
         axis.set_xlabel("score")
     axes[0][0].set_ylabel("images")
     axes[0][0].legend()
@@ -255,8 +270,17 @@ def generate_eval_images(jobs, state):
     gc.collect()
 
 
-def report(args, scored, started):
-    """One folder's summary, its comparison with --compare_to and its histograms, written beside its images."""
+def diversity_measure(args):
+    """(how diversity is measured, the reward whose image embeddings measure it or None)."""
+    embedding = next((name for name in cm.IMAGE_EMBEDDINGS if name in args.reward_names), None)
+    if embedding:
+        return f"1 - cosine of {embedding}'s image embeddings", embedding
+    return f"mean absolute pixel difference at {cdr.DIVERSITY_SIZE} px", None
+
+
+def report(args, scored, started, embedder=None):
+    """One folder's summary, its comparison with --compare_to and its histograms, written beside its images;
+    `embedder`: see drift_comparison."""
     names = args.reward_names
     folder = args.images_dir or args.output_dir
     rows, table = scored[folder]
@@ -268,7 +292,9 @@ def report(args, scored, started):
     comparison = compare(rows, table, other_rows, other_table, names, folder, args.compare_to) if other_rows else None
     if comparison:
         comparison["trained_rewards"] = trained_rewards(folder)
-        comparison["drift"], comparison["diversity"] = drift_comparison(rows, other_rows, folder, args.compare_to)
+        comparison["drift"], comparison["diversity"] = drift_comparison(rows, other_rows, folder, args.compare_to,
+                                                                        embedder)
+        comparison["diversity_measure"] = diversity_measure(args)[0]
         comparison["hacking_signs"] = cdr.hacking_signs(comparison["rewards"], comparison["trained_rewards"] or [],
                                                         comparison["drift"], comparison["diversity"])
     cu.write_json_atomic(os.path.join(folder, "rewards_summary.json"), {"rewards": summary, "comparison": comparison})
@@ -277,13 +303,18 @@ def report(args, scored, started):
     values = {name: [table[row["file_name"]][name] for row in rows] for name in names}
     other_values = ({name: [other_table[row["file_name"]][name] for row in other_rows] for name in names}
                     if other_rows else None)
-    plot_histograms(os.path.join(folder, "rewards_hist.png"), names, folder, values, args.compare_to, other_values)
+    labels = role_labels(names, comparison["trained_rewards"] if comparison else None)
+    plot_histograms(os.path.join(folder, "rewards_hist.png"), labels, folder, values, args.compare_to, other_values)
     print(text)
     print(f"{len(rows)} images scored with {', '.join(names)} in {time.time() - started:.0f} s: "
           f"{os.path.join(folder, cr.REWARDS_FILE)}, rewards_summary.json/.md, rewards_hist.png")
-    if comparison and comparison["hacking_signs"]:
-        print(f"reward hacking suspected: {'; '.join(comparison['hacking_signs'])} (README: Troubleshooting)")
+    if comparison and comparison["hacking_signs"] and not args.benchmark:  # a benchmark warns once, on its average
+        warn_of_hacking(comparison["hacking_signs"])
     return summary, comparison
+
+
+def warn_of_hacking(signs):
+    print(f"reward hacking suspected: {'; '.join(signs)} (README: Troubleshooting)")
 
 
 def part_prompts(args, part):
@@ -335,12 +366,30 @@ def benchmark_table(results):
             table["parts"][part]["rewards"][name] = row
     parts = list(table["parts"].values())
     for name in parts[0]["rewards"]:
-        rows = [part["rewards"][name] for part in parts]
-        average = {key: statistics.fmean(row[key] for row in rows) for key in rows[0] if key != "stderr"}
-        if "stderr" in rows[0]:  # the parts are independent samples
-            average["stderr"] = math.sqrt(sum(row["stderr"] ** 2 for row in rows)) / len(rows)
-        table["average"][name] = average
+        table["average"][name] = average_of([part["rewards"][name] for part in parts])
+    comparisons = [comparison for _, comparison in results.values() if comparison]
+    if comparisons:  # the rewards' roles, and the drift and diversity averaged like the rewards
+        table["trained_rewards"] = comparisons[0]["trained_rewards"]
+        table["drift"] = {name: average_of([c["drift"][name] for c in comparisons]) for name in cdr.STATISTICS}
+        diversity = [c["diversity"] for c in comparisons if c["diversity"]]
+        table["diversity"] = average_of(diversity) if len(diversity) == len(comparisons) else None
+        table["diversity_measure"] = comparisons[0]["diversity_measure"]
+        for name, row in table["average"].items():
+            row["n"] = sum(part["n"] for part in parts)
+        table["hacking_signs"] = cdr.hacking_signs(table["average"], table["trained_rewards"] or [], table["drift"],
+                                                   table["diversity"])
     return table
+
+
+def average_of(rows):
+    """The parts' rows averaged, each part weighing the same; the standard error of that average (the parts are
+    independent samples), and the pairs in all."""
+    average = {key: statistics.fmean(row[key] for row in rows) for key in rows[0] if key not in ("stderr", "n")}
+    if "stderr" in rows[0]:
+        average["stderr"] = math.sqrt(sum(row["stderr"] ** 2 for row in rows)) / len(rows)
+    if "n" in rows[0]:
+        average["n"] = sum(row["n"] for row in rows)
+    return average
 
 
 def shown(name, value, form=".4g"):
@@ -351,15 +400,24 @@ def shown_delta(name, row):
     return f"{shown(name, row['mean_delta'], '+.3g')} +- {shown(name, row['stderr'], '.2g')}"
 
 
+def role_labels(names, trained):
+    """The rewards, those the model was trained on first, each labelled with its role when known."""
+    if trained is None:
+        return {name: LABELS.get(name, name) for name in names}
+    ordered = sorted(names, key=lambda name: name not in trained)
+    return {name: f"{LABELS.get(name, name)} ({'trained' if name in trained else 'held out'})" for name in ordered}
+
+
 def benchmark_markdown(args, folder, table):
-    names = list(table["average"])
+    labels = role_labels(table["average"], table.get("trained_rewards"))
+    names = list(labels)
     parts = table["parts"]
     baseline = args.compare_to
     counts = sorted({part["n"] for part in parts.values()})
     lines = [f"# {args.benchmark} benchmark: {folder}" + (f" against {baseline}" if baseline else ""), "",
              f"{len(parts)} part(s) ({', '.join(parts)}), {'/'.join(map(str, counts))} images each; the average "
              "weighs each part the same." + (" HPSv2 scores x100." if SHOWN_X100 & set(names) else ""), "",
-             "| model | " + " | ".join(LABELS.get(name, name) for name in names) + " |",
+             "| model | " + " | ".join(labels.values()) + " |",
              "|---" * (len(names) + 1) + "|"]
     average = table["average"]
     if baseline:
@@ -368,9 +426,17 @@ def benchmark_markdown(args, folder, table):
     if baseline:
         lines.append("| delta +- s.e. | " + " | ".join(shown_delta(n, average[n]) for n in names) + " |")
         lines.append("| win rate | " + " | ".join(f"{average[n]['win_rate']:.1%}" for n in names) + " |")
+    if table.get("drift"):
+        rows = {**table["drift"], **({"diversity across seeds": table["diversity"]} if table["diversity"] else {})}
+        lines += ["", f"Drift, averaged over the parts (diversity: {table['diversity_measure']})", "",
+                  "| statistic | baseline | model | delta +- s.e. |", "|---|---|---|---|"]
+        lines += [f"| {name} | {row['baseline_mean']:.4f} | {row['mean']:.4f} | {row['delta']:+.4f} +- "
+                  f"{row['stderr']:.4f} |" for name, row in rows.items()]
+    if table.get("hacking_signs"):
+        lines += ["", f"**Reward hacking suspected:** {'; '.join(table['hacking_signs'])} (README: Troubleshooting)"]
     if len(parts) > 1:
         for name in names:
-            lines += ["", f"{LABELS.get(name, name)} per part", "",
+            lines += ["", f"{labels[name]} per part", "",
                       "| part | " + (f"{baseline} | {folder} | delta +- s.e. | win |" if baseline else f"{folder} |"),
                       "|---" * (5 if baseline else 2) + "|"]
             for part, row in [*((p, parts[p]["rewards"][name]) for p in parts), ("average", average[name])]:
@@ -389,7 +455,8 @@ def plot_benchmark(path, args, folder, table):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(table["average"])
+    labels = role_labels(table["average"], table.get("trained_rewards"))
+    names = list(labels)
     groups = [*table["parts"], "average"] if len(table["parts"]) > 1 else list(table["parts"])
     rows = {**{part: table["parts"][part]["rewards"] for part in table["parts"]}, "average": table["average"]}
     figure, axes = plt.subplots(1, len(names), figsize=(1.2 * len(groups) * len(names) + 2, 3.4), squeeze=False)
@@ -407,7 +474,7 @@ def plot_benchmark(path, args, folder, table):
             axis.bar([p + (i - (len(bars) - 1) / 2) * width for p in positions], heights, width, yerr=errors,
                      label=label, capsize=3)
         axis.set_xticks(list(positions), groups, rotation=30, ha="right")
-        axis.set_title(LABELS.get(name, name) + (" (x100)" if scale == 100 else ""))
+        axis.set_title(labels[name] + (" (x100)" if scale == 100 else ""))
         low = min(rows[g][name][k] * scale for g in groups for _, k in bars)
         high = max(rows[g][name][k] * scale for g in groups for _, k in bars)
         margin = (high - low) * 0.5 or abs(high) * 0.05 or 1
@@ -433,7 +500,9 @@ def main(args):
     scored = cr.score_folders(folders, args.reward_names, args, state, args.caption_column, args.overwrite)
     if not state.is_main_process:
         return
-    results = {part: report(job, scored, started) for part, job in parts}
+    embedding = diversity_measure(args)[1]
+    embedder = functools.cache(lambda: cm.load_reward(embedding, args, state.device)) if embedding else None
+    results = {part: report(job, scored, started, embedder) for part, job in parts}
     if not args.benchmark:
         return
     table = benchmark_table(results)
@@ -445,6 +514,8 @@ def main(args):
     plot_benchmark(base + ".png", args, folder, table)
     print(text)
     print(f"the {args.benchmark} benchmark report: {base}.md/.json/.png")
+    if table.get("hacking_signs"):
+        warn_of_hacking(table["hacking_signs"])
 
 
 if __name__ == "__main__":

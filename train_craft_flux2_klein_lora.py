@@ -246,6 +246,8 @@ def main(args):
         f"{'cached' if cache else 'encoded'}, text " + ("cached" if cache else "encoded each step")
         + f"; {max_train_steps} steps of {args.train_batch_size} x {args.gradient_accumulation_steps} x "
           f"{accelerator.num_processes} {'pairs' if args.loss == 'dpo' else 'images'}")
+    if args.validation_prompt and global_step == 0:  # the starting model: later validations are compared with it
+        log_validation(0)
     progress_bar = tqdm(range(max_train_steps), initial=global_step, desc="steps",
                         disable=not accelerator.is_local_main_process)
     clock, losses, accuracies = co.StepClock(), [], []

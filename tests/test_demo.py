@@ -100,8 +100,14 @@ def test_demo_runs_every_stage_and_writes_every_artefact(tmp_path):
     for part in ("unet", "text_encoder"):
         assert any(t.abs().sum() > 0 for key, t in lora.items() if key.startswith(part) and ".up." in key), part
     for name in ("craft", "sft"):  # both tuned models against the base on the same 6 prompts x 2 seeds
-        assert results[name]["pairs"] == 12 and set(results[name]["rewards"]) == {"color", "jpeg"}
+        assert results[name]["pairs"] == 12 and set(results[name]["rewards"]) == {"color", "jpeg", "place"}
+        assert results[name]["trained_rewards"] == ["color", "jpeg"]  # place: held out
     for reward, versus in results["craft_vs_sft"]["rewards"].items():  # paired: the mean delta is the means' gap
         gap = results["craft"]["rewards"][reward]["mean"] - results["sft"]["rewards"][reward]["mean"]
         assert versus["mean_delta"] == pytest.approx(gap)
-    assert "CRAFT vs plain SFT, same pairs: color" in (out / "demo_results.md").read_text()
+    report = (out / "demo_results.md").read_text()
+    assert "CRAFT vs plain SFT, same pairs: color" in report and "| place (held out) |" in report
+    saturation = results["craft"]["drift"]["saturation"]  # the drift table shows eval's comparison
+    assert f"| saturation | {saturation['baseline_mean']:.4f} | {saturation['mean']:.4f} | " \
+           f"{saturation['delta']:+.4f} +- {saturation['stderr']:.4f} |" in report
+    assert ("Reward hacking suspected: " in report) == bool(results["craft"]["hacking_signs"])

@@ -39,6 +39,15 @@ def test_diversity_across_seeds_by_hand():
     assert cdr.diversity([black]) is None
 
 
+def test_embedding_diversity_by_hand():
+    same, other = [0.6, 0.8], [0.8, -0.6]  # unit vectors, orthogonal
+    assert cdr.embedding_diversity([same, same]) == 0
+    assert cdr.embedding_diversity([same, other]) == pytest.approx(1.0)
+    assert cdr.embedding_diversity([same, other, same]) == pytest.approx(2 / 3)  # 1 - cos: 1, 0, 1
+    assert cdr.embedding_diversity([[1.0, 0.0], [-1.0, 0.0]]) == pytest.approx(2.0)  # opposite
+    assert cdr.embedding_diversity([same]) is None
+
+
 def row(delta, stderr, mean=0.5, baseline=0.5):
     return {"mean_delta": delta, "stderr": stderr, "delta": delta, "mean": mean, "baseline_mean": baseline, "n": 20}
 
@@ -58,6 +67,22 @@ def test_hacking_is_suspected_only_beyond_two_standard_errors_and_the_thresholds
         "diversity across seeds fell -0.050 +- 0.010 (from 0.300; threshold -10%)"]
     assert cdr.hacking_signs({}, [], calm, row(-0.02, 0.005, mean=0.28, baseline=0.30)) == []  # -7%
     assert cdr.hacking_signs({}, [], calm, {**same, "n": 1}) == []  # one prompt says nothing
+
+
+def test_a_validation_is_compared_with_the_starting_models_image_by_image():
+    import craft_outputs as co
+
+    grey = cdr.pixel_stats(Image.new("RGB", (8, 8), (128, 128, 128)))
+    start = {"prompts": ["a", "a", "b", "b"], "stats": [grey] * 4, "diversity": [0.30, 0.32],
+             "rewards": {"hpsv2.1": [0.20, 0.21, 0.20, 0.22], "jpeg": [-1.0, -1.1, -0.9, -1.0]}}
+    now = {**start, "diversity": [0.10, 0.14],
+           "rewards": {"hpsv2.1": [0.30, 0.32, 0.31, 0.32], "jpeg": [-1.5, -1.7, -1.4, -1.6]}}
+    signs = co.hacking_signs_since(start, now, ["hpsv2.1"])
+    # hpsv2.1 deltas 0.10, 0.11, 0.11, 0.10; jpeg -0.5, -0.6, -0.5, -0.6; diversity -0.20, -0.18
+    assert signs[:2] == ["trained hpsv2.1 rose +0.1050", "held-out jpeg fell -0.5500 +- 0.0289"]
+    assert signs[2] == "diversity across seeds fell -0.190 +- 0.010 (from 0.310; threshold -10%)"
+    assert co.hacking_signs_since(start, {**now, "prompts": ["a", "a", "c", "c"]}, ["hpsv2.1"]) == []  # other prompts
+    assert co.hacking_signs_since(start, start, ["hpsv2.1"]) == []
 
 
 def evaluation_folder(folder, images, scores, lora=None):

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import craft_reward_models as cm
 import craft_utils as cu
+import eval_rewards
 from conftest import TWO_PROCESSES, run_script
 from make_tiny_models import reward_flags
 
@@ -17,6 +19,11 @@ PROMPTS = ["a red circle", "a blue square on the left", "a green triangle at nig
 def evaluate(zoo, *args, check=True, launcher=None):
     return run_script("eval_rewards.py", *args, *reward_flags(zoo), "--reward_batch_size", 2, check=check,
                       launcher=launcher)
+
+
+def evaluation_args(zoo):
+    """eval_rewards.py's arguments pointing the rewards at the zoo, to load a reward here."""
+    return eval_rewards.parse_args(["--images_dir", "unused", *map(str, reward_flags(zoo))])
 
 
 def jpeg_score(image):
@@ -260,7 +267,7 @@ def hpdv2_benchmark_files(folder):
 def test_hpsv2_benchmark_reports_each_style_and_their_average_against_the_base(zoo, tmp_path):
     prompts = hpdv2_benchmark_files(tmp_path / "benchmark")
     common = ("--pretrained_model_name_or_path", zoo / "sd15", "--benchmark", "hpsv2", "--benchmark_prompts", prompts,
-              "--max_prompts", 2, "--num_images_per_prompt", 1, "--rewards", "hpsv2.1,jpeg")
+              "--max_prompts", 2, "--num_images_per_prompt", 2, "--rewards", "hpsv2.1,jpeg,clip")
     evaluate(zoo, *common, "--num_inference_steps", 2, "--output_dir", tmp_path / "base")
     result = evaluate(zoo, *common, "--num_inference_steps", 3, "--output_dir", tmp_path / "tuned",
                       "--compare_to", tmp_path / "base")
@@ -275,14 +282,33 @@ def test_hpsv2_benchmark_reports_each_style_and_their_average_against_the_base(z
             return {(r["text"], r["seed"]): table[r["file_name"]] for r in metadata}
 
         tuned, base = scores("tuned"), scores("base")
-        assert sorted(text for text, _ in tuned) == sorted(json.loads((prompts / f"{style}.json").read_text())[:2])
+        assert sorted({text for text, _ in tuned}) == sorted(json.loads((prompts / f"{style}.json").read_text())[:2])
         for name in ("jpeg", "hpsv2.1"):
             deltas = [tuned[key][name] - base[key][name] for key in tuned]
             assert report["parts"][style]["rewards"][name] == pytest.approx({
                 "mean": statistics.fmean(tuned[key][name] for key in tuned),
                 "baseline_mean": statistics.fmean(base[key][name] for key in tuned),
-                "mean_delta": statistics.fmean(deltas), "stderr": statistics.stdev(deltas) / 2 ** 0.5,
-                "win_rate": sum(d > 0 for d in deltas) / 2})
+                "mean_delta": statistics.fmean(deltas), "stderr": statistics.stdev(deltas) / 4 ** 0.5,
+                "win_rate": sum(d > 0 for d in deltas) / 4})
+    # diversity across a prompt's two seeds, from the clip reward's image embeddings: 1 - cosine, by hand
+    clip = cm.load_reward("clip", evaluation_args(zoo), "cpu")
+    anime = {}
+    for model in ("tuned", "base"):
+        by_prompt = {}
+        for row in cu.read_jsonl(tmp_path / model / "anime" / "metadata.jsonl"):
+            by_prompt.setdefault(row["text"], []).append(Image.open(tmp_path / model / "anime" / row["file_name"]))
+        anime[model] = [1 - float(clip.embed_images(images)[0] @ clip.embed_images(images)[1])
+                        for images in by_prompt.values()]
+    compared = json.loads((tmp_path / "tuned" / "anime" / "rewards_summary.json").read_text())["comparison"]
+    assert compared["diversity_measure"] == "1 - cosine of clip's image embeddings"
+    assert compared["diversity"]["mean"] == pytest.approx(statistics.fmean(anime["tuned"]), abs=1e-6)
+    assert compared["diversity"]["baseline_mean"] == pytest.approx(statistics.fmean(anime["base"]), abs=1e-6)
+    parts = [json.loads((tmp_path / "tuned" / style / "rewards_summary.json").read_text())["comparison"]
+             for style in STYLES]
+    assert report["diversity"]["delta"] == pytest.approx(statistics.fmean(p["diversity"]["delta"] for p in parts))
+    assert report["drift"]["saturation"]["delta"] == \
+        pytest.approx(statistics.fmean(p["drift"]["saturation"]["delta"] for p in parts))
+    assert report["drift"]["saturation"]["n"] == 16 and report["trained_rewards"] is None
     for name in ("jpeg", "hpsv2.1"):
         rows = [report["parts"][style]["rewards"][name] for style in STYLES]
         average = report["average"][name]
@@ -301,7 +327,7 @@ def test_hpsv2_benchmark_reports_each_style_and_their_average_against_the_base(z
 
     # folder mode on the same images: the scores are reused, the report is the same
     evaluate(zoo, "--images_dir", tmp_path / "tuned", "--benchmark", "hpsv2", "--compare_to", tmp_path / "base",
-             "--rewards", "jpeg,hpsv2.1")
+             "--rewards", "jpeg,hpsv2.1,clip")
     assert json.loads((tmp_path / "tuned" / "benchmark_hpsv2.json").read_text()) == report
 
 

@@ -7,9 +7,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 import craft_utils as cu
-from conftest import REPO, subprocess_env
+from conftest import REPO, run_script, subprocess_env
 from make_tiny_models import reward_flags
 
 # recipe: (zoo model, final file, learning rate, the filter level it runs at here). The two SDXL recipes are given
@@ -28,6 +30,7 @@ TINY = {"zimage": {"QUANTIZE": "", "MAX_SEQUENCE_LENGTH": "32"},
 PARTI_TOO = "sdxl_lora_16gb"  # the recipe run with both of the paper's benchmarks (the others: HPSv2 only)
 STYLES = ["anime", "concept-art", "paintings", "photo"]
 PROMPTS = ["a red circle", "a blue star at night", "a green square on the left", "a yellow house", "a cat"]
+MORE_PROMPTS = ["a purple cat", "an orange tree", "a red boat", "a blue moon"]  # train.json's: enough for two rounds
 # `hf download` as the recipes call it, faked: records its arguments, copies the files a real download would bring
 FAKE_HF = """#!/usr/bin/env bash
 echo "$@" >> "$FAKE_HF_LOG"
@@ -42,7 +45,7 @@ def hpdv2(tmp_path_factory):
     benchmark/<style>.json (arrays of prompts); and a local PartiPrompts-like dataset."""
     folder = tmp_path_factory.mktemp("hpdv2")
     records = [{"prompt": prompt, "image_path": [f"{i}-0.jpg", f"{i}-1.jpg"], "human_preference": [1, 0]}
-               for i, prompt in enumerate(PROMPTS + PROMPTS[:2])]
+               for i, prompt in enumerate(PROMPTS + PROMPTS[:2] + MORE_PROMPTS)]
     (folder / "train.json").write_text(json.dumps(records))
     (folder / "benchmark").mkdir()
     for style in STYLES:
@@ -89,7 +92,7 @@ def test_recipe_runs_every_stage(recipe, zoo, hpdv2, workdirs):
     result = run_recipe(recipe, zoo, hpdv2, workdir)
     candidates = cu.read_jsonl(out / "candidates" / "metadata.jsonl")
     assert len(candidates) == 4 * 3 * 2  # prompts x (prompt + 2 rewrites) x seeds
-    assert {r["original_prompt"] for r in candidates} <= set(PROMPTS)  # from train.json's prompt field
+    assert {r["original_prompt"] for r in candidates} <= set(PROMPTS + MORE_PROMPTS)  # train.json's prompt field
     scores = cu.read_jsonl(out / "candidates" / "rewards.jsonl")
     assert all(set(level.split(",")) <= set(row) for row in scores)
     crf = json.loads((out / f"filtered-{folder_level}" / "crf_report.json").read_text())
@@ -121,3 +124,81 @@ def test_recipe_runs_every_stage(recipe, zoo, hpdv2, workdirs):
         assert result.returncode != 0 and result.stderr.strip().splitlines()[-1] == (
             f"error: craft_run/sd15/model-{folder_level} was trained with other settings "
             f"(craft_run/sd15/model-{folder_level}.trained_with.txt); set another OUT")
+
+
+# LAUNCH for the rounds test: python, but the first generation from a LoRA (round 2's) is killed after its first batch
+KILL_ROUND_TWO_ONCE = """#!/usr/bin/env bash
+if [[ "$1" == */generate_candidates.py && " $* " == *" --lora_path "* && ! -e "$KILL_MARK" ]]; then
+  touch "$KILL_MARK"
+  CRAFT_KILL_AT=images_written#1 exec python "$@"
+fi
+exec python "$@"
+"""
+
+
+def test_rounds_go_on_from_the_last_model_and_equal_the_stages_run_by_hand(zoo, hpdv2, workdirs, tmp_path):
+    """After the SDXL LoRA recipe's round (test above), ROUNDS=2 adds a second round: killed while generating, then
+    rerun, it equals the four stages run by hand from round 1's LoRA on the next prompts of the list."""
+    workdir = workdirs["sdxl"]
+    out = workdir / "craft_run" / "sdxl"
+    first = out / "model-hpsv2.1"
+    if not (first / "pytorch_lora_weights.safetensors").is_file():
+        pytest.skip("needs test_recipe_runs_every_stage[sdxl_lora_16gb] first (the same worker runs this file)")
+    (tmp_path / "launch.sh").write_text(KILL_ROUND_TWO_ONCE)
+    killed = run_recipe("sdxl_lora_16gb", zoo, hpdv2, workdir, check=False, ROUNDS="2",
+                        LAUNCH=f"bash {tmp_path / 'launch.sh'}", KILL_MARK=str(tmp_path / "killed"))
+    second = out / "round2-hpsv2.1"
+    assert killed.returncode != 0 and 0 < len(list((second / "candidates").glob("*.png"))) < 24
+    result = run_recipe("sdxl_lora_16gb", zoo, hpdv2, workdir, ROUNDS="2")
+    assert "==== round 2 of 2, from craft_run/sdxl/model-hpsv2.1" in result.stdout
+
+    # by hand: round 1's LoRA makes the candidates of the 4 prompts after round 1's, scored, filtered, trained on
+    hand = tmp_path / "by_hand"
+    vae, prompts = str(zoo / "sdxl" / "vae"), workdir / "hpdv2" / "train.json"
+    run_script("generate_candidates.py", "--pretrained_model_name_or_path", zoo / "sdxl", "--lora_path", first,
+               "--num_inference_steps", 2, "--guidance_scale", 5.0, "--mixed_precision", "no", "--batch_size", 8,
+               "--pretrained_vae_model_name_or_path", vae, "--prompts_file", prompts, "--prompt_column", "prompt",
+               "--max_prompts", 4, "--skip_prompts", 4, "--shuffle_prompts", "--num_variants", 2, "--expansion", "llm",
+               "--expansion_model", zoo / "expander", "--num_images_per_prompt", 2, "--seed", 0,
+               "--output_dir", hand / "candidates")
+    run_script("eval_rewards.py", "--images_dir", hand / "candidates", "--rewards", "hpsv2.1", "--reward_precision",
+               "no", *reward_flags(zoo))
+    run_script("crf_filter.py", "--candidates_dir", hand / "candidates", "--output_dir", hand / "filtered",
+               "--filter_rewards", "hpsv2.1")
+    run_script("train_craft_sdxl_lora.py", "--pretrained_model_name_or_path", zoo / "sdxl", "--init_lora", first,
+               "--train_data_dir", hand / "filtered", "--output_dir", hand / "model", "--seed", 0,
+               "--pretrained_vae_model_name_or_path", vae, "--resolution", 64, "--rank", 16, "--train_batch_size", 2,
+               "--gradient_accumulation_steps", 2, "--max_train_steps", 2, "--learning_rate", 1e-4,
+               "--lr_scheduler", "constant", "--lr_warmup_steps", 0, "--use_8bit_adam", "--gradient_checkpointing",
+               "--mixed_precision", "no", "--checkpointing_steps", 50, "--checkpoints_total_limit", 2,
+               "--output_kohya_format", "--report_to", "tensorboard")
+
+    made = cu.read_jsonl(second / "candidates" / "metadata.jsonl")
+    assert made == cu.read_jsonl(hand / "candidates" / "metadata.jsonl") and len(made) == 24
+    round_one = {row["original_prompt"] for row in cu.read_jsonl(out / "candidates" / "metadata.jsonl")}
+    assert not round_one & {row["original_prompt"] for row in made}  # fresh prompts
+    for row in made:
+        assert (second / "candidates" / row["file_name"]).read_bytes() == \
+            (hand / "candidates" / row["file_name"]).read_bytes()
+    assert (second / "candidates" / "rewards.jsonl").read_text() == (hand / "candidates" / "rewards.jsonl").read_text()
+    kept = [{k: v for k, v in row.items() if k != "source_file"} for row in
+            cu.read_jsonl(second / "filtered" / "metadata.jsonl")]
+    assert kept == [{k: v for k, v in row.items() if k != "source_file"}
+                    for row in cu.read_jsonl(hand / "filtered" / "metadata.jsonl")]
+    lora = [load_file(folder / "pytorch_lora_weights.safetensors") for folder in (second / "model", hand / "model")]
+    assert lora[0].keys() == lora[1].keys() and all(torch.equal(lora[0][k], lora[1][k]) for k in lora[0])
+    assert json.loads((second / "model" / "training_config.json").read_text())["args"]["init_lora"] == \
+        "craft_run/sdxl/model-hpsv2.1"
+
+    # the rounds compared: what each round's folders hold
+    rounds = json.loads((out / "eval" / "rounds-hpsv2.1" / "rounds.json").read_text())["rounds"]
+    assert [row["model"] for row in rounds] == ["craft_run/sdxl/model-hpsv2.1", "craft_run/sdxl/round2-hpsv2.1/model"]
+    assert (rounds[1]["candidates"], rounds[1]["kept"]) == (24, len(kept))
+    assert rounds[1]["candidate_seconds"] == int((second / "candidates.seconds").read_text())
+    for number, evaluation in ((0, "craft-hpsv2.1"), (1, "craft-hpsv2.1-round2")):
+        report = json.loads((out / "eval" / evaluation / "benchmark_hpsv2.json").read_text())
+        assert rounds[number]["benchmarks"]["hpsv2"]["average"] == report["average"]
+        assert report["trained_rewards"] == ["hpsv2.1"]
+    table = (out / "eval" / "rounds-hpsv2.1" / "rounds.md").read_text()
+    assert "| hpsv2.1 x100 (trained) | jpeg (held out) |" in table and "## parti" in table
+    assert (out / "eval" / "rounds-hpsv2.1" / "rounds.png").is_file()

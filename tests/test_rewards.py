@@ -175,6 +175,18 @@ def test_batching_gives_the_same_scores_as_one_by_one(zoo, images, name):
     assert batched == pytest.approx(single, abs=1e-5)
 
 
+def test_the_image_encoder_rewards_give_normalised_embeddings(zoo, images):
+    for name in cm.REWARDS:
+        if name == "imagereward":  # BLIP: an image-text cross-encoder, no image embedding of its own
+            continue
+        reward = cm.load_reward(name, reward_args(zoo, batch_size=2), "cpu")
+        assert hasattr(reward, "embed_images") == (name in cm.IMAGE_EMBEDDINGS), name
+        if name in cm.IMAGE_EMBEDDINGS:
+            features = reward.embed_images(images[:3])
+            assert features.shape[0] == 3 and torch.allclose(features.norm(dim=-1), torch.ones(3), atol=1e-5)
+            assert torch.allclose(features[1], reward.embed_images(images[1:2])[0], atol=1e-5)  # batches as one
+
+
 def test_unknown_reward_and_missing_weights_are_clear_errors(zoo, tmp_path):
     with pytest.raises(SystemExit, match=r"unknown reward hps; valid: aesthetic, clip, color, hpsv2.0, hpsv2.1"):
         cr.parse_reward_names("hps,jpeg")

@@ -486,7 +486,9 @@ def test_validation_grids_reward_curve_and_tensorboard(zoo, data, tmp_path):
     result = train(zoo, data, out, "--use_lora", "--max_train_steps", 4, "--validation_prompt", "a red square",
                    "--validation_prompt", "a blue square", "--num_validation_images", 3, "--validation_steps", 2,
                    "--validation_inference_steps", 2, "--validation_rewards", "jpeg", "--report_to", "tensorboard")
-    assert sorted(os.listdir(out / "validation")) == ["step-000002", "step-000002.png", "step-000004", "step-000004.png"]
+    # step 0: the starting model, which the later validations are compared with
+    assert sorted(os.listdir(out / "validation")) == [f"step-00000{step}{kind}" for step in (0, 2, 4)
+                                                      for kind in ("", ".json", ".png")]
     # the grid: a label column and 3 seeds of 256 pixels, a header line, 2 prompts with a line of scores under each
     width, height = Image.open(out / "validation" / "step-000004.png").size
     assert width == 4 * 256 and 2 * 256 < height < 2 * 256 + 3 * 40
@@ -507,6 +509,10 @@ def test_validation_grids_reward_curve_and_tensorboard(zoo, data, tmp_path):
     assert tensorboard_scalars(out, "drift/saturation")[4] == pytest.approx(saturation, rel=1e-5)
     assert tensorboard_scalars(out, "drift/diversity")[4] == pytest.approx(
         (cdr.diversity(images[:3]) + cdr.diversity(images[3:])) / 2, rel=1e-5)
+    record = json.loads((out / "validation" / "step-000004.json").read_text())  # what step 0 is compared with
+    assert record["prompts"] == ["a red square"] * 3 + ["a blue square"] * 3
+    assert record["rewards"]["jpeg"] == pytest.approx([-size / 1000 for size in sizes])
+    assert record["stats"] == [pytest.approx(cdr.pixel_stats(image)) for image in images]
     assert f"step 4: validation/jpeg {-sum(sizes) / 6000:.4f}" in result.stdout + result.stderr
     assert "![validation](validation/step-000004.png)" in (out / "README.md").read_text()
 

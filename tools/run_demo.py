@@ -6,7 +6,9 @@
 The model is models/tiny-shapes-sd15, pretrained by tools/pretrain_tiny_model.py to draw "a {colour} {shape}
 {place}" (shipped, so nothing trains it here). Like a real model it follows detailed prompts better than short ones
 (its short training captions were noisy). The rewards need no weights: `color` (does the image show the colour the
-prompt names) and `jpeg` (compressibility). The rewrites are the model's detailed captions, which stress the colour
+prompt names) and `jpeg` (compressibility), which the filter uses, and `place` (is the shape where the prompt puts
+it), which it never sees: a held-out reward, with the pixel statistics and the diversity across seeds, to show
+whether the gain came with reward hacking. The rewrites are the model's detailed captions, which stress the colour
 ("a red red circle on the left", "..., red"), as an LLM's rewrites add detail for a real model; the template
 suffixes ("cinematic lighting", ...) name styles this model never saw. Stages:
 
@@ -73,7 +75,7 @@ def before_after(out, base_dir, tuned_dir, count):
     for folder in (base_dir, tuned_dir):
         scores = {r["file_name"]: r for r in cu.read_jsonl(os.path.join(folder, "rewards.jsonl"))}
         tiles.append([Image.open(os.path.join(folder, row["file_name"])) for row in rows])
-        captions.append([f"color {scores[row['file_name']]['color']:.2f}\njpeg {scores[row['file_name']]['jpeg']:.2f}"
+        captions.append(["\n".join(f"{name} {scores[row['file_name']][name]:.2f}" for name in ("color", "jpeg", "place"))
                          for row in rows])
     grid = cu.labelled_grid(tiles, ["base model", "CRAFT LoRA"], [row["text"] for row in rows], captions,
                             tile_size=160)
@@ -92,7 +94,7 @@ def craft_against_sft(out):
     rows = [cr.read_folder(folder, "text") for folder in folders]
     tables = [{row["file_name"]: row for row in cu.read_jsonl(os.path.join(folder, cr.REWARDS_FILE))}
               for folder in folders]
-    return eval_rewards.compare(rows[0], tables[0], rows[1], tables[1], ["color", "jpeg"], *folders)
+    return eval_rewards.compare(rows[0], tables[0], rows[1], tables[1], ["color", "jpeg", "place"], *folders)
 
 
 def main(argv=None):
@@ -107,6 +109,7 @@ def main(argv=None):
     parser.add_argument("--model", default=MODEL, help="the pretrained tiny SD1.5-style pipeline")
     parser.add_argument("--seed", type=int, default=0, help="every stage's seed (candidates, training, evaluation)")
     args = parser.parse_args(argv)
+    import craft_drift as cdr
     from make_tiny_models import make_zoo
 
     if not os.path.isfile(os.path.join(args.model, "model_index.json")):
@@ -124,7 +127,7 @@ def main(argv=None):
     path = lambda *parts: os.path.join(out, *parts)  # noqa: E731
     sampling = ["--num_inference_steps", args.num_inference_steps, "--guidance_scale", 3, "--seed", args.seed,
                 "--batch_size", 16]
-    rewards = ["--rewards", "color,jpeg"]
+    rewards = ["--rewards", "color,jpeg"]  # the filter's; the evaluation adds the held-out place
 
     step("1-3. candidates: each prompt and 3 rewrites, several seeds", "generate_candidates.py",
          "--pretrained_model_name_or_path", args.model, "--prompts_file", path("train_prompts.txt"),
@@ -161,7 +164,7 @@ def main(argv=None):
          "--output_dir", path("craft-sdxl-lora"), "--resolution", 64, "--train_batch_size", 4, "--max_train_steps",
          5, "--report_to", "none", "--overwrite_output_dir", "--checkpointing_steps", 100000)
     heldout = ["--prompts_file", path("heldout_prompts.txt"), "--num_images_per_prompt", args.eval_images_per_prompt,
-               *sampling, *rewards, "--overwrite"]
+               *sampling, "--rewards", "color,jpeg,place", "--overwrite"]
     step("8. base model on held-out prompts", "eval_rewards.py", "--pretrained_model_name_or_path", args.model,
          "--output_dir", path("eval_base"), *heldout)
     results = {}
@@ -176,14 +179,28 @@ def main(argv=None):
     with open(path("filtered", "crf_report.json")) as f:
         report = json.load(f)
     lines = [f"\nHeld-out prompts: {results['craft']['pairs']} (prompt, seed) pairs; CRAFT trained on {report['kept']} "
-             f"filtered images of {report['candidates']} candidates, plain SFT on all {report['candidates']}.", "",
+             f"filtered images of {report['candidates']} candidates, plain SFT on all {report['candidates']}. The "
+             "filter used color and jpeg; place is held out.", "",
              "| reward | base | CRAFT | delta +- s.e. | win | plain SFT | delta +- s.e. | win |",
              "|---|---|---|---|---|---|---|---|"]
-    for reward in ("color", "jpeg"):
+    for reward in ("color", "jpeg", "place"):
         c, s = results["craft"]["rewards"][reward], results["sft"]["rewards"][reward]
-        lines.append(f"| {reward} | {c['baseline_mean']:.4f} | {c['mean']:.4f} | {c['mean_delta']:+.4f} +- "
-                     f"{c['stderr']:.4f} | {c['win_rate']:.0%} | {s['mean']:.4f} | {s['mean_delta']:+.4f} +- "
-                     f"{s['stderr']:.4f} | {s['win_rate']:.0%} |")
+        lines.append(f"| {reward}{' (held out)' if reward == 'place' else ''} | {c['baseline_mean']:.4f} | "
+                     f"{c['mean']:.4f} | {c['mean_delta']:+.4f} +- {c['stderr']:.4f} | {c['win_rate']:.0%} | "
+                     f"{s['mean']:.4f} | {s['mean_delta']:+.4f} +- {s['stderr']:.4f} | {s['win_rate']:.0%} |")
+    lines += ["", f"Drift (pixel statistics per image; diversity across the {args.eval_images_per_prompt} seeds of each "
+              "prompt):", "", "| statistic | base | CRAFT | delta +- s.e. | plain SFT | delta +- s.e. |",
+              "|---|---|---|---|---|---|"]
+    drift = {name: {model: {**results[model]["drift"], "diversity": results[model]["diversity"]}[name]
+                    for model in ("craft", "sft")} for name in (*cdr.STATISTICS, "diversity")}
+    for name, rows in drift.items():
+        c, s = rows["craft"], rows["sft"]
+        lines.append(f"| {name} | {c['baseline_mean']:.4f} | {c['mean']:.4f} | {c['delta']:+.4f} +- "
+                     f"{c['stderr']:.4f} | {s['mean']:.4f} | {s['delta']:+.4f} +- {s['stderr']:.4f} |")
+    signs = results["craft"]["hacking_signs"]
+    lines += ["", f"Reward hacking suspected: {'; '.join(signs)}." if signs else
+              "No sign of reward hacking in CRAFT's model: no held-out reward fell, no statistic moved past its "
+              "threshold, diversity held (README: Troubleshooting)."]
     versus = craft_against_sft(out)
     lines += ["", "CRAFT vs plain SFT, same pairs: " + ", ".join(
         f"{reward} {v['mean_delta']:+.4f} +- {v['stderr']:.4f} (CRAFT better in {v['win_rate']:.0%})"
