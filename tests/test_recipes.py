@@ -145,11 +145,11 @@ def test_rounds_go_on_from_the_last_model_and_equal_the_stages_run_by_hand(zoo, 
     if not (first / "pytorch_lora_weights.safetensors").is_file():
         pytest.skip("needs test_recipe_runs_every_stage[sdxl_lora_16gb] first (the same worker runs this file)")
     (tmp_path / "launch.sh").write_text(KILL_ROUND_TWO_ONCE)
-    killed = run_recipe("sdxl_lora_16gb", zoo, hpdv2, workdir, check=False, ROUNDS="2",
+    killed = run_recipe("sdxl_lora_16gb", zoo, hpdv2, workdir, check=False, ROUNDS="2", BENCHMARKS="hpsv2",
                         LAUNCH=f"bash {tmp_path / 'launch.sh'}", KILL_MARK=str(tmp_path / "killed"))
     second = out / "round2-hpsv2.1"
     assert killed.returncode != 0 and 0 < len(list((second / "candidates").glob("*.png"))) < 24
-    result = run_recipe("sdxl_lora_16gb", zoo, hpdv2, workdir, ROUNDS="2")
+    result = run_recipe("sdxl_lora_16gb", zoo, hpdv2, workdir, ROUNDS="2", BENCHMARKS="hpsv2")
     assert "==== round 2 of 2, from craft_run/sdxl/model-hpsv2.1" in result.stdout
 
     # by hand: round 1's LoRA makes the candidates of the 4 prompts after round 1's, scored, filtered, trained on
@@ -200,5 +200,5 @@ def test_rounds_go_on_from_the_last_model_and_equal_the_stages_run_by_hand(zoo, 
         assert rounds[number]["benchmarks"]["hpsv2"]["average"] == report["average"]
         assert report["trained_rewards"] == ["hpsv2.1"]
     table = (out / "eval" / "rounds-hpsv2.1" / "rounds.md").read_text()
-    assert "| hpsv2.1 x100 (trained) | jpeg (held out) |" in table and "## parti" in table
+    assert "| hpsv2.1 x100 (trained) | jpeg (held out) |" in table and "## hpsv2" in table
     assert (out / "eval" / "rounds-hpsv2.1" / "rounds.png").is_file()

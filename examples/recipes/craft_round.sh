@@ -25,10 +25,11 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 : "${BENCHMARKS:=hpsv2 parti}"              # the paper's: HPDv2's benchmark and PartiPrompts (drawbench also works)
 : "${PARTI_PROMPTS:=nateraw/parti-prompts}"  # a dataset with a Prompt column (Hub id or local copy)
 : "${EVAL_PROMPTS_PER_PART:=100}"            # a seeded sample per HPSv2 style and of PartiPrompts (all: 800, 1632)
+: "${EVAL_IMAGES_PER_PROMPT:=1}"             # seeds per benchmark prompt (the paper's 1); 2+ also measure diversity
 : "${REWARD_FLAGS:=}"                        # reward weights other than the Hub defaults (e.g. local files offline)
 : "${REWARD_PRECISION:=fp16}"
 : "${SEED:=0}"
-: "${ROUNDS:=1}"
+: "${ROUNDS:=1}"                              # CRAFT in rounds (see above)
 
 if [ ! -e "$PROMPTS_FILE" ] || [ ! -e "$BENCHMARK_PROMPTS" ]; then
   hf download ymhao/HPDv2 train.json benchmark/ --repo-type dataset --local-dir "$HPDV2"
@@ -64,7 +65,8 @@ for ((round = 1; round <= ROUNDS; round++)); do
   echo "== 1-3. candidates: $NUM_PROMPTS prompts x ($NUM_VARIANTS rewrites + the prompt) x $IMAGES_PER_TEXT seeds"
   runs "$PREVIOUS"
   # shellcheck disable=SC2086  # LAUNCH and the *_FLAGS variables are word lists
-  timed "$CANDIDATES.seconds" $LAUNCH "$REPO/generate_candidates.py" "${RUN[@]}" $GENERATION_FLAGS --prompts_file "$PROMPTS_FILE" --prompt_column prompt --max_prompts "$NUM_PROMPTS" \
+  timed "$CANDIDATES.seconds" $LAUNCH "$REPO/generate_candidates.py" "${RUN[@]}" $GENERATION_FLAGS \
+    --prompts_file "$PROMPTS_FILE" --prompt_column prompt --max_prompts "$NUM_PROMPTS" \
     --skip_prompts $(((round - 1) * NUM_PROMPTS)) --shuffle_prompts --num_variants "$NUM_VARIANTS" --expansion llm \
     --expansion_model "$EXPANSION_MODEL" --num_images_per_prompt "$IMAGES_PER_TEXT" --seed "$SEED" \
     --output_dir "$CANDIDATES"
@@ -104,7 +106,9 @@ for ((round = 1; round <= ROUNDS; round++)); do
   for benchmark in $BENCHMARKS; do
     prompts=$BENCHMARK_PROMPTS
     [ "$benchmark" = parti ] && prompts=$PARTI_PROMPTS
-    for model in base tuned; do
+    models=tuned
+    [ "$round" = 1 ] && models="base tuned"  # the base once, for every round
+    for model in $models; do
       if [ $model = base ]; then
         where=(--pretrained_model_name_or_path "$BASE_MODEL" --output_dir "$OUT/eval/base")
       else
@@ -112,8 +116,8 @@ for ((round = 1; round <= ROUNDS; round++)); do
       fi
       $LAUNCH "$REPO/eval_rewards.py" "${where[@]}" $GENERATION_FLAGS --benchmark "$benchmark" \
         --benchmark_prompts "$prompts" --max_prompts "$EVAL_PROMPTS_PER_PART" --shuffle_prompts \
-        --num_images_per_prompt 1 --seed "$SEED" --rewards "$EVAL_REWARDS" --reward_precision "$REWARD_PRECISION" \
-        $REWARD_FLAGS
+        --num_images_per_prompt "$EVAL_IMAGES_PER_PROMPT" --seed "$SEED" --rewards "$EVAL_REWARDS" \
+        --reward_precision "$REWARD_PRECISION" $REWARD_FLAGS
     done
     echo "the report: $EVAL/benchmark_$benchmark.md (.json, .png)"
   done
