@@ -202,3 +202,44 @@ def test_rounds_go_on_from_the_last_model_and_equal_the_stages_run_by_hand(zoo, 
     table = (out / "eval" / "rounds-hpsv2.1" / "rounds.md").read_text()
     assert "| hpsv2.1 x100 (trained) | jpeg (held out) |" in table and "## hpsv2" in table
     assert (out / "eval" / "rounds-hpsv2.1" / "rounds.png").is_file()
+
+
+def test_rounds_table_by_hand(tmp_path):
+    """rounds_table.py on folders written by hand: each round's counts, seconds, gains, diversity and drift, and the
+    warnings; a missing report is one line naming it."""
+    sys.path.insert(0, os.path.join(REPO, "examples", "recipes"))
+    import craft_drift as cdr
+    import rounds_table
+
+    def delta(value, stderr=0.01, baseline=0.5):
+        return {"mean": baseline + value, "baseline_mean": baseline, "delta": value, "stderr": stderr, "n": 8}
+
+    rounds = []
+    for number, (gain, held_out, diversity) in enumerate(((0.02, 0.01, -0.01), (0.05, -0.04, -0.2)), start=1):
+        folder = tmp_path / f"round{number}"
+        for part in ("filtered", "model", "eval"):
+            (folder / part).mkdir(parents=True)
+        cu.write_json_atomic(folder / "filtered" / "crf_report.json", {"candidates": 96, "kept": 10 + number})
+        cu.write_json_atomic(folder / "model" / "training_config.json", {"data": {"steps": 50, "seconds": 12.3}})
+        (folder / "candidates.seconds").write_text(f"{100 * number}\n")
+        average = {"hpsv2.1": {"mean_delta": gain, "stderr": 0.005}, "clip": {"mean_delta": held_out, "stderr": 0.01}}
+        signs = ["held-out clip fell -0.0400 +- 0.0100"] if held_out < 0 else []
+        cu.write_json_atomic(folder / "eval" / "benchmark_hpsv2.json", {
+            "baseline": "base", "average": average, "trained_rewards": ["hpsv2.1"], "shown_x100": ["hpsv2.1"],
+            "drift": {name: delta(0.0) for name in cdr.STATISTICS}, "diversity": delta(diversity),
+            "diversity_measure": "1 - cosine of clip's image embeddings", "hacking_signs": signs})
+        rounds += ["--round", *(str(folder / part) for part in ("candidates", "filtered", "model", "eval"))]
+    rounds_table.main(rounds_table.parse_args([*rounds, "--benchmarks", "hpsv2", "--output_dir", str(tmp_path / "t")]))
+    table = (tmp_path / "t" / "rounds.md").read_text()
+    assert "| 1 | 96 | 11 | 50 | 100 / 12 |" in table and "| 2 | 96 | 12 | 50 | 200 / 12 |" in table
+    assert "| round | hpsv2.1 x100 (trained) | clip (held out) | diversity (1 - cosine of clip's image embeddings) |" \
+        in table
+    assert "| 2 | +5 +- 0.5 | -0.04 +- 0.01 | -0.2 +- 0.01 |" in table  # hpsv2.1 x100; the drift, then the signs
+    assert table.rstrip().endswith("| held-out clip fell -0.0400 +- 0.0100 |")
+    saved = json.loads((tmp_path / "t" / "rounds.json").read_text())["rounds"]
+    assert [row["kept"] for row in saved] == [11, 12] and saved[1]["benchmarks"]["hpsv2"]["diversity"]["delta"] == -0.2
+    assert (tmp_path / "t" / "rounds.png").is_file()
+    (tmp_path / "round2" / "eval" / "benchmark_hpsv2.json").unlink()
+    with pytest.raises(SystemExit, match="benchmark_hpsv2.json is missing: the hpsv2 evaluation; rerun the recipe"):
+        rounds_table.main(rounds_table.parse_args([*rounds, "--benchmarks", "hpsv2", "--output_dir",
+                                                   str(tmp_path / "t")]))
