@@ -31,6 +31,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tools"))
 sys.path.insert(0, REPO)
+import craft_drift as cdr  # noqa: E402
 from pretrain_tiny_model import PLACES, SHAPES, detailed_captions  # noqa: E402
 
 MODEL = os.path.join(REPO, "models", "tiny-shapes-sd15")
@@ -109,7 +110,6 @@ def main(argv=None):
     parser.add_argument("--model", default=MODEL, help="the pretrained tiny SD1.5-style pipeline")
     parser.add_argument("--seed", type=int, default=0, help="every stage's seed (candidates, training, evaluation)")
     args = parser.parse_args(argv)
-    import craft_drift as cdr
     from make_tiny_models import make_zoo
 
     if not os.path.isfile(os.path.join(args.model, "model_index.json")):
