@@ -5,6 +5,7 @@ at hand); and the thresholds beyond which a comparison says "reward hacking
 suspected". eval_rewards.py reports them beside the rewards."""
 
 import itertools
+import math
 import statistics
 
 import numpy as np
@@ -14,6 +15,9 @@ STATISTICS = ("brightness", "saturation", "colourfulness", "high_frequency")
 # by more than 2 standard errors of the paired deltas; diversity when it falls by more than this share of the base's.
 THRESHOLDS = {"brightness": 0.10, "saturation": 0.10, "colourfulness": 15.0, "high_frequency": 0.05}
 DIVERSITY_DROP = 0.10
+# A held-out reward's fall is flagged when it is at least this many standard deviations of its paired deltas (a small
+# effect, in Cohen's terms) and beyond 2 standard errors: with thousands of pairs a negligible trade-off is significant.
+HELD_OUT_EFFECT = 0.2
 DIVERSITY_SIZE = 32  # images are compared at this size, so diversity reads composition and colour, not pixel noise
 
 
@@ -61,8 +65,8 @@ def paired_delta(mine, theirs):
 
 def hacking_signs(rewards, trained, drift, diversity_row):
     """The reasons to suspect reward hacking in a comparison, each with its numbers (empty: none): a held-out reward
-    that fell while a trained one rose, a pixel statistic that moved past its threshold, diversity that fell past
-    DIVERSITY_DROP; each beyond 2 standard errors of its paired deltas, over 2 pairs at least. `rewards`: reward ->
+    that fell by HELD_OUT_EFFECT or more while a trained one rose, a pixel statistic that moved past its threshold,
+    diversity that fell past DIVERSITY_DROP; each beyond 2 standard errors of its paired deltas, over 2 pairs at least. `rewards`: reward ->
     paired delta (eval_rewards' comparison), `trained`: the rewards the model was filtered and trained on, `drift`:
     statistic -> paired delta, `diversity_row`: the paired delta of per-prompt diversity, or None."""
     def beyond(delta, row):
@@ -72,7 +76,8 @@ def hacking_signs(rewards, trained, drift, diversity_row):
     rose = [name for name in trained if name in rewards and rewards[name]["mean_delta"] > 0
             and beyond(rewards[name]["mean_delta"], rewards[name])]
     fell = [f"held-out {name} fell {row['mean_delta']:+.4f} +- {row['stderr']:.4f}" for name, row in rewards.items()
-            if rose and name not in trained and row["mean_delta"] < 0 and beyond(row["mean_delta"], row)]
+            if rose and name not in trained and row["mean_delta"] < 0 and beyond(row["mean_delta"], row)
+            and -row["mean_delta"] >= HELD_OUT_EFFECT * row["stderr"] * math.sqrt(row["n"])]
     if fell:
         signs += [", ".join(f"trained {name} rose {rewards[name]['mean_delta']:+.4f}" for name in rose)] + fell
     signs += [f"{name} moved {row['delta']:+.3f} +- {row['stderr']:.3f} (threshold {THRESHOLDS[name]:g})"

@@ -59,6 +59,11 @@ def test_hacking_is_suspected_only_beyond_two_standard_errors_and_the_thresholds
     assert signs == ["trained hpsv2.1 rose +0.0200", "held-out imagereward fell -0.1000 +- 0.0300"]
     assert cdr.hacking_signs({**rewards, "imagereward": row(-0.05, 0.03)}, ["hpsv2.1"], calm, None) == []  # < 2 s.e.
     assert cdr.hacking_signs({**rewards, "hpsv2.1": row(0.02, 0.02)}, ["hpsv2.1"], calm, None) == []  # no rise
+    # 2.5 s.e. over 400 pairs, but 0.125 standard deviations of the deltas (0.004 x 20): a negligible trade-off
+    tiny = {**row(-0.01, 0.004), "n": 400}
+    assert cdr.hacking_signs({**rewards, "imagereward": tiny}, ["hpsv2.1"], calm, None) == []
+    assert cdr.hacking_signs({**rewards, "imagereward": {**tiny, "mean_delta": -0.017}}, ["hpsv2.1"], calm, None) == [
+        "trained hpsv2.1 rose +0.0200", "held-out imagereward fell -0.0170 +- 0.0040"]  # 0.2125 standard deviations
     saturated = {**calm, "saturation": row(0.15, 0.02)}
     assert cdr.hacking_signs({}, [], saturated, None) == ["saturation moved +0.150 +- 0.020 (threshold 0.1)"]
     assert cdr.hacking_signs({}, [], {**calm, "saturation": row(0.08, 0.01)}, None) == []  # under its threshold

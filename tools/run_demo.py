@@ -199,8 +199,8 @@ def main(argv=None):
                      f"{c['stderr']:.4f} | {s['mean']:.4f} | {s['delta']:+.4f} +- {s['stderr']:.4f} |")
     signs = results["craft"]["hacking_signs"]
     lines += ["", f"Reward hacking suspected: {'; '.join(signs)}." if signs else
-              "No sign of reward hacking in CRAFT's model: no held-out reward fell, no statistic moved past its "
-              "threshold, diversity held (README: Troubleshooting)."]
+              "No sign of reward hacking in CRAFT's model: no held-out reward fell by 0.2 standard deviations or more, "
+              "no statistic moved past its threshold, diversity held (README: Troubleshooting)."]
     versus = craft_against_sft(out)
     lines += ["", "CRAFT vs plain SFT, same pairs: " + ", ".join(
         f"{reward} {v['mean_delta']:+.4f} +- {v['stderr']:.4f} (CRAFT better in {v['win_rate']:.0%})"
