@@ -18,15 +18,16 @@ filters them the same way and trains on from that LoRA (--init_lora); rounds use
 
 First each method's learning rate is chosen by a small sweep (--learning_rates, on --sweep_seed, which is none of
 --seeds: the choice is not tuned on the runs reported), the highest held-out `color` gain at the last step; when the
-best rate is an end of the grid, the grid grows by a factor 4 past it (twice at most). Then for
-each of --seeds every method trains with its chosen rate, and the LoRA of every checkpoint in --eval_steps is
-evaluated on held-out prompts against the base, on the same (prompt, seed) pairs (a rounds run: each round's LoRA).
-Reported: the `color` and `jpeg` gains and the held-out `place` reward's (the filter never sees it), and the change
-of diversity across seeds relative to the base (mean over seeds; s.e. = the spread of the seeds' values / sqrt(seeds),
-which holds both the training noise and the evaluation's) against optimizer steps, images seen and training seconds;
-the steps and seconds each method needs to reach CRAFT's final `color` gain ("not reached" if no checkpoint does); and
-the seconds the later rounds spend making their candidates. Writes methods.md, methods.json and methods.png in
---output_dir; a rerun reuses every finished stage. About 1.5 hours on 2 CPU cores at the defaults.
+best rate is an end of the grid, the grid grows by a factor 4 past it (twice at most). Then for each of --seeds
+every method trains with its chosen rate, and the LoRA of every checkpoint in --eval_steps is evaluated on held-out
+prompts against the base, on the same (prompt, seed) pairs (a rounds run: each round's LoRA). Reported: the `color`
+and `jpeg` gains and the held-out `place` reward's (the filter never sees it), and the change of diversity across
+seeds relative to the base (mean over seeds; s.e. = the spread of the seeds' values / sqrt(seeds), which holds both
+the training noise and the evaluation's) against optimizer steps, images seen and training seconds (steps x the
+median seconds per step over seeds); the steps and seconds each method needs to reach CRAFT's final `color` gain
+("not reached" if no checkpoint does); and the seconds the later rounds spend making their candidates. Writes
+methods.md, methods.json and methods.png in --output_dir; a rerun reuses every finished stage. About 1.5 hours on 2
+CPU cores at the defaults.
 """
 
 import argparse
@@ -203,7 +204,7 @@ def train_in_rounds(args, prepared, seed, rounds, learning_rate):
                                       "--checkpointing_steps", steps, *(["--init_lora", lora] if lora else [])))
         curve[(index + 1) * steps] = evaluate(args, prepared, f"{where}, held out", model, os.path.join(work, "eval"))
         lora = model
-    return curve, statistics.fmean(seconds_per_step), candidate_seconds
+    return curve, statistics.median(seconds_per_step), candidate_seconds
 
 
 def best_learning_rate(finals):
@@ -245,7 +246,8 @@ def kind(method):
 
 def summarise(runs, batch_size=8):
     """runs: method -> seed -> (curve, seconds per step, seconds of the later rounds' candidates) -> per method: mean
-    curves of each reward (and of diversity, where measured), seconds, and the reach of CRAFT's final color gain."""
+    curves of each reward (and of diversity, where measured), median seconds, and the reach of CRAFT's final color
+    gain."""
     results = {}
     for method, by_seed in runs.items():
         seeds = sorted(by_seed)
@@ -256,8 +258,9 @@ def summarise(runs, batch_size=8):
                 cells = {step: [by_seed[seed][0][step][name] for seed in seeds] for step in steps}
                 curves[name] = {step: mean_and_stderr([c["mean_delta"] for c in cells[step]],
                                                       [c["stderr"] for c in cells[step]]) for step in steps}
-        results[method] = {"curves": curves, "seconds_per_step": statistics.fmean(by_seed[s][1] for s in seeds),
-                           "candidate_seconds": statistics.fmean(by_seed[s][2] for s in seeds),
+        # timings: the median over seeds (a run slowed by other work on the machine does not move it)
+        results[method] = {"curves": curves, "seconds_per_step": statistics.median(by_seed[s][1] for s in seeds),
+                           "candidate_seconds": statistics.median(by_seed[s][2] for s in seeds),
                            "images_per_step": batch_size * METHODS[kind(method)][3]}
     target = results["CRAFT"]["curves"]["color"][max(results["CRAFT"]["curves"]["color"])][0]
     for result in results.values():

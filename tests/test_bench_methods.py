@@ -39,7 +39,7 @@ def test_summary_over_seeds_and_steps_by_hand():
     assert results["CRAFT"]["curves"]["jpeg"][100][0] == pytest.approx(0.125)
     assert results["CRAFT"]["reach"] == pytest.approx({"steps": 100, "images": 800, "seconds": 20.0})
     assert results["plain SFT"]["reach"] is None  # 0.15 at step 100
-    # DPO: 0.25 already at step 50; a pair is two images; 0.3 s per step on average
+    # DPO: 0.25 already at step 50; a pair is two images; 0.3 s per step (the median of two: their mean)
     assert results["Diffusion-DPO"]["reach"] == pytest.approx({"steps": 50, "images": 800, "seconds": 15.0})
     # rounds: images of a CRAFT step, the later rounds' candidate seconds averaged over the seeds
     assert results["CRAFT, 2 rounds"]["reach"] == pytest.approx({"steps": 100, "images": 800, "seconds": 10.0})
