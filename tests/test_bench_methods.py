@@ -49,6 +49,19 @@ def test_summary_over_seeds_and_steps_by_hand():
     assert "| CRAFT, 2 rounds | 100 | 10 | 7 | +0.400 +- 0.000 | +0.200 +- 0.000 |" in table
 
 
+def test_an_evaluation_reads_the_gains_and_the_relative_change_of_diversity(tmp_path):
+    """evaluate() on a finished evaluation folder: the comparison's rewards, and diversity as a share of the base's."""
+    folder = tmp_path / "eval"
+    folder.mkdir()
+    rewards = {"color": {"mean_delta": 0.1, "stderr": 0.02}}
+    diversity = {"mean": 0.09, "baseline_mean": 0.12, "delta": -0.03, "stderr": 0.006, "n": 24}
+    (folder / "rewards_summary.json").write_text(json.dumps({"comparison": {"rewards": rewards,
+                                                                            "diversity": diversity}}))
+    result = bench_methods.evaluate(None, (str(tmp_path), []), "unused", "unused", str(folder))
+    assert result["color"] == rewards["color"]
+    assert result["diversity"] == pytest.approx({"mean_delta": -0.25, "stderr": 0.05})  # -0.03 / 0.12, 0.006 / 0.12
+
+
 def test_sweep_grows_past_a_winning_edge_of_the_grid(monkeypatch):
     """Gains peaking at lr 1.25e-4, below a grid of 5e-4 .. 8e-3: the sweep tries 1.25e-4, then 3.125e-5, which
     shows 1.25e-4 is the peak; a peak further down stops it after two extensions; a grid whose middle wins stays."""
@@ -76,7 +89,7 @@ def test_sweep_grows_past_a_winning_edge_of_the_grid(monkeypatch):
 def test_reduced_comparison_writes_what_the_evaluations_hold(tmp_path, capsys):
     out = tmp_path / "methods"
     flags = ["--output_dir", str(out), "--seeds", "0", "--learning_rates", "2e-3", "--eval_steps", "4",
-             "--num_prompts", "6", "--eval_images_per_prompt", "2", "--num_inference_steps", "4", "--rounds", "2"]
+             "--num_prompts", "6", "--eval_images_per_prompt", "1", "--num_inference_steps", "4", "--rounds", "2"]
     bench_methods.main(flags)
     saved = json.loads((out / "methods.json").read_text())
     assert saved["learning_rates"] == {"CRAFT": 2e-3, "plain SFT": 2e-3, "Diffusion-DPO": 2e-3}
@@ -90,14 +103,12 @@ def test_reduced_comparison_writes_what_the_evaluations_hold(tmp_path, capsys):
         assert config["args"]["train_data_dir"] == str(seed / folder)
         for step in (4,):  # one checkpoint keeps the suite short (several: test_summary_over_seeds_and_steps_by_hand)
             summary = json.loads((run / f"eval-{step}" / "rewards_summary.json").read_text())
-            assert summary["comparison"]["pairs"] == 12  # 6 held-out prompts x 2 seeds, paired with the base's
+            assert summary["comparison"]["pairs"] == 6  # 6 held-out prompts x 1 seed, paired with the base's
             for reward in ("color", "jpeg", "place"):
                 mean, stderr = saved["results"][method]["curves"][reward][str(step)]
                 compared = summary["comparison"]["rewards"][reward]
                 assert (mean, stderr) == (compared["mean_delta"], compared["stderr"])  # one seed: its own s.e.
-            diversity = summary["comparison"]["diversity"]
-            assert saved["results"][method]["curves"]["diversity"][str(step)][0] == \
-                pytest.approx(diversity["delta"] / diversity["baseline_mean"])
+            assert "diversity" not in saved["results"][method]["curves"]  # one seed per prompt: not measured
     # two rounds of 2 steps: round 2's prompts are fresh (none trained on before, none held out), its candidates come
     # from round 1's LoRA, and it trains on from that LoRA
     rounds = seed / "rounds2-lr0.002"
@@ -125,8 +136,8 @@ def test_reduced_comparison_writes_what_the_evaluations_hold(tmp_path, capsys):
                     "seconds": reached[0] * result["seconds_per_step"]} if reached else None
         assert result["reach"] == (pytest.approx(expected) if expected else None)
     table = (out / "methods.md").read_text()
-    # three rewards, diversity, the reach row, the final row
-    assert table.count("| Diffusion-DPO |") == 6 and "| CRAFT, 2 rounds | place |" in table
+    # three rewards, the reach row, the final row
+    assert table.count("| Diffusion-DPO |") == 5 and "| CRAFT, 2 rounds | place |" in table
     with Image.open(out / "methods.png") as plot:
         assert plot.size == (2000, 400)
 
