@@ -67,11 +67,15 @@ def parse_args(argv=None):
     parser.add_argument("--num_images_per_prompt", type=int, default=2, help="candidate seeds per prompt text")
     parser.add_argument("--eval_images_per_prompt", type=int, default=6)
     parser.add_argument("--num_inference_steps", type=int, default=15)
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS),
+                        help="the methods to run (CRAFT always: its final gain is the target the others are timed to)")
     parser.add_argument("--rounds", type=int, nargs="*", default=[2, 4],
                         help="CRAFT also in this many rounds (2-4), at the last of --eval_steps in all")
     parser.add_argument("--model", default=run_demo.MODEL)
     args = parser.parse_args(argv)
     args.eval_steps = sorted(set(args.eval_steps))
+    if "CRAFT" not in args.methods:
+        parser.error("--methods must include CRAFT: the others are measured against its final gain")
     for rounds in args.rounds:
         if not 2 <= rounds <= len(ROUND_PLACES) or args.eval_steps[-1] % rounds:
             parser.error(f"--rounds {rounds}: give 2 to {len(ROUND_PLACES)} rounds that divide the last of "
@@ -355,15 +359,15 @@ def main(argv=None):
                              "rerun with the same ones to reuse them, or choose another --output_dir")
     else:
         cu.write_json_atomic(recorded, run_settings(args))
-    chosen, swept = {method: args.learning_rates[0] for method in METHODS}, {}
+    chosen, swept = {method: args.learning_rates[0] for method in args.methods}, {}
     if len(args.learning_rates) > 1:
         prepared = prepare(args, args.sweep_seed)
-        for method in METHODS:
+        for method in args.methods:
             chosen[method], swept[method] = sweep(args, prepared, method)
             print(f"{method}: final color gain by learning rate {swept[method]}; chosen {chosen[method]:g}", flush=True)
     prepared = {seed: prepare(args, seed) for seed in args.seeds}
     runs = {method: {seed: (*train_and_evaluate(args, prepared[seed], seed, method, chosen[method], args.eval_steps),
-                            0.0) for seed in args.seeds} for method in METHODS}
+                            0.0) for seed in args.seeds} for method in args.methods}
     for rounds in args.rounds:
         runs[f"CRAFT, {rounds} rounds"] = {seed: train_in_rounds(args, prepared[seed], seed, rounds, chosen["CRAFT"])
                                            for seed in args.seeds}
