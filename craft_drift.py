@@ -1,8 +1,8 @@
 """Reward hacking made visible, without new weights: what a tuned model's images drift to while its trained rewards
 rise. Per image, pixel statistics (brightness, saturation, colourfulness, high-frequency energy); per prompt, how
 different its seeds' images are (diversity: in pixels, or between CLIP image embeddings when a CLIP-based reward is
-at hand); and the thresholds beyond which a comparison says "reward hacking
-suspected". eval_rewards.py reports them beside the rewards."""
+at hand); and the thresholds beyond which a comparison says "reward hacking suspected". eval_rewards.py reports them
+beside the rewards."""
 
 import itertools
 import math
@@ -66,9 +66,10 @@ def paired_delta(mine, theirs):
 def hacking_signs(rewards, trained, drift, diversity_row):
     """The reasons to suspect reward hacking in a comparison, each with its numbers (empty: none): a held-out reward
     that fell by HELD_OUT_EFFECT or more while a trained one rose, a pixel statistic that moved past its threshold,
-    diversity that fell past DIVERSITY_DROP; each beyond 2 standard errors of its paired deltas, over 2 pairs at least. `rewards`: reward ->
-    paired delta (eval_rewards' comparison), `trained`: the rewards the model was filtered and trained on, `drift`:
-    statistic -> paired delta, `diversity_row`: the paired delta of per-prompt diversity, or None."""
+    diversity that fell past DIVERSITY_DROP; each beyond 2 standard errors of its paired deltas, over 2 pairs at least.
+    `rewards`: reward -> paired delta (eval_rewards' comparison), `trained`: the rewards the model was filtered and
+    trained on, `drift`: statistic -> paired delta, `diversity_row`: the paired delta of per-prompt diversity, or
+    None."""
     def beyond(delta, row):
         return row["n"] >= 2 and abs(delta) > 2 * row["stderr"]
 
