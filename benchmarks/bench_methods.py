@@ -86,7 +86,8 @@ def parse_args(argv=None):
 
 
 def sampling(args, seed):
-    return ["--num_inference_steps", args.num_inference_steps, "--guidance_scale", 3, "--seed", seed, "--batch_size", 16]
+    return ["--num_inference_steps", args.num_inference_steps, "--guidance_scale", 3, "--seed", seed,
+            "--batch_size", 16]
 
 
 def make_candidates(args, seed, folder, round_index, lora=None):

@@ -76,7 +76,8 @@ def before_after(out, base_dir, tuned_dir, count):
     for folder in (base_dir, tuned_dir):
         scores = {r["file_name"]: r for r in cu.read_jsonl(os.path.join(folder, "rewards.jsonl"))}
         tiles.append([Image.open(os.path.join(folder, row["file_name"])) for row in rows])
-        captions.append(["\n".join(f"{name} {scores[row['file_name']][name]:.2f}" for name in ("color", "jpeg", "place"))
+        captions.append(["\n".join(f"{name} {scores[row['file_name']][name]:.2f}" for name in ("color", "jpeg",
+                                                                                                "place"))
                          for row in rows])
     grid = cu.labelled_grid(tiles, ["base model", "CRAFT LoRA"], [row["text"] for row in rows], captions,
                             tile_size=160)
@@ -188,8 +189,8 @@ def main(argv=None):
         lines.append(f"| {reward}{' (held out)' if reward == 'place' else ''} | {c['baseline_mean']:.4f} | "
                      f"{c['mean']:.4f} | {c['mean_delta']:+.4f} +- {c['stderr']:.4f} | {c['win_rate']:.0%} | "
                      f"{s['mean']:.4f} | {s['mean_delta']:+.4f} +- {s['stderr']:.4f} | {s['win_rate']:.0%} |")
-    lines += ["", f"Drift (pixel statistics per image; diversity across the {args.eval_images_per_prompt} seeds of each "
-              "prompt):", "", "| statistic | base | CRAFT | delta +- s.e. | plain SFT | delta +- s.e. |",
+    lines += ["", "Drift (pixel statistics per image; diversity across the "
+              f"{args.eval_images_per_prompt} seeds of each prompt):", "", "| statistic | base | CRAFT | delta +- s.e. | plain SFT | delta +- s.e. |",
               "|---|---|---|---|---|---|"]
     drift = {name: {model: {**results[model]["drift"], "diversity": results[model]["diversity"]}[name]
                     for model in ("craft", "sft")} for name in (*cdr.STATISTICS, "diversity")}

@@ -91,7 +91,8 @@ def markdown(rows, benchmarks):
                   "| round | " + " | ".join(header) + " | reward hacking suspected |", "|---" * (len(header) + 2) + "|"]
         for row in rows:
             result = row["benchmarks"][benchmark]
-            cells = [signed(result["average"][n]["mean_delta"], result["average"][n]["stderr"], scale[n]) for n in names]
+            average = result["average"]
+            cells = [signed(average[n]["mean_delta"], average[n]["stderr"], scale[n]) for n in names]
             if first["diversity"]:
                 cells.append(signed(result["diversity"]["delta"], result["diversity"]["stderr"]))
             cells += [signed(result["drift"][s]["delta"], result["drift"][s]["stderr"]) for s in cdr.STATISTICS]
