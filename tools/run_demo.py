@@ -35,6 +35,7 @@ import craft_drift as cdr  # noqa: E402
 from pretrain_tiny_model import PLACES, SHAPES, detailed_captions  # noqa: E402
 
 MODEL = os.path.join(REPO, "models", "tiny-shapes-sd15")
+EVAL_REWARDS = ("color", "jpeg", "place")  # the filter's two, and the held-out place
 
 
 def prompt_sets(count, train_place_offset=0):
@@ -76,8 +77,7 @@ def before_after(out, base_dir, tuned_dir, count):
     for folder in (base_dir, tuned_dir):
         scores = {r["file_name"]: r for r in cu.read_jsonl(os.path.join(folder, "rewards.jsonl"))}
         tiles.append([Image.open(os.path.join(folder, row["file_name"])) for row in rows])
-        captions.append(["\n".join(f"{name} {scores[row['file_name']][name]:.2f}" for name in ("color", "jpeg",
-                                                                                                "place"))
+        captions.append(["\n".join(f"{name} {scores[row['file_name']][name]:.2f}" for name in EVAL_REWARDS)
                          for row in rows])
     grid = cu.labelled_grid(tiles, ["base model", "CRAFT LoRA"], [row["text"] for row in rows], captions,
                             tile_size=160)
@@ -96,7 +96,7 @@ def craft_against_sft(out):
     rows = [cr.read_folder(folder, "text") for folder in folders]
     tables = [{row["file_name"]: row for row in cu.read_jsonl(os.path.join(folder, cr.REWARDS_FILE))}
               for folder in folders]
-    return eval_rewards.compare(rows[0], tables[0], rows[1], tables[1], ["color", "jpeg", "place"], *folders)
+    return eval_rewards.compare(rows[0], tables[0], rows[1], tables[1], list(EVAL_REWARDS), *folders)
 
 
 def main(argv=None):
@@ -165,7 +165,7 @@ def main(argv=None):
          "--output_dir", path("craft-sdxl-lora"), "--resolution", 64, "--train_batch_size", 4, "--max_train_steps",
          5, "--report_to", "none", "--overwrite_output_dir", "--checkpointing_steps", 100000)
     heldout = ["--prompts_file", path("heldout_prompts.txt"), "--num_images_per_prompt", args.eval_images_per_prompt,
-               *sampling, "--rewards", "color,jpeg,place", "--overwrite"]
+               *sampling, "--rewards", ",".join(EVAL_REWARDS), "--overwrite"]
     step("8. base model on held-out prompts", "eval_rewards.py", "--pretrained_model_name_or_path", args.model,
          "--output_dir", path("eval_base"), *heldout)
     results = {}
@@ -184,7 +184,7 @@ def main(argv=None):
              "filter used color and jpeg; place is held out.", "",
              "| reward | base | CRAFT | delta +- s.e. | win | plain SFT | delta +- s.e. | win |",
              "|---|---|---|---|---|---|---|---|"]
-    for reward in ("color", "jpeg", "place"):
+    for reward in EVAL_REWARDS:
         c, s = results["craft"]["rewards"][reward], results["sft"]["rewards"][reward]
         lines.append(f"| {reward}{' (held out)' if reward == 'place' else ''} | {c['baseline_mean']:.4f} | "
                      f"{c['mean']:.4f} | {c['mean_delta']:+.4f} +- {c['stderr']:.4f} | {c['win_rate']:.0%} | "
