@@ -335,7 +335,8 @@ def plot(results, path):
         axis.axhline(0, color="grey", linewidth=0.8)
         title = "diversity across seeds, change" if name == "diversity" else f"held-out {name} gain"
         axis.set(title=title, xlabel=x_label)
-        axis.legend(fontsize=8)
+        if axis.get_legend_handles_labels()[0]:  # diversity is measured with several seeds per prompt only
+            axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
