@@ -104,7 +104,9 @@ def log_validation(pipeline, args, accelerator, rewards, step, prompt_inputs=Non
     diversity = [cdr.diversity(row) for row in tiles] if count > 1 else None
     if diversity:
         logs["drift/diversity"] = statistics.fmean(diversity)
-    record = {"prompts": prompts, "rewards": scores, "stats": stats, "diversity": diversity}
+    sampling = {name: getattr(args, name, None) for name in (
+        "validation_inference_steps", "validation_guidance_scale", "validation_model_name_or_path", "seed")}
+    record = {"prompts": prompts, "sampling": sampling, "rewards": scores, "stats": stats, "diversity": diversity}
     cu.write_json_atomic(folder + ".json", record)
     accelerator.log(logs, step=step)
     for tracker in accelerator.trackers:
@@ -136,8 +138,9 @@ def trained_rewards(args):
 
 def hacking_signs_since(start, now, trained):
     """craft_drift's signs of reward hacking in one validation against the starting model's, image by image (same
-    prompts, same seeds); none when the validation prompts changed between the two."""
-    if start["prompts"] != now["prompts"]:
+    prompts, same seeds); none when the validation prompts or sampling changed between the two (a resume may change
+    them)."""
+    if start["prompts"] != now["prompts"] or start.get("sampling") != now.get("sampling"):
         return []
     rewards = {}
     for name in set(start["rewards"]) & set(now["rewards"]):
@@ -244,8 +247,9 @@ def write_model_card(args, stats, is_lora, license, model_tags):
     if report:
         description += (f"- filter: {report['settings']['mode']} on {report['settings']['filter_rewards']}; kept "
                         f"{report['kept']} of {report['candidates']} candidates from {report['kept_groups']} prompts\n")
-    grids = sorted(name for name in os.listdir(os.path.join(args.output_dir, "validation")) if name.endswith(".png")) \
-        if os.path.isdir(os.path.join(args.output_dir, "validation")) else []
+    grids = sorted(name for name in os.listdir(os.path.join(args.output_dir, "validation"))
+                   if name.endswith(".png") and name != f"step-{0:06d}.png") \
+        if os.path.isdir(os.path.join(args.output_dir, "validation")) else []  # step 0: the starting model
     if grids:
         description += f"\n![validation](validation/{grids[-1]})\n"
     if is_lora:

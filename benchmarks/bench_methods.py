@@ -68,12 +68,16 @@ def parse_args(argv=None):
     parser.add_argument("--eval_images_per_prompt", type=int, default=6)
     parser.add_argument("--num_inference_steps", type=int, default=15)
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS),
-                        help="the methods to run (CRAFT always: its final gain is the target the others are timed to)")
-    parser.add_argument("--rounds", type=int, nargs="*", default=[2, 4],
-                        help="CRAFT also in this many rounds (2-4), at the last of --eval_steps in all")
+                        help="the methods to run; CRAFT among them (its final gain is the target the others are "
+                             "timed to)")
+    parser.add_argument("--rounds", type=int, nargs="*",
+                        help="CRAFT also in this many rounds (2-4), at the last of --eval_steps in all (default: "
+                             "2 and 4, those of them that divide it)")
     parser.add_argument("--model", default=run_demo.MODEL)
     args = parser.parse_args(argv)
     args.eval_steps = sorted(set(args.eval_steps))
+    if args.rounds is None:
+        args.rounds = [rounds for rounds in (2, 4) if args.eval_steps[-1] % rounds == 0]
     if "CRAFT" not in args.methods:
         parser.error("--methods must include CRAFT: the others are measured against its final gain")
     for rounds in args.rounds:

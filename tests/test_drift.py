@@ -88,6 +88,8 @@ def test_a_validation_is_compared_with_the_starting_models_image_by_image():
     assert signs[2] == "diversity across seeds fell -0.190 +- 0.010 (from 0.310; threshold -10%)"
     assert co.hacking_signs_since(start, {**now, "prompts": ["a", "a", "c", "c"]}, ["hpsv2.1"]) == []  # other prompts
     assert co.hacking_signs_since(start, start, ["hpsv2.1"]) == []
+    resumed = {**now, "sampling": {"validation_inference_steps": 8}}  # a resume sampled it otherwise: not comparable
+    assert co.hacking_signs_since({**start, "sampling": {"validation_inference_steps": 25}}, resumed, ["hpsv2.1"]) == []
 
 
 def evaluation_folder(folder, images, scores, lora=None):

@@ -190,18 +190,20 @@ def main(argv=None):
                      f"{c['mean']:.4f} | {c['mean_delta']:+.4f} +- {c['stderr']:.4f} | {c['win_rate']:.0%} | "
                      f"{s['mean']:.4f} | {s['mean_delta']:+.4f} +- {s['stderr']:.4f} | {s['win_rate']:.0%} |")
     lines += ["", "Drift (pixel statistics per image; diversity across the "
-              f"{args.eval_images_per_prompt} seeds of each prompt):", "", "| statistic | base | CRAFT | delta +- s.e. | plain SFT | delta +- s.e. |",
-              "|---|---|---|---|---|---|"]
+              f"{args.eval_images_per_prompt} seeds of each prompt):", "",
+              "| statistic | base | CRAFT | delta +- s.e. | plain SFT | delta +- s.e. |", "|---|---|---|---|---|---|"]
+    measured = (*cdr.STATISTICS, "diversity") if results["craft"]["diversity"] else cdr.STATISTICS  # 2+ seeds
     drift = {name: {model: {**results[model]["drift"], "diversity": results[model]["diversity"]}[name]
-                    for model in ("craft", "sft")} for name in (*cdr.STATISTICS, "diversity")}
+                    for model in ("craft", "sft")} for name in measured}
     for name, rows in drift.items():
         c, s = rows["craft"], rows["sft"]
         lines.append(f"| {name} | {c['baseline_mean']:.4f} | {c['mean']:.4f} | {c['delta']:+.4f} +- "
                      f"{c['stderr']:.4f} | {s['mean']:.4f} | {s['delta']:+.4f} +- {s['stderr']:.4f} |")
     signs = results["craft"]["hacking_signs"]
     lines += ["", f"Reward hacking suspected: {'; '.join(signs)}." if signs else
-              "No sign of reward hacking in CRAFT's model: no held-out reward fell by 0.2 standard deviations or more, "
-              "no statistic moved past its threshold, diversity held (README: Troubleshooting)."]
+              "No sign of reward hacking in CRAFT's model, by the rules in README, Troubleshooting (a held-out reward "
+              f"falling by {cdr.HELD_OUT_EFFECT} standard deviations or more, a statistic past its threshold, "
+              f"diversity down by {cdr.DIVERSITY_DROP:.0%} or more)."]
     versus = craft_against_sft(out)
     lines += ["", "CRAFT vs plain SFT, same pairs: " + ", ".join(
         f"{reward} {v['mean_delta']:+.4f} +- {v['stderr']:.4f} (CRAFT better in {v['win_rate']:.0%})"

@@ -71,8 +71,8 @@ def signed(value, stderr, scale=1):
 def markdown(rows, benchmarks):
     lines = ["# CRAFT in rounds", "",
              "Each round's model against the base on the same prompts and seeds; round k+1 generated its candidates "
-             "with round k's model on fresh prompts and trained on from it. Seconds: making and scoring the "
-             "candidates / training.", "",
+             "with round k's model on fresh prompts and trained on from it. Seconds: generating the candidates / "
+             "training (the run that finished each).", "",
              "| round | candidates | kept | training steps | seconds |", "|---|---|---|---|---|"]
     for row in rows:
         made = "n/a" if row["candidate_seconds"] is None else row["candidate_seconds"]
@@ -80,10 +80,11 @@ def markdown(rows, benchmarks):
                      f"{made} / {row['training_seconds']:.0f} |")
     for benchmark in benchmarks:
         first = rows[0]["benchmarks"][benchmark]
-        trained = first["trained_rewards"] or []
-        names = sorted(first["average"], key=lambda name: name not in trained)
+        trained = first["trained_rewards"]  # None: the model's folder does not say
+        names = sorted(first["average"], key=lambda name: name not in (trained or []))
         scale = {name: 100 if name in (first["shown_x100"] or []) else 1 for name in names}
-        roles = {name: "trained" if name in trained else "held out" for name in names}
+        roles = {name: "unknown" if trained is None else "trained" if name in trained else "held out"
+                 for name in names}
         header = [f"{name}{' x100' if scale[name] == 100 else ''} ({roles[name]})" for name in names]
         header += [f"diversity ({first['diversity_measure']})"] if first["diversity"] else []
         header += list(cdr.STATISTICS)
@@ -111,12 +112,12 @@ def plot(rows, benchmarks, path):
     numbers = [row["round"] for row in rows]
     for (reward_axis, diversity_axis, drift_axis), benchmark in zip(axes, benchmarks):
         results = [row["benchmarks"][benchmark] for row in rows]
-        trained = results[0]["trained_rewards"] or []
+        trained = results[0]["trained_rewards"]
         for name in results[0]["average"]:
+            role = "unknown" if trained is None else "trained" if name in trained else "held out"
             reward_axis.errorbar(numbers, [r["average"][name]["mean_delta"] for r in results],
                                  yerr=[r["average"][name]["stderr"] for r in results], marker="o", capsize=3,
-                                 linestyle="-" if name in trained else "--",
-                                 label=f"{name} ({'trained' if name in trained else 'held out'})")
+                                 linestyle="-" if role == "trained" else "--", label=f"{name} ({role})")
         if results[0]["diversity"]:
             diversity_axis.errorbar(numbers, [r["diversity"]["delta"] / r["diversity"]["baseline_mean"]
                                               for r in results],
