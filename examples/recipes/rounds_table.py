@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""CRAFT in rounds, compared: per round, its candidates and kept images, the seconds it took, and on each benchmark the
+r"""CRAFT in rounds, compared: per round, its candidates and kept images, the seconds it took, and on each benchmark the
 trained and held-out rewards' gains over the base, the change of diversity across seeds and the drift of the pixel
 statistics. craft_round.sh calls it after the last round; it reads what the stages wrote:
 
