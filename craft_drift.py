@@ -63,6 +63,12 @@ def paired_delta(mine, theirs):
             "delta": statistics.fmean(deltas), "stderr": stderr, "n": len(deltas)}
 
 
+def filter_rewards(crf_report):
+    """The rewards a training set was filtered on, from its crf_report.json's content; None when it does not say."""
+    names = ((crf_report or {}).get("settings") or {}).get("filter_rewards")
+    return [name.strip() for name in names.split(",") if name.strip()] if isinstance(names, str) else None
+
+
 def hacking_signs(rewards, trained, drift, diversity_row):
     """The reasons to suspect reward hacking in a comparison, each with its numbers (empty: none): a held-out reward
     that fell by HELD_OUT_EFFECT or more while a trained one rose, a pixel statistic that moved past its threshold,

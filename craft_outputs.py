@@ -132,8 +132,7 @@ def log_validation(pipeline, args, accelerator, rewards, step, prompt_inputs=Non
 
 def trained_rewards(args):
     """The rewards the training set was filtered on (its crf_report.json), [] when it does not say."""
-    names = ((crf_report(args) or {}).get("settings") or {}).get("filter_rewards")
-    return [name.strip() for name in names.split(",")] if isinstance(names, str) else []
+    return cdr.filter_rewards(crf_report(args)) or []
 
 
 def hacking_signs_since(start, now, trained):

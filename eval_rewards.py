@@ -158,9 +158,7 @@ def trained_rewards(folder):
                               "training_config.json")
         if model and os.path.isfile(config):
             with open(config, encoding="utf-8") as f:
-                report = json.load(f).get("crf_report") or {}
-            names = (report.get("settings") or {}).get("filter_rewards")
-            return [name.strip() for name in names.split(",") if name.strip()] if isinstance(names, str) else None
+                return cdr.filter_rewards(json.load(f).get("crf_report"))
     return None
 
 
